@@ -1,0 +1,38 @@
+# warren — developer entry points. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Reuse one target directory outside the clone so repeated builds are incremental.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/warren-target
+CARGO ?= cargo
+# cargo-nextest runs each test in its own process (parallel, clean signal handling);
+# plain `cargo test` is the fallback when it is not installed.
+NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
+ifeq ($(NEXTEST),yes)
+TEST_CMD = $(CARGO) nextest run --workspace --no-fail-fast
+else
+TEST_CMD = $(CARGO) test --workspace --no-fail-fast
+endif
+
+.PHONY: help test lint fmt rust-test crds bench bench-sender bench-worker bench-controller e2e e2e-bench
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+test: lint rust-test chart-test ## everything this repository can test without a cluster
+
+lint: ## rustfmt check and clippy with -D warnings
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## format the workspace
+	$(CARGO) fmt --all
+
+rust-test: ## the Rust test suite (needs RabbitMQ on 127.0.0.1:5672 and rabbitmq-server installed)
+	$(TEST_CMD)
+
+crds: ## regenerate the QueueScaler CRD from the Rust types
+	$(CARGO) run -q -p warren-crd --bin crdgen > manifests/crds.yaml
+	cp manifests/crds.yaml charts/warren/crds/queuescaler.yaml
+
+include mk/*.mk

@@ -1,0 +1,163 @@
+"""Shared fixtures for the chart tests: tool lookup and cached `helm template` renders.
+
+The tests need helm, kubernetes-validate and hadolint (`bash .ci/install-tools.sh`
+installs all of them); a missing tool is a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "warren"
+RELEASE = "warren"
+NAMESPACE = "warren-test"
+KUBE_VERSION = "1.33.0"
+
+TOOL_DIRS = [
+    Path(os.environ.get("WARREN_TOOLS_BIN", Path.home() / ".cache/warren-tools/bin")),
+    Path(os.environ.get("WARREN_VENV", Path.home() / ".cache/warren-venv")) / "bin",
+]
+
+# Named values variations rendered by several test modules. Each one changes a
+# behaviour the chart has to get right.
+VARIATIONS: dict[str, list[str]] = {
+    "defaults": [],
+    "classic-queue": ["--set", "queue.type=classic", "--set", "queue.extra={sms,email}"],
+    "scaler-disabled": [
+        "--set", "queueScaler.enabled=false",
+        "--set", "worker.managedByQueueScaler=false",
+        "--set", "worker.replicas=3",
+    ],
+    "no-networkpolicy": ["--set", "networkPolicy.enabled=false"],
+    "cluster-rbac": ["--set", "controller.rbac.scope=cluster"],
+    "ha": [
+        "--set", "rabbitmq.replicas=3",
+        "--set", "controller.replicas=2",
+        "--set", "sender.replicas=2",
+    ],
+    "no-persistence-registry": [
+        "--set", "rabbitmq.persistence.enabled=false",
+        "--set", "image.registry=ghcr.io/acme",
+        "--set", "image.tag=1.2.3",
+        "--set", "rabbitmq.readOnlyRootFilesystem=false",
+    ],
+    "long-jobs": [
+        "--set", "worker.longestJobSeconds=400",
+        "--set", "worker.terminationGracePeriodSeconds=430",
+        "--set", "worker.secondsPerDot=10",
+        "--set", "queueScaler.targetDrainSeconds=120",
+        "--set", "queueScaler.fallback.failureThreshold=3",
+        "--set", "queueScaler.fallback.replicas=2",
+    ],
+}
+
+
+def find_tool(name: str) -> str:
+    for directory in TOOL_DIRS:
+        candidate = directory / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    pytest.fail(f"{name} not found: run `bash .ci/install-tools.sh` (looked in {TOOL_DIRS} and PATH)")
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    return find_tool("helm")
+
+
+@pytest.fixture(scope="session")
+def kubernetes_validate() -> str:
+    return find_tool("kubernetes-validate")
+
+
+@pytest.fixture(scope="session")
+def hadolint() -> str:
+    return find_tool("hadolint")
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+@dataclass
+class Rendered:
+    """One `helm template` output: the YAML text and its parsed documents."""
+
+    text: str
+    docs: list[dict]
+
+    def kinds(self, kind: str) -> list[dict]:
+        return [d for d in self.docs if d.get("kind") == kind]
+
+    def one(self, kind: str, name: str) -> dict:
+        matches = [d for d in self.docs if d.get("kind") == kind and d["metadata"]["name"] == name]
+        assert len(matches) == 1, f"expected one {kind}/{name}, found {len(matches)}"
+        return matches[0]
+
+    def workloads(self) -> list[dict]:
+        return [d for d in self.docs if d.get("kind") in ("Deployment", "StatefulSet")]
+
+    def pod_specs(self) -> list[tuple[str, dict]]:
+        """(name, pod spec) of every workload's template and every bare Pod (helm test)."""
+        specs = [(d["metadata"]["name"], d["spec"]["template"]["spec"]) for d in self.workloads()]
+        specs += [(d["metadata"]["name"], d["spec"]) for d in self.kinds("Pod")]
+        return specs
+
+
+def helm_template(helm: str, args: list[str], include_crds: bool = True) -> subprocess.CompletedProcess:
+    cmd = [helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE,
+           "--kube-version", KUBE_VERSION]
+    if include_crds:
+        cmd.append("--include-crds")
+    return run(cmd + args)
+
+
+@functools.lru_cache(maxsize=None)
+def _render_cached(helm: str, args: tuple[str, ...]) -> Rendered:
+    proc = helm_template(helm, list(args))
+    assert proc.returncode == 0, f"helm template {' '.join(args)} failed:\n{proc.stderr}"
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return Rendered(text=proc.stdout, docs=docs)
+
+
+@pytest.fixture(scope="session")
+def render(helm):
+    """render(variation_name_or_args) -> Rendered, cached per argument list."""
+
+    def _render(variation: str | list[str] = "defaults") -> Rendered:
+        args = VARIATIONS[variation] if isinstance(variation, str) else variation
+        return _render_cached(helm, tuple(args))
+
+    return _render
+
+
+@pytest.fixture(scope="session")
+def defaults(render) -> Rendered:
+    return render("defaults")
+
+
+def containers_of(pod_spec: dict, include_init: bool = True) -> list[dict]:
+    containers = list(pod_spec.get("containers", []))
+    if include_init:
+        containers += pod_spec.get("initContainers", [])
+    return containers
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def load_yaml_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]

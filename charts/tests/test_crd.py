@@ -1,0 +1,164 @@
+"""The QueueScaler CRD in the chart, and QueueScalers validated against its schema."""
+
+from __future__ import annotations
+
+import copy
+
+import jsonschema
+import pytest
+
+from conftest import CHART, KUBE_VERSION, REPO, VARIATIONS, load_yaml_docs, run
+
+MANIFEST_CRD = REPO / "manifests" / "crds.yaml"
+CHART_CRD = CHART / "crds" / "queuescaler.yaml"
+EXAMPLE = REPO / "manifests" / "queuescaler.yaml"
+
+
+def the_crd() -> dict:
+    (crd,) = load_yaml_docs(CHART_CRD)
+    return crd
+
+
+def served_version(crd: dict) -> dict:
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
+    return version
+
+
+def to_json_schema(node: dict) -> dict:
+    """An OpenAPI v3 structural schema as JSON Schema, the way the API server reads it:
+    nullable allows null, int-or-string allows both, and objects reject unknown fields
+    (kubectl's default strict field validation) unless they preserve them."""
+    node = copy.deepcopy(node)
+    out: dict = {}
+    for key, value in node.items():
+        if key == "properties":
+            out["properties"] = {k: to_json_schema(v) for k, v in value.items()}
+        elif key == "items" and isinstance(value, dict):
+            out["items"] = to_json_schema(value)
+        elif key == "additionalProperties" and isinstance(value, dict):
+            out["additionalProperties"] = to_json_schema(value)
+        elif key in ("allOf", "anyOf", "oneOf"):
+            out[key] = [to_json_schema(v) for v in value]
+        elif key == "not":
+            out["not"] = to_json_schema(value)
+        elif key.startswith("x-kubernetes-") or key in ("nullable", "default", "description", "format"):
+            continue
+        else:
+            out[key] = value
+    if node.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if node.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    if (node.get("type") == "object" and "properties" in node and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+def apply_defaults(value, node: dict):
+    """Structural defaulting as the API server does it, to compare two QueueScalers."""
+    if isinstance(value, dict) and "properties" in node:
+        for key, child in node["properties"].items():
+            if key not in value and "default" in child:
+                value[key] = copy.deepcopy(child["default"])
+            if key in value:
+                value[key] = apply_defaults(value[key], child)
+    elif isinstance(value, list) and isinstance(node.get("items"), dict):
+        return [apply_defaults(v, node["items"]) for v in value]
+    return value
+
+
+def validator() -> jsonschema.Draft7Validator:
+    root = copy.deepcopy(served_version(the_crd())["schema"]["openAPIV3Schema"])
+    # The API server supplies these at the root of every custom resource.
+    root.setdefault("properties", {}).update({
+        "apiVersion": {"type": "string", "enum": ["warren.dev/v1alpha1"]},
+        "kind": {"type": "string", "enum": ["QueueScaler"]},
+        "metadata": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+    })
+    schema = to_json_schema(root)
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def errors_of(resource: dict) -> list[str]:
+    return [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator().iter_errors(resource)]
+
+
+def example_scalers() -> list[dict]:
+    scalers = [d for d in load_yaml_docs(EXAMPLE) if d.get("kind") == "QueueScaler"]
+    assert scalers, f"{EXAMPLE} holds no QueueScaler"
+    return scalers
+
+
+def test_chart_crd_is_identical_to_the_generated_manifest():
+    assert MANIFEST_CRD.is_file(), f"{MANIFEST_CRD} is missing (make crds)"
+    assert CHART_CRD.is_file(), f"{CHART_CRD} is missing: cp manifests/crds.yaml {CHART_CRD}"
+    assert CHART_CRD.read_bytes() == MANIFEST_CRD.read_bytes(), \
+        "charts/warren/crds/queuescaler.yaml differs from manifests/crds.yaml: run `make crds`"
+
+
+def test_crd_is_the_queuescaler_api():
+    crd = the_crd()
+    assert crd["apiVersion"] == "apiextensions.k8s.io/v1"
+    assert crd["kind"] == "CustomResourceDefinition"
+    assert crd["metadata"]["name"] == "queuescalers.warren.dev"
+    spec = crd["spec"]
+    assert spec["group"] == "warren.dev"
+    assert spec["scope"] == "Namespaced"
+    assert spec["names"]["kind"] == "QueueScaler"
+    assert "qs" in spec["names"].get("shortNames", [])
+    version = served_version(crd)
+    assert version["served"] is True and version["storage"] is True
+    assert "status" in version.get("subresources", {})
+    columns = {c["name"].lower() for c in version.get("additionalPrinterColumns", [])}
+    assert {"age"} <= columns and len(columns) >= 5, columns
+    spec_schema = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert "maxReplicas" in spec_schema.get("required", [])
+
+
+def test_crd_validates_against_kubernetes(kubernetes_validate):
+    proc = run([kubernetes_validate, "--strict", "-k", KUBE_VERSION, str(CHART_CRD)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "passed for resource customresourcedefinition/queuescalers.warren.dev" in proc.stdout
+
+
+def test_example_queuescaler_matches_the_crd_schema():
+    for scaler in example_scalers():
+        assert scaler["apiVersion"] == "warren.dev/v1alpha1"
+        assert errors_of(scaler) == []
+
+
+@pytest.mark.parametrize("variation", [v for v in sorted(VARIATIONS) if v != "scaler-disabled"])
+def test_chart_queuescaler_matches_the_crd_schema(variation, render):
+    (scaler,) = render(variation).kinds("QueueScaler")
+    assert errors_of(scaler) == []
+
+
+def test_chart_default_queuescaler_is_the_example(defaults):
+    """The chart's default QueueScaler and manifests/queuescaler.yaml are the same object
+    (after the API server's defaulting), so applying the example changes nothing."""
+    (chart_scaler,) = defaults.kinds("QueueScaler")
+    (example,) = [s for s in example_scalers() if s["metadata"]["name"] == chart_scaler["metadata"]["name"]]
+    schema = served_version(the_crd())["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert apply_defaults(copy.deepcopy(example["spec"]), schema) == \
+        apply_defaults(copy.deepcopy(chart_scaler["spec"]), schema)
+
+
+@pytest.mark.parametrize("breakage", ["maxReplicas as text", "missing maxReplicas", "misspelled field",
+                                      "negative minReplicas", "unknown target kind type"])
+def test_schema_validation_catches_broken_queuescalers(breakage):
+    scaler = copy.deepcopy(example_scalers()[0])
+    spec = scaler["spec"]
+    if breakage == "maxReplicas as text":
+        spec["maxReplicas"] = "ten"
+    elif breakage == "missing maxReplicas":
+        del spec["maxReplicas"]
+    elif breakage == "misspelled field":
+        spec["maxReplica"] = 3
+    elif breakage == "negative minReplicas":
+        spec["minReplicas"] = -1
+    elif breakage == "unknown target kind type":
+        spec["scaleTargetRef"]["name"] = 42
+    assert errors_of(scaler) != [], breakage

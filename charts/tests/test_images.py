@@ -1,0 +1,194 @@
+"""The Dockerfile (hadolint, targets, runtime user) and the make targets around it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from conftest import REPO, run
+
+DOCKERFILE = REPO / "Dockerfile"
+
+
+def stages() -> dict[str, list[str]]:
+    """Instructions of each named stage (continuation lines joined)."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    result: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"FROM\s+(\S+)(?:\s+AS\s+(\S+))?", line, re.IGNORECASE)
+        if match:
+            current = match.group(2) or match.group(1)
+            result[current] = [line]
+        elif current:
+            result[current].append(line)
+    return result
+
+
+def test_hadolint_is_clean(hadolint):
+    proc = run([hadolint, "--failure-threshold", "style", str(DOCKERFILE)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == ""
+
+
+def test_hadolint_catches_a_bad_dockerfile(hadolint, tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM debian:latest\nRUN apt-get install curl\n")
+    proc = run([hadolint, str(bad)])
+    assert proc.returncode != 0
+    assert "DL3007" in proc.stdout  # latest tag
+
+
+@pytest.mark.parametrize("target,binary,port", [("sender", "warren-sender", "8080"),
+                                                ("worker", "warren-worker", "9090"),
+                                                ("controller", "warren-controller", "8080")])
+def test_one_small_nonroot_target_per_binary(target, binary, port):
+    all_stages = stages()
+    lines = all_stages[target]
+    assert lines[0].split()[1] == "runtime"
+    assert f"COPY --from=builder /out/{binary} /usr/local/bin/{binary}" in lines
+    assert f'ENTRYPOINT ["/usr/local/bin/{binary}"]' in lines  # exec form, no shell needed
+    assert f"EXPOSE {port}" in lines
+    runtime = all_stages["runtime"]
+    assert "USER 65532:65532" in runtime
+    assert not any(line.startswith("RUN") for line in runtime + lines)  # nothing runs in the small image
+
+
+def test_runtime_base_is_distroless_nonroot():
+    text = DOCKERFILE.read_text()
+    assert re.search(r"ARG RUNTIME_IMAGE=gcr\.io/distroless/cc-debian12:nonroot", text)
+    assert re.search(r"ARG RUST_IMAGE=rust:1\.\d+-slim-bookworm", text)  # same Debian as the runtime
+
+
+def test_dependencies_are_built_before_the_sources_arrive():
+    builder = stages()["builder"]
+    first_build = next(i for i, line in enumerate(builder) if "cargo build" in line)
+    copy_sources = builder.index("COPY crates ./crates")
+    assert "COPY --from=skeleton /src ./" in builder[:first_build]
+    assert first_build < copy_sources
+    assert "--locked" in builder[first_build]
+    assert "touch" in builder[copy_sources + 1]
+
+
+def test_skeleton_keeps_manifests_and_stubs_sources(tmp_path):
+    """Run the skeleton stage's shell on a copy of the crates: manifests kept byte for
+    byte, every target root stubbed, every other file gone."""
+    (run_line,) = [line for line in stages()["skeleton"] if line.startswith("RUN ")]
+    work = tmp_path / "src"
+    work.mkdir()
+    subprocess.run(["cp", "-r", str(REPO / "crates"), str(work)], check=True)
+    script = run_line[len("RUN "):].replace("/tmp/main.rs", str(tmp_path / "main.rs"))
+    subprocess.run(["sh", "-c", script], cwd=work, check=True)
+    originals = sorted(p.relative_to(REPO) for p in (REPO / "crates").rglob("Cargo.toml"))
+    kept = sorted(p.relative_to(work) for p in (work / "crates").rglob("Cargo.toml"))
+    assert kept == originals
+    for manifest in kept:
+        assert (work / manifest).read_bytes() == (REPO / manifest).read_bytes()
+    rust_files = list((work / "crates").rglob("*.rs"))
+    assert rust_files
+    for path in rust_files:
+        body = path.read_text()
+        if path.name == "lib.rs" and path.parent.name == "src":
+            assert body == "", path
+        else:
+            assert body == "fn main() {}\n", path
+    others = [p for p in (work / "crates").rglob("*") if p.is_file() and p.suffix not in (".rs", ".toml")]
+    assert others == []
+    for binary in ("warren-sender", "warren-worker", "warren-controller"):
+        assert (work / "crates" / binary / "src" / "main.rs").is_file()
+
+
+def test_dockerignore_sends_only_the_workspace():
+    lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines[0] == "*"
+    assert {"!Cargo.toml", "!Cargo.lock", "!crates/"} <= set(lines)
+
+
+def test_make_targets_exist_and_kind_up_is_guarded():
+    make = (REPO / "mk" / "deploy.mk").read_text()
+    for target in ("kind-up", "kind-down", "images", "install", "demo", "chart-test"):
+        assert re.search(rf"^{target}:", make, re.MULTILINE), target
+    kind_up = make[make.index("\nkind-up:"):make.index("\nkind-down:")]
+    assert "kind-prereqs" in kind_up.splitlines()[1]  # prerequisites checked first
+    assert "get clusters" in kind_up  # the cluster is created only if absent
+    assert "upgrade --install" in make and "--wait" in make
+
+
+def test_kind_prereqs_names_what_is_missing(tmp_path):
+    """With an empty PATH for the tools, `make kind-prereqs` fails and names each one."""
+    proc = subprocess.run(
+        ["make", "-f", str(REPO / "mk" / "deploy.mk"), "kind-prereqs",
+         "DOCKER=no-docker-here", "KIND=no-kind-here", "KUBECTL=no-kubectl-here", "HELM=no-helm-here"],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    for tool in ("docker", "kind", "kubectl", "helm"):
+        assert re.search(rf"^\s+{tool}\s", proc.stderr, re.MULTILINE), proc.stderr
+
+
+def image_tags() -> set[str]:
+    proc = subprocess.run(["make", "-s", "-f", str(REPO / "mk" / "deploy.mk"), "-n", "images"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return set(re.findall(r"warren-\$target:(dev-[0-9a-f]{12})", proc.stdout))
+
+
+def test_image_tag_is_one_content_hash_stable_across_runs():
+    first = image_tags()
+    assert len(first) == 1
+    assert image_tags() == first
+
+
+FAKE_TOOL = """#!/bin/sh
+echo "$(basename "$0") $*" >> "$FAKE_LOG"
+case "$(basename "$0") $1 $2" in
+  "kind get clusters") cat "$FAKE_STATE" 2>/dev/null ;;
+  "kind create cluster") echo warren > "$FAKE_STATE" ;;
+esac
+exit 0
+"""
+
+
+def test_kind_up_twice_creates_the_cluster_once(tmp_path):
+    """`make kind-up` against stand-ins for docker, kind, kubectl and helm that record
+    their calls: the first run creates the cluster, the second reuses it; both build,
+    load and install the same images."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("docker", "kind", "kubectl", "helm"):
+        path = bin_dir / tool
+        path.write_text(FAKE_TOOL)
+        path.chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "FAKE_LOG": str(log),
+           "FAKE_STATE": str(tmp_path / "clusters")}
+    runs = []
+    for _ in range(2):
+        log.write_text("")
+        proc = subprocess.run(["make", "-f", "mk/deploy.mk", "kind-up"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        runs.append(log.read_text().splitlines())
+    first, second = runs
+    assert "kind create cluster --name warren --config kind-config.yaml --wait 180s" in first
+    assert not any(c.startswith("kind create") for c in second)
+    for calls in runs:
+        builds = [c for c in calls if c.startswith("docker build")]
+        assert [c.split()[3] for c in builds] == ["sender", "worker", "controller"]
+        tags = {c.split()[5].split(":")[1] for c in builds}
+        assert len(tags) == 1
+        (tag,) = tags
+        loads = [c for c in calls if c.startswith("kind load docker-image")]
+        assert len(loads) == 3 and all(c.endswith(f":{tag}") for c in loads)
+        (install,) = [c for c in calls if c.startswith("helm upgrade --install warren charts/warren")]
+        assert f"--set image.tag={tag}" in install and "--wait" in install
+        assert "--kube-context kind-warren" in install
+        assert calls.index(install) > calls.index(loads[-1])
+    assert [c for c in first if not c.startswith("kind create")] == second
+    assert any(c.startswith("kubectl --context kind-warren -n default rollout status statefulset/warren-rabbitmq")
+               for c in second)

@@ -1,0 +1,267 @@
+"""Rules of the workloads: worker replicas, downward API, grace period, AMQP_URL from the
+Secret, probes, the sender Service, RabbitMQ's StatefulSet, services and configuration."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conftest import VARIATIONS, env_of, helm_template
+
+
+def deployment(rendered, component: str) -> dict:
+    return rendered.one("Deployment", f"warren-{component}")
+
+
+def container(workload: dict) -> dict:
+    return workload["spec"]["template"]["spec"]["containers"][0]
+
+
+# --- worker ---------------------------------------------------------------------------
+
+def test_managed_worker_has_no_replicas(defaults):
+    worker = deployment(defaults, "worker")
+    assert "replicas" not in worker["spec"], "helm upgrade would undo the QueueScaler"
+
+
+@pytest.mark.parametrize("variation", [v for v in VARIATIONS if v != "scaler-disabled"])
+def test_worker_has_no_replicas_whenever_a_scaler_manages_it(variation, render):
+    assert "replicas" not in deployment(render(variation), "worker")["spec"]
+
+
+def test_unmanaged_worker_has_the_replicas_value(render):
+    rendered = render("scaler-disabled")
+    assert deployment(rendered, "worker")["spec"]["replicas"] == 3
+    assert rendered.kinds("QueueScaler") == []
+
+
+def test_the_other_workloads_always_set_replicas(render):
+    rendered = render("ha")
+    assert deployment(rendered, "sender")["spec"]["replicas"] == 2
+    assert deployment(rendered, "controller")["spec"]["replicas"] == 2
+    assert rendered.one("StatefulSet", "warren-rabbitmq")["spec"]["replicas"] == 3
+
+
+def test_scaler_without_managed_worker_is_refused(helm):
+    proc = helm_template(helm, ["--set", "worker.managedByQueueScaler=false"])
+    assert proc.returncode != 0
+    assert "managedByQueueScaler" in proc.stderr
+
+
+def test_worker_pod_name_from_the_downward_api(defaults):
+    env = env_of(container(deployment(defaults, "worker")))
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
+@pytest.mark.parametrize("variation", sorted(VARIATIONS))
+def test_grace_period_outlasts_the_longest_job(variation, render):
+    worker = deployment(render(variation), "worker")
+    grace = worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    env = env_of(container(worker))
+    seconds_per_dot = float(env["WARREN_SECONDS_PER_DOT"]["value"])
+    # The sender's default dot rule accepts at most 40 dots.
+    assert grace > 40 * seconds_per_dot, (grace, seconds_per_dot)
+
+
+def test_grace_period_not_above_longest_job_is_refused(helm):
+    proc = helm_template(helm, ["--set", "worker.longestJobSeconds=60",
+                                "--set", "worker.terminationGracePeriodSeconds=60"])
+    assert proc.returncode != 0
+    assert "must be above worker.longestJobSeconds" in proc.stderr
+
+
+def test_worker_settings_reach_the_environment(render):
+    env = env_of(container(deployment(render("long-jobs"), "worker")))
+    assert env["WARREN_SECONDS_PER_DOT"]["value"] == "10"
+    assert env["WARREN_PREFETCH"]["value"] == "1"
+    assert env["WARREN_LISTEN_ADDR"]["value"] == "0.0.0.0:9090"
+
+
+# --- AMQP credentials -----------------------------------------------------------------
+
+@pytest.mark.parametrize("component", ["sender", "worker"])
+def test_amqp_url_is_built_from_the_secret(component, defaults):
+    env = env_of(container(deployment(defaults, component)))
+    for var, key in (("RABBITMQ_USERNAME", "username"), ("RABBITMQ_PASSWORD", "password")):
+        assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "warren-rabbitmq", "key": key}
+        assert "value" not in env[var]
+    assert env["AMQP_URL"]["value"] == \
+        "amqp://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)@warren-rabbitmq:5672/%2f"
+    names = [e["name"] for e in container(deployment(defaults, component))["env"]]
+    # Dependent variables must be defined before the one that uses them.
+    assert names.index("RABBITMQ_PASSWORD") < names.index("AMQP_URL")
+
+
+def test_no_password_appears_outside_the_secrets(render):
+    password = "Sup3rSecretPassw0rd"
+    rendered = render(["--set", f"rabbitmq.auth.password={password}"])
+    holders = [d for d in rendered.docs if password in str(d)]
+    assert holders == []  # base64 in the Secret, nowhere in clear text
+    secret = rendered.one("Secret", "warren-rabbitmq")
+    import base64
+
+    assert base64.b64decode(secret["data"]["password"]).decode() == password
+    for name, pod in rendered.pod_specs():
+        for c in pod.get("containers", []) + pod.get("initContainers", []):
+            for e in c.get("env", []):
+                assert "guest" not in str(e.get("value", "")), f"{name}/{e['name']}"
+
+
+def test_queue_settings_reach_sender_and_worker(render):
+    rendered = render("classic-queue")
+    for component in ("sender", "worker"):
+        env = env_of(container(deployment(rendered, component)))
+        assert env["WARREN_QUEUE"]["value"] == "tasks"
+        assert env["WARREN_QUEUE_TYPE"]["value"] == "classic"
+    assert env_of(container(deployment(rendered, "sender")))["WARREN_QUEUES"]["value"] == "sms,email"
+    assert env_of(container(deployment(render("defaults"), "worker")))["WARREN_QUEUE_TYPE"]["value"] == "quorum"
+
+
+# --- probes and ports -----------------------------------------------------------------
+
+@pytest.mark.parametrize("component,port", [("sender", 8080), ("worker", 9090), ("controller", 8080)])
+def test_warren_probes(component, port, defaults):
+    c = container(deployment(defaults, component))
+    assert c["ports"] == [{"name": "http", "containerPort": port}]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert env_of(c)["WARREN_LISTEN_ADDR"]["value"] == f"0.0.0.0:{port}"
+
+
+def test_sender_service_port_80_to_8080(defaults):
+    svc = defaults.one("Service", "warren-sender")
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http"}]
+    assert svc["spec"]["selector"]["app.kubernetes.io/component"] == "sender"
+
+
+def test_controller_environment(render):
+    env = env_of(container(deployment(render("defaults"), "controller")))
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["WARREN_WATCH_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["WARREN_LEADER_ELECTION"]["value"] == "true"
+    assert env["WARREN_LEASE_NAME"]["value"] == "warren-controller"
+    assert "AMQP_URL" not in env  # the broker comes from each QueueScaler
+    cluster_env = env_of(container(deployment(render("cluster-rbac"), "controller")))
+    assert "WARREN_WATCH_NAMESPACE" not in cluster_env
+
+
+def test_every_selector_matches_its_pod_template(render):
+    for variation in VARIATIONS:
+        for w in render(variation).workloads():
+            selector = w["spec"]["selector"]["matchLabels"]
+            labels = w["spec"]["template"]["metadata"]["labels"]
+            assert selector.items() <= labels.items(), w["metadata"]["name"]
+
+
+# --- RabbitMQ -------------------------------------------------------------------------
+
+def rabbit(rendered) -> dict:
+    return rendered.one("StatefulSet", "warren-rabbitmq")
+
+
+def test_rabbitmq_image_is_4x(defaults):
+    image = container(rabbit(defaults))["image"]
+    assert re.fullmatch(r"rabbitmq:4\.\d+(\.\d+)?-management", image), image
+
+
+def test_rabbitmq_readiness_is_tcp_on_5672(defaults):
+    c = container(rabbit(defaults))
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["amqp"] == 5672
+    assert c["readinessProbe"]["tcpSocket"] == {"port": "amqp"}
+    assert c["startupProbe"]["tcpSocket"] == {"port": "amqp"}
+    assert "livenessProbe" in c
+
+
+def test_rabbitmq_data_on_a_pvc(render):
+    sts = rabbit(render("defaults"))
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    mounts = {m["name"]: m["mountPath"] for m in container(sts)["volumeMounts"]}
+    assert mounts["data"] == "/var/lib/rabbitmq/mnesia"
+    volumes = {v["name"] for v in sts["spec"]["template"]["spec"]["volumes"]}
+    assert "data" not in volumes  # the claim template provides it
+    ephemeral = rabbit(render("no-persistence-registry"))
+    assert "volumeClaimTemplates" not in ephemeral["spec"]
+    assert {"name": "data", "emptyDir": {}} in ephemeral["spec"]["template"]["spec"]["volumes"]
+
+
+def test_rabbitmq_headless_service_publishes_not_ready_addresses(defaults):
+    sts = rabbit(defaults)
+    headless = defaults.one("Service", sts["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_rabbitmq_client_service_ports(defaults):
+    svc = defaults.one("Service", "warren-rabbitmq")
+    ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
+    assert ports == {"amqp": 5672, "management": 15672, "prometheus": 15692}
+
+
+def rabbit_config(rendered) -> dict:
+    return rendered.one("ConfigMap", "warren-rabbitmq-config")["data"]
+
+
+def test_rabbitmq_plugins_management_and_prometheus(defaults):
+    data = rabbit_config(defaults)
+    plugins = re.fullmatch(r"\[(.*)\]\.\s*", data["enabled_plugins"]).group(1).split(",")
+    assert {"rabbitmq_management", "rabbitmq_prometheus"} <= {p.strip() for p in plugins}
+    env = env_of(container(rabbit(defaults)))
+    assert env["RABBITMQ_ENABLED_PLUGINS_FILE"]["value"] == "/etc/rabbitmq/conf.d/enabled_plugins"
+
+
+def test_guest_is_not_usable_over_the_network(defaults):
+    config = rabbit_config(defaults)["10-warren.conf"]
+    settings = dict(
+        line.split("=", 1) for line in config.splitlines() if "=" in line and not line.strip().startswith("#")
+    )
+    settings = {k.strip(): v.strip() for k, v in settings.items()}
+    assert settings["loopback_users.guest"] == "true"
+    assert "loopback_users" not in settings  # would replace the list (e.g. "none")
+    # The config directory is mounted over the image's conf.d, whose defaults say
+    # loopback_users.guest = false.
+    c = container(rabbit(defaults))
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/etc/rabbitmq/conf.d"]["name"] == "config"
+    # The first-boot user comes from the Secret, so guest is never created.
+    env = env_of(c)
+    assert env["RABBITMQ_DEFAULT_USER"]["valueFrom"]["secretKeyRef"]["name"] == "warren-rabbitmq"
+    assert env["RABBITMQ_DEFAULT_PASS"]["valueFrom"]["secretKeyRef"]["key"] == "password"
+
+
+def test_schema_refuses_a_weak_password(helm):
+    # A password is generated when empty; one given must be 12+ URL-safe characters.
+    proc = helm_template(helm, ["--set", "rabbitmq.auth.password=guest"])
+    assert proc.returncode != 0
+
+
+def test_rabbitmq_nodes_form_a_cluster_by_classic_config(render):
+    config = rabbit_config(render("ha"))["10-warren.conf"]
+    nodes = re.findall(r"cluster_formation\.classic_config\.nodes\.(\d+) = (\S+)", config)
+    assert [n for n, _ in nodes] == ["1", "2", "3"]
+    assert nodes[2][1] == "rabbit@warren-rabbitmq-2.warren-rabbitmq-headless.warren-test.svc.cluster.local"
+    env = env_of(container(rabbit(render("ha"))))
+    assert env["RABBITMQ_USE_LONGNAME"]["value"] == "true"
+    assert env["RABBITMQ_NODENAME"]["value"] == \
+        "rabbit@$(MY_POD_NAME).warren-rabbitmq-headless.$(MY_POD_NAMESPACE).svc.cluster.local"
+
+
+def test_erlang_cookie_is_copied_owner_only(defaults):
+    pod = rabbit(defaults)["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    script = " ".join(init["command"])
+    assert "chmod 0400 /var/lib/rabbitmq/.erlang.cookie" in script
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["erlang-cookie"]["secret"]["secretName"] == "warren-rabbitmq-erlang-cookie"
+
+
+def test_images_follow_registry_and_tag(render):
+    rendered = render("no-persistence-registry")
+    for component in ("sender", "worker", "controller"):
+        assert container(deployment(rendered, component))["image"] == f"ghcr.io/acme/warren-{component}:1.2.3"
+    for component in ("sender", "worker", "controller"):
+        assert container(deployment(render("defaults"), component))["image"] == f"warren-{component}:0.1.0"

@@ -1,0 +1,136 @@
+{{/* Base name of every object: fullnameOverride or the release name. */}}
+{{- define "warren.fullname" -}}
+{{- default .Release.Name .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "warren.rabbitmq.fullname" -}}{{ include "warren.fullname" . }}-rabbitmq{{- end -}}
+{{- define "warren.rabbitmq.headless" -}}{{ include "warren.fullname" . }}-rabbitmq-headless{{- end -}}
+{{- define "warren.rabbitmq.secret" -}}{{ include "warren.fullname" . }}-rabbitmq{{- end -}}
+{{- define "warren.rabbitmq.cookieSecret" -}}{{ include "warren.fullname" . }}-rabbitmq-erlang-cookie{{- end -}}
+{{- define "warren.sender.fullname" -}}{{ include "warren.fullname" . }}-sender{{- end -}}
+{{- define "warren.worker.fullname" -}}{{ include "warren.fullname" . }}-worker{{- end -}}
+{{- define "warren.controller.fullname" -}}{{ include "warren.fullname" . }}-controller{{- end -}}
+{{- define "warren.queueScaler.name" -}}{{ default (include "warren.worker.fullname" .) .Values.queueScaler.name }}{{- end -}}
+
+{{- define "warren.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels shared by every object. */}}
+{{- define "warren.labels" -}}
+helm.sh/chart: {{ include "warren.chart" . }}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: warren
+{{- end -}}
+
+{{/* Selector labels of one component; call with (dict "root" $ "component" "sender"). */}}
+{{- define "warren.selectorLabels" -}}
+app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "warren.componentLabels" -}}
+{{ include "warren.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* Image reference of one of warren's binaries; call with (dict "root" $ "image" .Values.sender.image). */}}
+{{- define "warren.image" -}}
+{{- $registry := .root.Values.image.registry -}}
+{{- $tag := default .root.Chart.AppVersion .root.Values.image.tag -}}
+{{- if $registry -}}
+{{ printf "%s/%s:%s" (trimSuffix "/" $registry) .image.repository $tag }}
+{{- else -}}
+{{ printf "%s:%s" .image.repository $tag }}
+{{- end -}}
+{{- end -}}
+
+{{/* Pod-level security context of warren's own pods (distroless, UID 65532). */}}
+{{- define "warren.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* Container security context of warren's own containers. */}}
+{{- define "warren.containerSecurityContext" -}}
+runAsNonRoot: true
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+privileged: false
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/*
+AMQP credentials from the RabbitMQ Secret, then AMQP_URL built from them with
+dependent environment variables: the password never appears in the pod spec.
+*/}}
+{{- define "warren.amqpEnv" -}}
+- name: RABBITMQ_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "warren.rabbitmq.secret" . }}
+      key: username
+- name: RABBITMQ_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "warren.rabbitmq.secret" . }}
+      key: password
+- name: AMQP_URL
+  value: "amqp://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)@{{ include "warren.rabbitmq.fullname" . }}:5672/%2f"
+- name: WARREN_QUEUE
+  value: {{ .Values.queue.name | quote }}
+- name: WARREN_QUEUE_TYPE
+  value: {{ .Values.queue.type | quote }}
+{{- end -}}
+
+{{- define "warren.logEnv" -}}
+- name: WARREN_LOG_FORMAT
+  value: {{ .Values.log.format | quote }}
+- name: WARREN_LOG
+  value: {{ .Values.log.filter | quote }}
+{{- end -}}
+
+{{/* Pod scheduling fields; call with the component's values. */}}
+{{- define "warren.scheduling" -}}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* RabbitMQ node name of StatefulSet ordinal N; call with (dict "root" $ "ordinal" N). */}}
+{{- define "warren.rabbitmq.nodeName" -}}
+rabbit@{{ include "warren.rabbitmq.fullname" .root }}-{{ .ordinal }}.{{ include "warren.rabbitmq.headless" .root }}.{{ .root.Release.Namespace }}.svc.{{ .root.Values.rabbitmq.clusterDomain }}
+{{- end -}}
+
+{{/* Container security context of RabbitMQ's containers (the image's user 999). */}}
+{{- define "warren.rabbitmq.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 999
+runAsGroup: 999
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: {{ .Values.rabbitmq.readOnlyRootFilesystem }}
+privileged: false
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}

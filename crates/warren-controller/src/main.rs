@@ -1,0 +1,189 @@
+//! `warren-controller`: scales worker Deployments from RabbitMQ queue depth.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+use warren_controller::leader::{LeaseConfig, run_while_leader};
+use warren_controller::metrics::ControllerMetrics;
+use warren_controller::queue_stats::ManagementConfig;
+use warren_controller::reconciler::{self, ContextConfig};
+use warren_telemetry::{LogArgs, Readiness};
+
+/// Watches QueueScalers, reads queue depth from RabbitMQ and patches the
+/// target's /scale subresource. Uses in-cluster config or KUBECONFIG.
+#[derive(Debug, Parser)]
+#[command(name = "warren-controller", version)]
+struct Args {
+    /// Address of the HTTP server for /metrics, /healthz and /readyz.
+    #[arg(long, env = "WARREN_LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    listen_addr: SocketAddr,
+
+    /// Run leader election on a Lease so only one replica scales.
+    #[arg(long, env = "WARREN_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+
+    /// Name of the Lease used for leader election.
+    #[arg(long, env = "WARREN_LEASE_NAME", default_value = "warren-controller")]
+    lease_name: String,
+
+    /// Namespace of the Lease (the controller's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pod_namespace: String,
+
+    /// Identity of this replica in the Lease (default: the host name).
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+
+    /// Lease validity in seconds after the last renewal.
+    #[arg(long, env = "WARREN_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    lease_duration_seconds: u64,
+
+    /// Renew the Lease this many seconds before it expires.
+    #[arg(long, env = "WARREN_LEASE_GRACE_SECONDS", default_value_t = 5)]
+    lease_grace_seconds: u64,
+
+    /// Only watch QueueScalers in this namespace (empty: all namespaces).
+    #[arg(long, env = "WARREN_WATCH_NAMESPACE", default_value = "")]
+    watch_namespace: String,
+
+    /// Timeout of one management API request, in milliseconds.
+    #[arg(long, env = "WARREN_BROKER_TIMEOUT_MS", default_value_t = 5000)]
+    broker_timeout_ms: u64,
+
+    /// Read queue listings in pages of this many queues (max 500); 0 reads
+    /// each vhost in one request.
+    #[arg(long, env = "WARREN_MANAGEMENT_PAGE_SIZE", default_value_t = 0)]
+    management_page_size: u32,
+
+    /// Management API answers younger than this (ms) are shared between
+    /// scalers on the same broker and vhost.
+    #[arg(long, env = "WARREN_STATS_MAX_AGE_MS", default_value_t = 1000)]
+    stats_max_age_ms: u64,
+
+    /// How long credentials read from a Secret are reused, in seconds.
+    #[arg(long, env = "WARREN_SECRET_TTL_SECONDS", default_value_t = 60)]
+    secret_ttl_seconds: u64,
+
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    warren_telemetry::install_crypto_provider();
+    let args = Args::parse();
+    warren_telemetry::init_tracing(&args.log).context("cannot set up logging")?;
+
+    let mut registry = Registry::default();
+    let metrics = ControllerMetrics::register(&mut registry);
+    let readiness = Readiness::default();
+
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            warren_telemetry::shutdown_signal().await;
+            shutdown.cancel();
+        });
+    }
+
+    let listener = tokio::net::TcpListener::bind(args.listen_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen_addr))?;
+    let router: axum::Router = warren_telemetry::ops_router(Arc::new(registry), readiness.clone());
+    let server_shutdown = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
+            .await
+    });
+    tracing::info!(addr = %args.listen_addr, "serving /metrics /healthz /readyz");
+
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot build a Kubernetes client (in-cluster config or KUBECONFIG)")?;
+    let config = ContextConfig {
+        management: ManagementConfig {
+            timeout: Duration::from_millis(args.broker_timeout_ms),
+            page_size: NonZeroU32::new(args.management_page_size),
+        },
+        stats_max_age: Duration::from_millis(args.stats_max_age_ms),
+        secret_ttl: Duration::from_secs(args.secret_ttl_seconds),
+        broker_timeout: Duration::from_millis(args.broker_timeout_ms),
+    };
+    let watch_namespace = (!args.watch_namespace.is_empty()).then(|| args.watch_namespace.clone());
+    let audit = reconciler::connect_audit_publisher_from_env();
+
+    // Ready once the process can serve; scaling is gated by the lease.
+    readiness.set(true);
+    let run_term = |stop: CancellationToken| {
+        let client = client.clone();
+        let metrics = metrics.clone();
+        let config = config.clone();
+        let watch_namespace = watch_namespace.clone();
+        let audit = audit.clone();
+        async move {
+            // A fresh context per leadership term: stabilization history from an
+            // earlier term is stale by definition.
+            match reconciler::Context::new(client, metrics, config, audit) {
+                Ok(ctx) => reconciler::run(Arc::new(ctx), watch_namespace, stop).await,
+                Err(err) => tracing::error!(error = %err, "cannot build the controller context"),
+            }
+        }
+    };
+
+    let result = if args.leader_election {
+        let identity = args.pod_name.clone().unwrap_or_else(hostname);
+        let lease = LeaseConfig {
+            lease_name: args.lease_name.clone(),
+            namespace: args.pod_namespace.clone(),
+            identity,
+            duration: Duration::from_secs(args.lease_duration_seconds),
+            grace: Duration::from_secs(args.lease_grace_seconds),
+        };
+        let stop = shutdown.clone();
+        run_while_leader(
+            client.clone(),
+            lease,
+            metrics.clone(),
+            async move { stop.cancelled().await },
+            run_term,
+        )
+        .await
+        .context("leader election failed")
+    } else {
+        tracing::info!("leader election disabled; this replica scales");
+        metrics.leader.set(1);
+        run_term(shutdown.clone()).await;
+        Ok(())
+    };
+
+    shutdown.cancel();
+    readiness.set(false);
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::warn!(error = %err, "HTTP server failed"),
+        Err(err) => tracing::warn!(error = %err, "HTTP server task failed"),
+    }
+    tracing::info!("stopped");
+    result
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| format!("warren-controller-{}", std::process::id()))
+}

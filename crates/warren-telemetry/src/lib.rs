@@ -1,0 +1,209 @@
+//! Logging, Prometheus metrics and health endpoints shared by every warren process.
+//!
+//! Each binary flattens [`LogArgs`] into its clap arguments, calls
+//! [`init_tracing`] and [`install_crypto_provider`] first thing in `main`,
+//! registers its metrics in a [`prometheus_client::registry::Registry`] and
+//! merges [`ops_router`] into its HTTP server.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Logging flags shared by every binary.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log line format.
+    #[arg(long, env = "WARREN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter in `tracing` EnvFilter syntax (e.g. `info,warren_worker=debug`).
+    #[arg(long, env = "WARREN_LOG", default_value = "info")]
+    pub log_filter: String,
+}
+
+/// Errors while setting up telemetry.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("invalid log filter {filter:?}: {source}")]
+    Filter {
+        filter: String,
+        #[source]
+        source: tracing_subscriber::filter::ParseError,
+    },
+    #[error("a global tracing subscriber is already installed")]
+    AlreadyInstalled,
+}
+
+/// Installs the global tracing subscriber described by `args`.
+pub fn init_tracing(args: &LogArgs) -> Result<(), TelemetryError> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(&args.log_filter).map_err(|source| TelemetryError::Filter {
+        filter: args.log_filter.clone(),
+        source,
+    })?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let result = match args.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    result.map_err(|_| TelemetryError::AlreadyInstalled)
+}
+
+/// Makes rustls' `ring` provider the process default.
+///
+/// warren compiles exactly one rustls crypto provider (ring); installing it
+/// explicitly means no library ever has to guess. Calling it twice is harmless.
+pub fn install_crypto_provider() {
+    // Err means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Readiness flag flipped by the process (e.g. "broker connected").
+#[derive(Debug, Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Release);
+    }
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Clone)]
+struct OpsState {
+    registry: Arc<Registry>,
+    readiness: Readiness,
+}
+
+/// `/healthz` (process alive), `/readyz` (the readiness flag) and `/metrics`
+/// (Prometheus text format of `registry`).
+pub fn ops_router<S>(registry: Arc<Registry>, readiness: Readiness) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(OpsState {
+            registry,
+            readiness,
+        })
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<OpsState>) -> Response {
+    if state.readiness.is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn metrics(State(state): State<OpsState>) -> Response {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(err) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("metrics encoding failed: {err}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// Resolves when the process receives SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot listen for SIGTERM; only SIGINT will stop the process");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use http::Request;
+    use prometheus_client::metrics::counter::Counter;
+    use tower::ServiceExt;
+
+    async fn get_path(router: Router, path: &str) -> (StatusCode, String) {
+        let response = router
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn readyz_follows_the_flag_and_metrics_are_encoded() {
+        let mut registry = Registry::default();
+        let jobs: Counter = Counter::default();
+        registry.register("warren_test_jobs", "jobs seen", jobs.clone());
+        jobs.inc_by(3);
+        let readiness = Readiness::default();
+        let router: Router = ops_router(Arc::new(registry), readiness.clone());
+
+        assert_eq!(get_path(router.clone(), "/healthz").await.0, StatusCode::OK);
+        assert_eq!(
+            get_path(router.clone(), "/readyz").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        readiness.set(true);
+        assert_eq!(get_path(router.clone(), "/readyz").await.0, StatusCode::OK);
+
+        let (status, body) = get_path(router, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("warren_test_jobs_total 3"), "{body}");
+    }
+
+    #[test]
+    fn bad_log_filter_is_a_clear_error() {
+        let args = LogArgs {
+            log_format: LogFormat::Json,
+            log_filter: "info,[[[".into(),
+        };
+        let err = init_tracing(&args).unwrap_err();
+        assert!(err.to_string().contains("invalid log filter"), "{err}");
+    }
+}
