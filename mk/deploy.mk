@@ -14,7 +14,8 @@ HELM_TIMEOUT ?= 10m
 HELM_ARGS ?=
 
 # helm and kubectl: the ones on PATH, else those .ci/install-tools.sh puts here.
-WARREN_TOOLS_BIN ?= $(HOME)/.cache/warren-tools/bin
+WARREN_TOOLS_DIR ?= $(HOME)/.cache/warren-tools
+WARREN_TOOLS_BIN ?= $(WARREN_TOOLS_DIR)/bin
 WARREN_VENV ?= $(HOME)/.cache/warren-venv
 HELM ?= $(firstword $(shell command -v helm 2>/dev/null) $(wildcard $(WARREN_TOOLS_BIN)/helm) helm)
 KUBECTL ?= $(firstword $(shell command -v kubectl 2>/dev/null) $(wildcard $(WARREN_TOOLS_BIN)/kubectl) kubectl)
@@ -86,5 +87,7 @@ kind-e2e: ## the real flow on a running cluster: QueueScaler, burst, scale-up, d
 	$(KIND_FLOW) e2e
 
 chart-test: ## chart lint/render/validation, values schema, CRD, example QueueScaler, hadolint (no cluster)
-	@test -x $(WARREN_VENV)/bin/pytest || bash .ci/install-tools.sh
-	PATH="$(WARREN_TOOLS_BIN):$(WARREN_VENV)/bin:$$PATH" $(WARREN_VENV)/bin/pytest -q -p no:cacheprovider charts/tests
+	@WARREN_TOOLS_DIR="$(WARREN_TOOLS_DIR)" WARREN_VENV="$(WARREN_VENV)" bash .ci/install-tools.sh
+	WARREN_TOOLS_BIN="$(WARREN_TOOLS_BIN)" WARREN_VENV="$(WARREN_VENV)" \
+	  PATH="$(WARREN_TOOLS_BIN):$(WARREN_VENV)/bin:$$PATH" \
+	  $(WARREN_VENV)/bin/pytest -q -p no:cacheprovider charts/tests

@@ -32,8 +32,18 @@ TOOL_DIRS = [
 VARIATIONS: dict[str, list[str]] = {
     "defaults": [],
     "classic-queue": ["--set", "queue.type=classic", "--set", "queue.extra={sms,email}"],
-    "scaler-disabled": [
-        "--set", "queueScaler.enabled=false",
+    # The chart's own QueueScaler, with scaling rules passed through to the CRD.
+    "chart-scaler": [
+        "--set", "queueScaler.enabled=true",
+        "--set", "queueScaler.minReplicas=1",
+        "--set", "queueScaler.maxReplicas=20",
+        "--set-json", 'queueScaler.behavior={"scaleUp":{"stabilizationWindowSeconds":0,'
+                      '"policies":[{"type":"Pods","value":4,"periodSeconds":15}],"selectPolicy":"Max"},'
+                      '"scaleDown":{"stabilizationWindowSeconds":120,'
+                      '"policies":[{"type":"Percent","value":50,"periodSeconds":60}]},"cooldownSeconds":30}',
+    ],
+    # No autoscaling: a fixed worker count in spec.replicas.
+    "fixed-workers": [
         "--set", "worker.managedByQueueScaler=false",
         "--set", "worker.replicas=3",
     ],
@@ -51,6 +61,7 @@ VARIATIONS: dict[str, list[str]] = {
         "--set", "rabbitmq.readOnlyRootFilesystem=false",
     ],
     "long-jobs": [
+        "--set", "queueScaler.enabled=true",
         "--set", "worker.longestJobSeconds=400",
         "--set", "worker.terminationGracePeriodSeconds=430",
         "--set", "worker.secondsPerDot=10",

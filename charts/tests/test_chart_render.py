@@ -22,7 +22,6 @@ EXPECTED_DEFAULT_OBJECTS = {
     ("Role", "warren-controller"),
     ("RoleBinding", "warren-controller"),
     ("NetworkPolicy", "warren-rabbitmq"),
-    ("QueueScaler", "warren-worker"),
     ("Pod", "warren-test-send-job"),
 }
 

@@ -130,24 +130,63 @@ def test_example_queuescaler_matches_the_crd_schema():
         assert errors_of(scaler) == []
 
 
-@pytest.mark.parametrize("variation", [v for v in sorted(VARIATIONS) if v != "scaler-disabled"])
+SCALER_VARIATIONS = ["chart-scaler", "long-jobs"]
+
+
+def test_the_chart_scaler_is_a_values_switch(render):
+    assert render("defaults").kinds("QueueScaler") == []
+    for variation in SCALER_VARIATIONS:
+        assert len(render(variation).kinds("QueueScaler")) == 1, variation
+    assert {v for v in VARIATIONS if render(v).kinds("QueueScaler")} == set(SCALER_VARIATIONS)
+
+
+@pytest.mark.parametrize("variation", SCALER_VARIATIONS)
 def test_chart_queuescaler_matches_the_crd_schema(variation, render):
     (scaler,) = render(variation).kinds("QueueScaler")
     assert errors_of(scaler) == []
 
 
-def test_chart_default_queuescaler_is_the_example(defaults):
-    """The chart's default QueueScaler and manifests/queuescaler.yaml are the same object
-    (after the API server's defaulting), so applying the example changes nothing."""
-    (chart_scaler,) = defaults.kinds("QueueScaler")
-    (example,) = [s for s in example_scalers() if s["metadata"]["name"] == chart_scaler["metadata"]["name"]]
+def test_chart_queuescaler_drives_the_chart_worker(render):
+    (scaler,) = render("chart-scaler").kinds("QueueScaler")
+    spec = scaler["spec"]
+    assert scaler["metadata"]["name"] == "warren-worker"
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "warren-worker"}
+    assert spec["queue"] == {"name": "tasks", "vhost": "/"}
+    assert spec["broker"]["credentialsSecretRef"] == {"name": "warren-rabbitmq", "usernameKey": "username",
+                                                      "passwordKey": "password"}
+    assert (spec["minReplicas"], spec["maxReplicas"]) == (1, 20)
+    assert spec["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 120
+    assert spec["behavior"]["cooldownSeconds"] == 30
+    long_jobs = render("long-jobs").kinds("QueueScaler")[0]["spec"]
+    assert long_jobs["targetDrainSeconds"] == 120
+    assert long_jobs["fallback"] == {"failureThreshold": 3, "replicas": 2}
+
+
+def test_example_queuescaler_fits_the_default_install(defaults):
+    """`kubectl apply -n NS -f manifests/queuescaler.yaml` after a default install scales
+    the chart's worker Deployment from the chart's queue, with the chart's credentials."""
     schema = served_version(the_crd())["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    assert apply_defaults(copy.deepcopy(example["spec"]), schema) == \
-        apply_defaults(copy.deepcopy(chart_scaler["spec"]), schema)
+    worker = defaults.one("Deployment", "warren-worker")
+    secret = defaults.one("Secret", "warren-rabbitmq")
+    queue = {e["name"]: e.get("value") for e in worker["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for scaler in example_scalers():
+        assert "namespace" not in scaler["metadata"], "the example must follow `kubectl apply -n`"
+        spec = apply_defaults(copy.deepcopy(scaler["spec"]), schema)
+        assert spec["scaleTargetRef"]["kind"] == "Deployment"
+        assert spec["scaleTargetRef"]["name"] == worker["metadata"]["name"]
+        assert spec["queue"]["name"] == queue["WARREN_QUEUE"]
+        assert spec["queue"]["vhost"] == "/"
+        ref = spec["broker"]["credentialsSecretRef"]
+        assert ref["name"] == secret["metadata"]["name"]
+        assert {ref["usernameKey"], ref["passwordKey"]} <= set(secret["data"])
+        assert spec["broker"]["managementUrl"] == "http://warren-rabbitmq:15672"
+        assert spec["broker"]["amqpUrl"] == "amqp://warren-rabbitmq:5672"
+        assert spec["maxReplicas"] >= 2  # something to scale to
 
 
 @pytest.mark.parametrize("breakage", ["maxReplicas as text", "missing maxReplicas", "misspelled field",
-                                      "negative minReplicas", "unknown target kind type"])
+                                      "negative minReplicas", "target name not a string", "maxReplicas zero",
+                                      "messagesPerReplica zero"])
 def test_schema_validation_catches_broken_queuescalers(breakage):
     scaler = copy.deepcopy(example_scalers()[0])
     spec = scaler["spec"]
@@ -159,6 +198,10 @@ def test_schema_validation_catches_broken_queuescalers(breakage):
         spec["maxReplica"] = 3
     elif breakage == "negative minReplicas":
         spec["minReplicas"] = -1
-    elif breakage == "unknown target kind type":
+    elif breakage == "target name not a string":
         spec["scaleTargetRef"]["name"] = 42
+    elif breakage == "maxReplicas zero":
+        spec["maxReplicas"] = 0
+    elif breakage == "messagesPerReplica zero":
+        spec["messagesPerReplica"] = 0
     assert errors_of(scaler) != [], breakage

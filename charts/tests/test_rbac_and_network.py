@@ -9,7 +9,7 @@ from conftest import NAMESPACE, VARIATIONS
 # (apiGroup, resource) -> exactly the verbs the controller may use.
 EXPECTED = {
     ("warren.dev", "queuescalers"): {"get", "list", "watch"},
-    ("warren.dev", "queuescalers/status"): {"patch"},
+    ("warren.dev", "queuescalers/status"): {"patch", "update"},
     ("apps", "deployments"): {"get", "list", "watch"},
     ("apps", "statefulsets"): {"get", "list", "watch"},
     ("apps", "deployments/scale"): {"get", "patch", "update"},

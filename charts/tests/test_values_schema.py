@@ -41,6 +41,16 @@ BAD_VALUES = {
     "image tag with a slash": ["--set-string", "image.tag=a/b"],
     "uppercase fullnameOverride": ["--set", "fullnameOverride=Warren"],
     "networkPolicy enabled as text": ["--set-string", "networkPolicy.enabled=yes"],
+    "seconds per dot as words": ["--set-string", "worker.secondsPerDot=slow"],
+    "unknown behavior key": ["--set", "queueScaler.behavior.scaleUpp.stabilizationWindowSeconds=0"],
+    "behavior policy type": ["--set-json", 'queueScaler.behavior={"scaleUp":{"policies":'
+                                           '[{"type":"Replicas","value":1,"periodSeconds":15}]}}'],
+    "behavior policy without value": ["--set-json", 'queueScaler.behavior={"scaleDown":{"policies":'
+                                                    '[{"type":"Pods","periodSeconds":15}]}}'],
+    "select policy": ["--set", "queueScaler.behavior.scaleDown.selectPolicy=Sometimes"],
+    "fallback threshold zero": ["--set", "queueScaler.fallback.failureThreshold=0"],
+    "unknown fallback key": ["--set", "queueScaler.fallback.replica=2"],
+    "scaler enabled as text": ["--set-string", "queueScaler.enabled=true"],
 }
 
 
@@ -53,11 +63,13 @@ def test_bad_values_are_rejected_by_the_schema(case, helm):
 
 # Refused by the templates (relations JSON Schema cannot express).
 BAD_COMBINATIONS = {
-    "minReplicas above maxReplicas": (["--set", "queueScaler.minReplicas=5", "--set", "queueScaler.maxReplicas=2"],
+    "minReplicas above maxReplicas": (["--set", "queueScaler.enabled=true", "--set", "queueScaler.minReplicas=5",
+                                       "--set", "queueScaler.maxReplicas=2"],
                                       "must not exceed queueScaler.maxReplicas"),
     "grace period below the longest job": (["--set", "worker.terminationGracePeriodSeconds=30"],
-                                           "must be above worker.longestJobSeconds"),
-    "scaler on an unmanaged worker": (["--set", "worker.managedByQueueScaler=false"],
+                                           "must be above the longest job"),
+    "scaler on an unmanaged worker": (["--set", "queueScaler.enabled=true",
+                                       "--set", "worker.managedByQueueScaler=false"],
                                       "needs worker.managedByQueueScaler=true"),
 }
 
@@ -74,6 +86,9 @@ GOOD_VALUES = {
     "classic queue": ["--set", "queue.type=classic"],
     "generated password kept empty": ["--set-string", "rabbitmq.auth.password="],
     "fractional seconds per dot": ["--set-json", "worker.secondsPerDot=0.01"],
+    "fractional seconds per dot via --set": ["--set", "worker.secondsPerDot=0.5"],
+    "scaler with fallback": ["--set", "queueScaler.enabled=true", "--set", "queueScaler.fallback.replicas=1",
+                             "--set", "queueScaler.fallback.failureThreshold=2"],
     "numeric cpu": ["--set", "sender.resources.limits.cpu=2"],
     "storage class": ["--set", "rabbitmq.persistence.storageClassName=standard"],
     "target drain seconds": ["--set", "queueScaler.targetDrainSeconds=60"],

@@ -25,13 +25,15 @@ def test_managed_worker_has_no_replicas(defaults):
     assert "replicas" not in worker["spec"], "helm upgrade would undo the QueueScaler"
 
 
-@pytest.mark.parametrize("variation", [v for v in VARIATIONS if v != "scaler-disabled"])
+@pytest.mark.parametrize("variation", [v for v in VARIATIONS if v != "fixed-workers"])
 def test_worker_has_no_replicas_whenever_a_scaler_manages_it(variation, render):
-    assert "replicas" not in deployment(render(variation), "worker")["spec"]
+    worker = deployment(render(variation), "worker")
+    assert "replicas" not in worker["spec"]
+    assert worker["metadata"]["annotations"]["warren.dev/replicas-managed-by"] == "QueueScaler"
 
 
 def test_unmanaged_worker_has_the_replicas_value(render):
-    rendered = render("scaler-disabled")
+    rendered = render("fixed-workers")
     assert deployment(rendered, "worker")["spec"]["replicas"] == 3
     assert rendered.kinds("QueueScaler") == []
 
@@ -44,7 +46,7 @@ def test_the_other_workloads_always_set_replicas(render):
 
 
 def test_scaler_without_managed_worker_is_refused(helm):
-    proc = helm_template(helm, ["--set", "worker.managedByQueueScaler=false"])
+    proc = helm_template(helm, ["--set", "worker.managedByQueueScaler=false", "--set", "queueScaler.enabled=true"])
     assert proc.returncode != 0
     assert "managedByQueueScaler" in proc.stderr
 
@@ -64,11 +66,24 @@ def test_grace_period_outlasts_the_longest_job(variation, render):
     assert grace > 40 * seconds_per_dot, (grace, seconds_per_dot)
 
 
-def test_grace_period_not_above_longest_job_is_refused(helm):
-    proc = helm_template(helm, ["--set", "worker.longestJobSeconds=60",
-                                "--set", "worker.terminationGracePeriodSeconds=60"])
+@pytest.mark.parametrize("args", [
+    ["--set", "worker.longestJobSeconds=60", "--set", "worker.terminationGracePeriodSeconds=60"],
+    ["--set", "worker.terminationGracePeriodSeconds=30"],
+    # 40 dots x 2 s = 80 s, above the default grace of 60 s, whatever longestJobSeconds says.
+    ["--set", "worker.secondsPerDot=2"],
+    ["--set", "worker.secondsPerDot=1.5", "--set", "worker.terminationGracePeriodSeconds=60"],
+])
+def test_grace_period_not_above_longest_job_is_refused(args, helm):
+    proc = helm_template(helm, args)
     assert proc.returncode != 0
-    assert "must be above worker.longestJobSeconds" in proc.stderr
+    assert "must be above the longest job" in proc.stderr
+
+
+def test_grace_period_just_above_the_longest_job_is_accepted(render):
+    rendered = render(["--set", "worker.secondsPerDot=1.5", "--set", "worker.terminationGracePeriodSeconds=61"])
+    worker = deployment(rendered, "worker")
+    assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 61
+    assert env_of(container(worker))["WARREN_SECONDS_PER_DOT"]["value"] == "1.5"
 
 
 def test_worker_settings_reach_the_environment(render):
