@@ -69,13 +69,18 @@ queue_messages() {
     | awk -v q="$1" '$1 == q { print $2; found = 1 } END { if (!found) print "absent" }'
 }
 
+# The README's step: kubectl apply -f manifests/queuescaler.yaml. With the chart's own
+# QueueScaler switched on (queueScaler.enabled), set SCALER_MANIFEST=none to keep it alone.
 apply_scaler() {
-  if [ -f "$SCALER_MANIFEST" ]; then
+  if [ "$SCALER_MANIFEST" = none ]; then
+    log "SCALER_MANIFEST=none: using the QueueScaler the chart created"
+  elif [ -f "$SCALER_MANIFEST" ]; then
     log "kubectl apply -f $SCALER_MANIFEST"
     k apply -f "$SCALER_MANIFEST"
   else
-    log "$SCALER_MANIFEST not found: relying on the chart's QueueScaler"
+    fail "$SCALER_MANIFEST not found"
   fi
+  [ -n "$(k get qs -o name)" ] || fail "no QueueScaler in namespace $NAMESPACE"
   k get qs
 }
 

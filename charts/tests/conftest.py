@@ -98,6 +98,16 @@ def hadolint() -> str:
     return find_tool("hadolint")
 
 
+@pytest.fixture(scope="session")
+def shellcheck() -> str:
+    return find_tool("shellcheck")
+
+
+@pytest.fixture(scope="session")
+def yamllint() -> str:
+    return find_tool("yamllint")
+
+
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kwargs)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -101,6 +102,33 @@ def test_skeleton_keeps_manifests_and_stubs_sources(tmp_path):
     assert others == []
     for binary in ("warren-sender", "warren-worker", "warren-controller"):
         assert (work / "crates" / binary / "src" / "main.rs").is_file()
+
+
+def test_skeleton_is_a_workspace_cargo_can_build(tmp_path):
+    """cargo reads the stubbed workspace (offline, manifests only) and finds the three
+    binaries with their stub sources: the dependency build step has what it needs."""
+    import json
+    import shutil
+
+    (run_line,) = [line for line in stages()["skeleton"] if line.startswith("RUN ")]
+    work = tmp_path / "src"
+    work.mkdir()
+    for name in ("Cargo.toml", "Cargo.lock"):
+        shutil.copy(REPO / name, work / name)
+    shutil.copytree(REPO / "crates", work / "crates", ignore=shutil.ignore_patterns("target"))
+    script = run_line[len("RUN "):].replace("/tmp/main.rs", str(tmp_path / "main.rs"))
+    subprocess.run(["sh", "-c", script], cwd=work, check=True)
+    proc = subprocess.run(["cargo", "metadata", "--offline", "--no-deps", "--format-version", "1"],
+                          cwd=work, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    metadata = json.loads(proc.stdout)
+    targets = {}
+    for package in metadata["packages"]:
+        for target in package["targets"]:
+            assert Path(target["src_path"]).is_file(), target["src_path"]
+            targets.setdefault(package["name"], set()).update((k, target["name"]) for k in target["kind"])
+    for binary in ("warren-sender", "warren-worker", "warren-controller"):
+        assert ("bin", binary) in targets[binary], targets.get(binary)
 
 
 def test_dockerignore_sends_only_the_workspace():

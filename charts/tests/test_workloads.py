@@ -280,3 +280,42 @@ def test_images_follow_registry_and_tag(render):
         assert container(deployment(rendered, component))["image"] == f"ghcr.io/acme/warren-{component}:1.2.3"
     for component in ("sender", "worker", "controller"):
         assert container(deployment(render("defaults"), component))["image"] == f"warren-{component}:0.1.0"
+
+
+# --- the environment contract (shared/contracts.md) -----------------------------------
+
+LOG_ENV = {"WARREN_LOG_FORMAT", "WARREN_LOG"}
+# Variables each binary reads (clap `env = ...`), per the contract between the components.
+# RABBITMQ_USERNAME / RABBITMQ_PASSWORD exist only so that AMQP_URL can expand them.
+CONTRACT_ENV = {
+    "sender": {"AMQP_URL", "WARREN_QUEUE", "WARREN_QUEUES", "WARREN_QUEUE_TYPE", "WARREN_LISTEN_ADDR"} | LOG_ENV,
+    "worker": {"AMQP_URL", "WARREN_QUEUE", "WARREN_QUEUES", "WARREN_QUEUE_TYPE", "WARREN_LISTEN_ADDR",
+               "WARREN_SECONDS_PER_DOT", "WARREN_PREFETCH", "POD_NAME"} | LOG_ENV,
+    "controller": {"WARREN_LISTEN_ADDR", "WARREN_LEADER_ELECTION", "WARREN_LEASE_NAME", "POD_NAMESPACE",
+                   "POD_NAME", "WARREN_WATCH_NAMESPACE"} | LOG_ENV,
+}
+EXPANSION_ONLY = {"RABBITMQ_USERNAME", "RABBITMQ_PASSWORD"}
+REQUIRED_ENV = {
+    "sender": {"AMQP_URL", "WARREN_QUEUE", "WARREN_QUEUE_TYPE", "WARREN_LISTEN_ADDR"} | LOG_ENV,
+    "worker": {"AMQP_URL", "WARREN_QUEUE", "WARREN_QUEUE_TYPE", "WARREN_LISTEN_ADDR", "WARREN_SECONDS_PER_DOT",
+               "WARREN_PREFETCH", "POD_NAME"} | LOG_ENV,
+    "controller": {"WARREN_LISTEN_ADDR", "WARREN_LEADER_ELECTION", "WARREN_LEASE_NAME", "POD_NAMESPACE",
+                   "POD_NAME"} | LOG_ENV,
+}
+
+
+@pytest.mark.parametrize("variation", sorted(VARIATIONS))
+@pytest.mark.parametrize("component", sorted(CONTRACT_ENV))
+def test_environment_follows_the_contract(component, variation, render):
+    names = [e["name"] for e in container(deployment(render(variation), component))["env"]]
+    assert len(names) == len(set(names)), names  # no variable set twice
+    assert REQUIRED_ENV[component] <= set(names)
+    assert set(names) - EXPANSION_ONLY <= CONTRACT_ENV[component], set(names) - CONTRACT_ENV[component]
+
+
+def test_log_settings_reach_every_component(render):
+    rendered = render(["--set", "log.format=text", "--set-json", "log.filter=\"warren=debug,info\""])
+    for component in CONTRACT_ENV:
+        env = env_of(container(deployment(rendered, component)))
+        assert env["WARREN_LOG_FORMAT"]["value"] == "text"
+        assert env["WARREN_LOG"]["value"] == "warren=debug,info"

@@ -1,0 +1,104 @@
+"""Shell scripts, YAML files, kind-config.yaml and the e2e-kind workflow."""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+
+from conftest import REPO, run
+
+SHELL_SCRIPTS = ["mk/kind-flow.sh", ".ci/install-tools.sh"]
+YAML_FILES = [".github/workflows/e2e-kind.yaml", "kind-config.yaml", "charts/warren/Chart.yaml",
+              "charts/warren/values.yaml"]
+YAMLLINT_CONFIG = ("{extends: default, rules: {line-length: {max: 120}, document-start: disable, "
+                   "truthy: {check-keys: false}}}")
+WORKFLOW = REPO / ".github" / "workflows" / "e2e-kind.yaml"
+
+
+def test_shell_scripts_pass_shellcheck(shellcheck):
+    proc = run([shellcheck, "--severity=style", *[str(REPO / s) for s in SHELL_SCRIPTS]])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_helm_test_script_passes_shellcheck_as_posix_sh(shellcheck, defaults, tmp_path):
+    """The helm test pod runs its script with the curl image's sh, not bash."""
+    (pod,) = defaults.kinds("Pod")
+    (container,) = pod["spec"]["containers"]
+    assert container["command"][:2] == ["sh", "-c"]
+    script = tmp_path / "send-job.sh"
+    script.write_text("#!/bin/sh\n" + container["command"][2])
+    proc = run([shellcheck, "--shell=sh", "--severity=style", str(script)])
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_shellcheck_catches_a_bad_script(shellcheck, tmp_path):
+    bad = tmp_path / "bad.sh"
+    bad.write_text("#!/bin/bash\nrm -rf $DIR/*\n")
+    proc = run([shellcheck, str(bad)])
+    assert proc.returncode != 0
+    assert "SC2086" in proc.stdout
+
+
+def test_yaml_files_pass_yamllint(yamllint):
+    proc = run([yamllint, "--strict", "-d", YAMLLINT_CONFIG, *[str(REPO / f) for f in YAML_FILES]])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_kind_config_is_the_cluster_make_expects():
+    config = yaml.safe_load((REPO / "kind-config.yaml").read_text())
+    assert config["kind"] == "Cluster"
+    assert config["apiVersion"] == "kind.x-k8s.io/v1alpha4"
+    make = (REPO / "mk" / "deploy.mk").read_text()
+    assert re.search(r"^KIND_CLUSTER \?= (\S+)$", make, re.MULTILINE).group(1) == config["name"]
+    roles = [n["role"] for n in config["nodes"]]
+    assert roles.count("control-plane") == 1 and "worker" in roles
+    # kind's own CNI (kindnet) enforces the chart's NetworkPolicy; it must stay on.
+    assert not config.get("networking", {}).get("disableDefaultCNI", False)
+
+
+def workflow() -> dict:
+    data = yaml.safe_load(WORKFLOW.read_text())
+    data["on"] = data.pop(True, data.get("on"))  # YAML 1.1 reads the key `on` as true
+    return data
+
+
+def steps_of(job: dict) -> list[str]:
+    return [step.get("run", step.get("uses", "")) for step in job["steps"]]
+
+
+def test_workflow_runs_the_real_flow_on_kind():
+    wf = workflow()
+    assert {"push", "pull_request"} <= set(wf["on"])
+    job = wf["jobs"]["e2e-kind"]
+    assert job["runs-on"].startswith("ubuntu-")
+    steps = steps_of(job)
+    order = ["bash .ci/install-tools.sh", "kind-linux-amd64", "make kind-up", "helm test warren",
+             "make kind-e2e", "make kind-down"]
+    positions = [next(i for i, s in enumerate(steps) if needle in s) for needle in order]
+    assert positions == sorted(positions), steps
+    # kind-up twice: the second run must succeed and reuse the cluster.
+    assert sum(1 for s in steps if s.strip() == "make kind-up") == 2
+    teardown = job["steps"][positions[-1]]
+    assert teardown["if"] == "always()"
+    assert re.fullmatch(r"v\d+\.\d+\.\d+", job["env"]["KIND_VERSION"])
+    # Images must land in Docker's image store for `kind load docker-image`.
+    assert not any("setup-buildx-action" in s for s in steps)
+    # helm/kubectl from install-tools come first on PATH (the runner has its own helm 3).
+    assert any('warren-tools/bin" >> "$GITHUB_PATH"' in s for s in steps)
+
+
+def test_workflow_e2e_script_asserts_scale_up_drain_and_no_dead_letters():
+    flow = (REPO / "mk" / "kind-flow.sh").read_text()
+    e2e = flow[flow.index("\ne2e() {"):]
+    for needle in ("apply_scaler", "send_burst", "waiting for the scale-up", "waiting for the queue to drain",
+                   "dead-lettered", "waiting for the scale-in"):
+        assert needle in e2e, needle
+    make = (REPO / "mk" / "deploy.mk").read_text()
+    assert re.search(r"^kind-e2e:.*\n\t\$\(KIND_FLOW\) e2e$", make, re.MULTILINE)
+    assert re.search(r"^demo:.*\n\t\$\(KIND_FLOW\) demo$", make, re.MULTILINE)
+
+
+def test_workflow_also_runs_chart_test():
+    steps = steps_of(workflow()["jobs"]["chart-test"])
+    assert "bash .ci/install-tools.sh" in steps and "make chart-test" in steps
