@@ -1,0 +1,515 @@
+//! The desired state of a QueueScaler: what to scale, which queue to watch,
+//! and the rules that turn queue depth into a replica count.
+//!
+//! Every default lives in a named function so that serde (when reading a
+//! resource) and schemars (the `default:` shown in the CRD) agree.
+
+use std::time::Duration;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::schema::strip_unsigned_formats;
+use crate::status::QueueScalerStatus;
+
+/// Scales a Deployment or StatefulSet on the depth of a RabbitMQ queue.
+///
+/// The controller polls the queue every `pollingIntervalSeconds`, computes a
+/// replica count from the backlog (or from measured rates when
+/// `targetDrainSeconds` is set), smooths it with HPA-style stabilization
+/// windows and rate policies, and patches the target's `/scale` subresource.
+// Several printer columns share `type_ = ...`; clippy mistakes that for a
+// repeated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "warren.dev",
+    version = "v1alpha1",
+    kind = "QueueScaler",
+    plural = "queuescalers",
+    shortname = "qs",
+    namespaced,
+    status = "QueueScalerStatus",
+    derive = "PartialEq",
+    doc = "Scales a Deployment or StatefulSet on the depth of a RabbitMQ queue",
+    printcolumn(
+        name = "Target",
+        type_ = "string",
+        json_path = ".spec.scaleTargetRef.name"
+    ),
+    printcolumn(name = "Queue", type_ = "string", json_path = ".spec.queue.name"),
+    printcolumn(
+        name = "Messages",
+        type_ = "integer",
+        json_path = ".status.observation.ready"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        json_path = ".status.currentReplicas"
+    ),
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".status.desiredReplicas"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(
+    transform = strip_unsigned_formats,
+    extend("x-kubernetes-validations" = [
+        {
+            "rule": "self.maxReplicas >= self.minReplicas",
+            "message": "maxReplicas must be greater than or equal to minReplicas"
+        },
+        {
+            "rule": "!has(self.fallback) || !has(self.fallback.replicas) || self.fallback.replicas <= self.maxReplicas",
+            "message": "fallback.replicas must not exceed maxReplicas"
+        }
+    ])
+)]
+pub struct QueueScalerSpec {
+    /// The workload whose replica count this scaler owns.
+    pub scale_target_ref: ScaleTargetRef,
+
+    /// The queue whose depth drives the scaling.
+    pub queue: QueueRef,
+
+    /// How to reach RabbitMQ (management API for depth and rates, AMQP for
+    /// an instant ready count when activating from zero).
+    pub broker: BrokerRef,
+
+    /// Lower bound on replicas. 0 allows scale to zero once the queue has been
+    /// empty (no ready and no unacked messages) for `behavior.cooldownSeconds`.
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 0))]
+    pub min_replicas: i32,
+
+    /// Upper bound on replicas. Must be at least `minReplicas`.
+    #[schemars(range(min = 1))]
+    pub max_replicas: i32,
+
+    /// Target backlog per replica: desired = ceil(messages / messagesPerReplica).
+    #[serde(default = "default_messages_per_replica")]
+    #[schemars(range(min = 1))]
+    pub messages_per_replica: u64,
+
+    /// At zero replicas, stay at zero until more than this many messages are
+    /// counted. Ignored once at least one replica runs.
+    #[serde(default = "default_activation_messages")]
+    pub activation_messages: u64,
+
+    /// Count unacknowledged (in-flight) messages as backlog, not just ready ones.
+    #[serde(default = "default_count_unacked")]
+    pub count_unacked: bool,
+
+    /// Size by measured rates instead of backlog per replica: desired =
+    /// ceil((publish rate + backlog / targetDrainSeconds) / ack rate per replica).
+    /// Falls back to `messagesPerReplica` while no per-replica ack rate is measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub target_drain_seconds: Option<u32>,
+
+    /// How often the controller reads the queue and decides.
+    #[serde(default = "default_polling_interval_seconds")]
+    #[schemars(range(min = 1))]
+    pub polling_interval_seconds: u32,
+
+    /// Stabilization windows, rate policies and cooldown (HPA semantics).
+    #[serde(default)]
+    pub behavior: Behavior,
+
+    /// What to do when queue metrics cannot be read.
+    #[serde(default)]
+    pub fallback: Fallback,
+
+    /// Stop changing the target's replicas (the current count is kept).
+    #[serde(default = "default_paused")]
+    pub paused: bool,
+}
+
+/// The scaled workload. Both kinds live in `apps/v1`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleTargetRef {
+    /// API version of the target; `apps/v1` for both supported kinds.
+    #[serde(default = "default_target_api_version")]
+    pub api_version: String,
+    /// Kind of the target.
+    #[serde(default)]
+    pub kind: TargetKind,
+    /// Name of the target in the QueueScaler's namespace.
+    #[schemars(length(min = 1))]
+    pub name: String,
+}
+
+/// Workload kinds that can be scaled.
+#[derive(
+    JsonSchema,
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+)]
+pub enum TargetKind {
+    #[default]
+    Deployment,
+    StatefulSet,
+}
+
+impl TargetKind {
+    /// The kind as written in Kubernetes (`Deployment`, `StatefulSet`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetKind::Deployment => "Deployment",
+            TargetKind::StatefulSet => "StatefulSet",
+        }
+    }
+}
+
+impl std::fmt::Display for TargetKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A queue on a RabbitMQ virtual host.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueRef {
+    /// Queue name.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Virtual host of the queue.
+    #[serde(default = "default_vhost")]
+    #[schemars(length(min = 1))]
+    pub vhost: String,
+}
+
+/// Where RabbitMQ is and which Secret holds its credentials.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct BrokerRef {
+    /// Base URL of the management HTTP API.
+    #[serde(default = "default_management_url")]
+    pub management_url: String,
+    /// AMQP URL without credentials (they come from the Secret).
+    #[serde(default = "default_amqp_url")]
+    pub amqp_url: String,
+    /// Secret in the QueueScaler's namespace with the user name and password.
+    pub credentials_secret_ref: CredentialsSecretRef,
+}
+
+/// Keys of a Secret holding RabbitMQ credentials. Passwords are never inline.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsSecretRef {
+    /// Secret name.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Key of the user name in the Secret.
+    #[serde(default = "default_username_key")]
+    #[schemars(length(min = 1))]
+    pub username_key: String,
+    /// Key of the password in the Secret.
+    #[serde(default = "default_password_key")]
+    #[schemars(length(min = 1))]
+    pub password_key: String,
+}
+
+/// How fast replicas may change (HPA `behavior` semantics) and how long the
+/// queue must stay empty before scaling to zero.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Behavior {
+    /// Rules for increasing replicas.
+    #[serde(default)]
+    pub scale_up: ScaleUpRules,
+    /// Rules for decreasing replicas.
+    #[serde(default)]
+    pub scale_down: ScaleDownRules,
+    /// Seconds the queue must be empty (no ready, no unacked messages) before
+    /// scaling from one replica to zero. Only used when minReplicas is 0.
+    #[serde(default = "default_cooldown_seconds")]
+    pub cooldown_seconds: u32,
+}
+
+impl Default for Behavior {
+    fn default() -> Self {
+        Behavior {
+            scale_up: ScaleUpRules::default(),
+            scale_down: ScaleDownRules::default(),
+            cooldown_seconds: default_cooldown_seconds(),
+        }
+    }
+}
+
+/// Scale-up rules. Defaults are the HPA's: no stabilization, and at most
+/// +4 pods or +100% (whichever is more) per 15 seconds.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleUpRules {
+    /// Scale up only to the lowest recommendation seen in this many seconds.
+    #[serde(default = "default_scale_up_stabilization")]
+    #[schemars(range(max = 3600))]
+    pub stabilization_window_seconds: u32,
+    /// Limits on how much replicas may grow per period. Empty means the default.
+    #[serde(default = "default_scale_up_policies")]
+    pub policies: Vec<ScalingPolicy>,
+    /// Which policy wins when several apply.
+    #[serde(default)]
+    pub select_policy: SelectPolicy,
+}
+
+impl Default for ScaleUpRules {
+    fn default() -> Self {
+        ScaleUpRules {
+            stabilization_window_seconds: default_scale_up_stabilization(),
+            policies: default_scale_up_policies(),
+            select_policy: SelectPolicy::default(),
+        }
+    }
+}
+
+/// Scale-down rules. Defaults are the HPA's: a 300 second stabilization
+/// window, and at most -100% per 15 seconds.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleDownRules {
+    /// Scale down only to the highest recommendation seen in this many seconds.
+    #[serde(default = "default_scale_down_stabilization")]
+    #[schemars(range(max = 3600))]
+    pub stabilization_window_seconds: u32,
+    /// Limits on how much replicas may shrink per period. Empty means the default.
+    #[serde(default = "default_scale_down_policies")]
+    pub policies: Vec<ScalingPolicy>,
+    /// Which policy wins when several apply.
+    #[serde(default)]
+    pub select_policy: SelectPolicy,
+}
+
+impl Default for ScaleDownRules {
+    fn default() -> Self {
+        ScaleDownRules {
+            stabilization_window_seconds: default_scale_down_stabilization(),
+            policies: default_scale_down_policies(),
+            select_policy: SelectPolicy::default(),
+        }
+    }
+}
+
+/// One direction's rules with defaults resolved: what the decision uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirectionRules<'a> {
+    pub stabilization_window_seconds: u32,
+    /// Never empty: an empty list in the spec resolves to the default policies.
+    pub policies: &'a [ScalingPolicy],
+    pub select_policy: SelectPolicy,
+}
+
+impl ScaleUpRules {
+    /// The rules with an empty policy list replaced by the default policies.
+    pub fn resolved(&self) -> DirectionRules<'_> {
+        DirectionRules {
+            stabilization_window_seconds: self.stabilization_window_seconds,
+            policies: if self.policies.is_empty() {
+                &DEFAULT_SCALE_UP_POLICIES
+            } else {
+                &self.policies
+            },
+            select_policy: self.select_policy,
+        }
+    }
+}
+
+impl ScaleDownRules {
+    /// The rules with an empty policy list replaced by the default policies.
+    pub fn resolved(&self) -> DirectionRules<'_> {
+        DirectionRules {
+            stabilization_window_seconds: self.stabilization_window_seconds,
+            policies: if self.policies.is_empty() {
+                &DEFAULT_SCALE_DOWN_POLICIES
+            } else {
+                &self.policies
+            },
+            select_policy: self.select_policy,
+        }
+    }
+}
+
+/// A limit on the change of replicas within a sliding period.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingPolicy {
+    /// `Pods`: an absolute number of replicas; `Percent`: a percentage of the
+    /// replicas at the start of the period.
+    #[serde(rename = "type")]
+    pub policy_type: PolicyType,
+    /// Amount of change allowed per period.
+    #[schemars(range(min = 1))]
+    pub value: u32,
+    /// Length of the sliding period in seconds.
+    #[schemars(range(min = 1, max = 1800))]
+    pub period_seconds: u32,
+}
+
+/// Unit of a [`ScalingPolicy`] value.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PolicyType {
+    Pods,
+    Percent,
+}
+
+/// Which of several policies applies (HPA `selectPolicy`).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum SelectPolicy {
+    /// The policy allowing the largest change.
+    #[default]
+    Max,
+    /// The policy allowing the smallest change.
+    Min,
+    /// No change in this direction.
+    Disabled,
+}
+
+/// Behaviour when queue metrics cannot be read.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Fallback {
+    /// Consecutive failed reads before `replicas` applies. Until then, and
+    /// when `replicas` is unset, the current replica count is held.
+    #[serde(default = "default_failure_threshold")]
+    #[schemars(range(min = 1))]
+    pub failure_threshold: u32,
+    /// Replicas to run while metrics are missing. Missing data never scales
+    /// down: the controller runs at least this many, and never goes to zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub replicas: Option<i32>,
+}
+
+impl Default for Fallback {
+    fn default() -> Self {
+        Fallback {
+            failure_threshold: default_failure_threshold(),
+            replicas: None,
+        }
+    }
+}
+
+impl QueueScalerSpec {
+    /// Time between two decisions.
+    pub fn polling_interval(&self) -> Duration {
+        Duration::from_secs(u64::from(self.polling_interval_seconds))
+    }
+
+    /// Time the queue must stay empty before scaling to zero.
+    pub fn cooldown(&self) -> Duration {
+        Duration::from_secs(u64::from(self.behavior.cooldown_seconds))
+    }
+
+    /// How far back a decision needs history: the longest stabilization
+    /// window or policy period of either direction.
+    pub fn history_retention(&self) -> Duration {
+        let up = self.behavior.scale_up.resolved();
+        let down = self.behavior.scale_down.resolved();
+        let longest = [up, down]
+            .iter()
+            .flat_map(|rules| {
+                std::iter::once(rules.stabilization_window_seconds)
+                    .chain(rules.policies.iter().map(|p| p.period_seconds))
+            })
+            .max()
+            .unwrap_or(0);
+        Duration::from_secs(u64::from(longest))
+    }
+}
+
+/// HPA's default scale-up policies: +4 pods or +100% per 15 s, the larger.
+pub const DEFAULT_SCALE_UP_POLICIES: [ScalingPolicy; 2] = [
+    ScalingPolicy {
+        policy_type: PolicyType::Pods,
+        value: 4,
+        period_seconds: 15,
+    },
+    ScalingPolicy {
+        policy_type: PolicyType::Percent,
+        value: 100,
+        period_seconds: 15,
+    },
+];
+
+/// HPA's default scale-down policy: -100% per 15 s.
+pub const DEFAULT_SCALE_DOWN_POLICIES: [ScalingPolicy; 1] = [ScalingPolicy {
+    policy_type: PolicyType::Percent,
+    value: 100,
+    period_seconds: 15,
+}];
+
+fn default_min_replicas() -> i32 {
+    0
+}
+fn default_messages_per_replica() -> u64 {
+    5
+}
+fn default_activation_messages() -> u64 {
+    0
+}
+fn default_count_unacked() -> bool {
+    true
+}
+fn default_polling_interval_seconds() -> u32 {
+    5
+}
+fn default_paused() -> bool {
+    false
+}
+fn default_target_api_version() -> String {
+    "apps/v1".to_owned()
+}
+fn default_vhost() -> String {
+    "/".to_owned()
+}
+fn default_management_url() -> String {
+    "http://warren-rabbitmq:15672".to_owned()
+}
+fn default_amqp_url() -> String {
+    "amqp://warren-rabbitmq:5672".to_owned()
+}
+fn default_username_key() -> String {
+    "username".to_owned()
+}
+fn default_password_key() -> String {
+    "password".to_owned()
+}
+fn default_cooldown_seconds() -> u32 {
+    60
+}
+fn default_scale_up_stabilization() -> u32 {
+    0
+}
+fn default_scale_down_stabilization() -> u32 {
+    300
+}
+fn default_scale_up_policies() -> Vec<ScalingPolicy> {
+    DEFAULT_SCALE_UP_POLICIES.to_vec()
+}
+fn default_scale_down_policies() -> Vec<ScalingPolicy> {
+    DEFAULT_SCALE_DOWN_POLICIES.to_vec()
+}
+fn default_failure_threshold() -> u32 {
+    3
+}
