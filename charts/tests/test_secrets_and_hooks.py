@@ -29,17 +29,6 @@ def test_credentials_are_generated_strong_and_random(render):
     assert len(cookie) == 64 and cookie.isalnum()
 
 
-def test_secrets_reuse_what_the_cluster_holds():
-    """`helm template` has no cluster, so lookup() returns nothing there; check the
-    template reads the existing Secret before generating anything."""
-    source = (CHART / "templates" / "rabbitmq-secrets.yaml").read_text()
-    assert 'lookup "v1" "Secret" .Release.Namespace $secretName' in source
-    assert 'lookup "v1" "Secret" .Release.Namespace $cookieName' in source
-    lookup_at = source.index("$existing := lookup")
-    assert lookup_at < source.index("randAlphaNum 32")
-    assert source.index("$existingCookie := lookup") < source.index("randAlphaNum 64")
-
-
 def test_given_credentials_are_used(render):
     rendered = render(["--set", "rabbitmq.auth.username=ops", "--set", "rabbitmq.auth.password=correct-horse-battery",
                        "--set", "rabbitmq.auth.erlangCookie=ABCDEFGHIJKLMNOPQRSTUVWXYZ"])
@@ -140,3 +129,141 @@ def test_helm_test_script_fails_when_202_never_comes(defaults):
     proc, bodies = run_helm_test_script(defaults, [503])
     assert proc.returncode == 1
     assert len(bodies) == 10
+
+
+# --- lookup against an API server: the credentials survive `helm upgrade` ------------
+
+class _FakeApiServer:
+    """Just enough of a Kubernetes API server for `helm template --dry-run=server`:
+    version, discovery for the kinds the chart renders, and GET on a few Secrets."""
+
+    GROUPS = {
+        "v1": [("Secret", "secrets"), ("ConfigMap", "configmaps"), ("Service", "services"),
+               ("ServiceAccount", "serviceaccounts"), ("Pod", "pods")],
+        "apps/v1": [("Deployment", "deployments"), ("StatefulSet", "statefulsets")],
+        "rbac.authorization.k8s.io/v1": [("Role", "roles"), ("RoleBinding", "rolebindings")],
+        "networking.k8s.io/v1": [("NetworkPolicy", "networkpolicies")],
+    }
+
+    def __init__(self, namespace: str, secrets: dict[str, dict[str, str]]):
+        import http.server
+        import json
+        import threading
+
+        self.requests: list[str] = []
+        objects = {}
+        for name, data in secrets.items():
+            objects[(namespace, name)] = {
+                "apiVersion": "v1", "kind": "Secret",
+                # What a previous `helm install` of this release left behind.
+                "metadata": {"name": name, "namespace": namespace,
+                             "labels": {"app.kubernetes.io/managed-by": "Helm"},
+                             "annotations": {"meta.helm.sh/release-name": "warren",
+                                             "meta.helm.sh/release-namespace": namespace}},
+                "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+            }
+        groups = self.GROUPS
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def reply(self, code: int, body: dict):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):  # noqa: N802 (http.server API)
+                path = self.path.split("?")[0]
+                outer.requests.append(path)
+                if path == "/version":
+                    return self.reply(200, {"major": "1", "minor": "33", "gitVersion": "v1.33.1"})
+                if path == "/api":
+                    return self.reply(200, {"kind": "APIVersions", "versions": ["v1"]})
+                if path == "/apis":
+                    return self.reply(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+                        {"name": gv.split("/")[0], "versions": [{"groupVersion": gv, "version": gv.split("/")[1]}],
+                         "preferredVersion": {"groupVersion": gv, "version": gv.split("/")[1]}}
+                        for gv in groups if "/" in gv]})
+                gv = "v1" if path == "/api/v1" else path[len("/apis/"):] if path.startswith("/apis/") else None
+                if gv in groups:
+                    return self.reply(200, {"kind": "APIResourceList", "groupVersion": gv, "resources": [
+                        {"name": plural, "singularName": kind.lower(), "namespaced": True, "kind": kind,
+                         "verbs": ["get", "list"]} for kind, plural in groups[gv]]})
+                parts = path.strip("/").split("/")
+                if len(parts) == 6 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "secrets" \
+                        and (parts[3], parts[5]) in objects:
+                    return self.reply(200, objects[(parts[3], parts[5])])
+                return self.reply(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                        "reason": "NotFound", "code": 404})
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def kubeconfig(self, path) -> str:
+        path.write_text(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n"
+            f"clusters: [{{name: fake, cluster: {{server: '{self.url}'}}}}]\n"
+            "users: [{name: fake, user: {}}]\n"
+            "contexts: [{name: fake, context: {cluster: fake, user: fake}}]\n")
+        return str(path)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def render_against(helm, tmp_path, secrets: dict[str, dict[str, str]], extra: list[str] = ()) -> dict[str, dict]:
+    """The chart's two Secrets as `helm template --dry-run=server` renders them when the
+    cluster holds `secrets` in namespace demo (the same lookup as helm upgrade)."""
+    import yaml
+
+    from conftest import run
+
+    api = _FakeApiServer("demo", secrets)
+    try:
+        proc = run([helm, "template", "warren", str(CHART), "--namespace", "demo", "--dry-run=server",
+                    "--disable-openapi-validation", "--kubeconfig", api.kubeconfig(tmp_path / "kubeconfig"),
+                    "--show-only", "templates/rabbitmq-secrets.yaml", *extra])
+    finally:
+        api.close()
+    assert proc.returncode == 0, proc.stderr
+    assert "/api/v1/namespaces/demo/secrets/warren-rabbitmq" in api.requests  # the lookup happened
+    assert "/api/v1/namespaces/demo/secrets/warren-rabbitmq-erlang-cookie" in api.requests
+    return {d["metadata"]["name"]: d for d in yaml.safe_load_all(proc.stdout) if d}
+
+
+KEPT = {"warren-rabbitmq": {"username": "warren", "password": "KeptFromTheFirstInstall42"},
+        "warren-rabbitmq-erlang-cookie": {"cookie": "KEPTCOOKIEKEPTCOOKIEKEPTCOOKIE"}}
+
+
+def test_upgrade_keeps_the_generated_password_and_cookie(helm, tmp_path):
+    secrets = render_against(helm, tmp_path, KEPT)
+    assert decoded(secrets["warren-rabbitmq"], "password") == "KeptFromTheFirstInstall42"
+    assert decoded(secrets["warren-rabbitmq-erlang-cookie"], "cookie") == "KEPTCOOKIEKEPTCOOKIEKEPTCOOKIE"
+
+
+def test_first_install_generates_fresh_credentials(helm, tmp_path):
+    first = render_against(helm, tmp_path, {})
+    second = render_against(helm, tmp_path, {})
+    password = decoded(first["warren-rabbitmq"], "password")
+    assert len(password) == 32 and password.isalnum()
+    assert password != decoded(second["warren-rabbitmq"], "password")
+    assert decoded(first["warren-rabbitmq-erlang-cookie"], "cookie") != \
+        decoded(second["warren-rabbitmq-erlang-cookie"], "cookie")
+
+
+def test_a_given_password_wins_over_the_stored_one(helm, tmp_path):
+    secrets = render_against(helm, tmp_path, KEPT, ["--set", "rabbitmq.auth.password=OperatorChosen123"])
+    assert decoded(secrets["warren-rabbitmq"], "password") == "OperatorChosen123"
+    assert decoded(secrets["warren-rabbitmq-erlang-cookie"], "cookie") == "KEPTCOOKIEKEPTCOOKIEKEPTCOOKIE"
+
+
+def test_a_stored_secret_without_a_password_gets_one(helm, tmp_path):
+    secrets = render_against(helm, tmp_path, {"warren-rabbitmq": {"username": "warren"}})
+    assert len(decoded(secrets["warren-rabbitmq"], "password")) == 32
