@@ -319,3 +319,15 @@ def test_log_settings_reach_every_component(render):
         env = env_of(container(deployment(rendered, component)))
         assert env["WARREN_LOG_FORMAT"]["value"] == "text"
         assert env["WARREN_LOG"]["value"] == "warren=debug,info"
+
+
+def test_rabbitmq_config_replaces_the_image_defaults(defaults):
+    """The image's conf.d disables the management metrics collector and opens guest to
+    the network; the chart's conf.d replaces it, so queue depths reach the management
+    API that the controller reads, and guest stays on loopback."""
+    config = rabbit_config(defaults)["10-warren.conf"]
+    assert "disable_metrics_collector" not in config
+    assert "loopback_users.guest = false" not in config
+    (config_volume,) = [v for v in rabbit(defaults)["spec"]["template"]["spec"]["volumes"] if v["name"] == "config"]
+    assert config_volume["configMap"]["name"] == "warren-rabbitmq-config"
+    assert "items" not in config_volume["configMap"]  # the whole directory is ours
