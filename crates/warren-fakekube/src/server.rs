@@ -662,7 +662,11 @@ fn serve(
             if query.watch {
                 return watch_response(shared, rt, namespace, &query, meta_only);
             }
-            list(shared, rt, namespace.as_deref(), &query, meta_only)
+            // The list is already shaped for `meta_only`.
+            return match list(shared, rt, namespace.as_deref(), &query, meta_only) {
+                Ok((code, list)) => json_response(code, &list),
+                Err(err) => error_response(&err),
+            };
         }
         (
             Route::Collection {
