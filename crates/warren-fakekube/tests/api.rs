@@ -838,3 +838,112 @@ async fn secrets_and_test_hooks() {
     assert!(server.delete_object(&DEPLOYMENTS, "default", "w").is_some());
     assert!(api.get_opt("w").await.unwrap().is_none());
 }
+
+#[derive(Debug, thiserror::Error)]
+#[error("never")]
+struct Never;
+
+/// (scaler name, its generation, the Deployment's replicas) per reconcile.
+type Seen = (String, i64, i64);
+type Ctx = (Api<Deployment>, tokio::sync::mpsc::UnboundedSender<Seen>);
+
+/// The kube runtime `Controller` the warren controller is built on: it
+/// reconciles a QueueScaler on start, on a spec change and when the target
+/// Deployment changes under it.
+#[tokio::test]
+async fn kube_runtime_controller_reconciles_on_changes() {
+    use kube::runtime::controller::{Action, Controller};
+    use kube::runtime::reflector::ObjectRef;
+    use std::sync::Arc;
+
+    init();
+    let server = FakeApiServer::start().await.unwrap();
+    let client = server.client().await.unwrap();
+    let ar = queuescaler_resource();
+    let scalers: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &ar);
+    let deployments: Api<Deployment> = Api::default_namespaced(client.clone());
+    deployments
+        .create(&PostParams::default(), &deployment("worker", 1))
+        .await
+        .unwrap();
+    let mut qs = DynamicObject::new("jobs", &ar);
+    qs.data = json!({"spec": {"scaleTargetRef": {"name": "worker"}, "maxReplicas": 5}});
+    scalers.create(&PostParams::default(), &qs).await.unwrap();
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Seen>();
+    let mapper_ar = ar.clone();
+    let controller = Controller::new_with(
+        Api::all_with(client.clone(), &ar),
+        watcher::Config::default(),
+        ar.clone(),
+    )
+    .watches(
+        Api::<Deployment>::all(client),
+        watcher::Config::default(),
+        move |d| {
+            // The fake's test mapping: a Deployment maps to the scaler of the same name "jobs".
+            let _ = d;
+            Some(ObjectRef::new_with("jobs", mapper_ar.clone()).within("default"))
+        },
+    )
+    .run(
+        move |obj: Arc<DynamicObject>, ctx: Arc<Ctx>| async move {
+            let replicas = ctx
+                .0
+                .get("worker")
+                .await
+                .ok()
+                .and_then(|d| d.spec.and_then(|s| s.replicas))
+                .unwrap_or(-1);
+            let _ = ctx.1.send((
+                obj.metadata.name.clone().unwrap_or_default(),
+                obj.metadata.generation.unwrap_or_default(),
+                i64::from(replicas),
+            ));
+            Ok::<_, Never>(Action::await_change())
+        },
+        |_, _, _| Action::requeue(Duration::from_secs(1)),
+        Arc::new((deployments.clone(), tx)),
+    );
+    let driver = tokio::spawn(controller.for_each(|_| async {}));
+
+    let mut next = async || {
+        tokio::time::timeout(STEP, rx.recv())
+            .await
+            .expect("reconcile")
+            .unwrap()
+    };
+    assert_eq!(next().await, ("jobs".to_string(), 1, 1));
+
+    scalers
+        .patch(
+            "jobs",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"maxReplicas": 8}})),
+        )
+        .await
+        .unwrap();
+    // Wait for the reconcile that saw generation 2 (a Deployment event may
+    // have triggered one in between).
+    loop {
+        let (_, generation, _) = next().await;
+        if generation == 2 {
+            break;
+        }
+    }
+    deployments
+        .patch_scale(
+            "worker",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 3}})),
+        )
+        .await
+        .unwrap();
+    loop {
+        let (_, _, replicas) = next().await;
+        if replicas == 3 {
+            break;
+        }
+    }
+    driver.abort();
+}
