@@ -492,12 +492,12 @@ impl Controller {
                     match state.pods.get_mut(&name) {
                         Some(child) if child.ready != ok => {
                             child.ready = ok;
-                            Some((child.started, child.containers.clone()))
+                            Some(child.containers.clone())
                         }
                         _ => None,
                     }
                 };
-                if let Some((_, containers)) = changed {
+                if let Some(containers) = changed {
                     let status = pod_status_patch(ok, &containers);
                     if let Err(err) =
                         self.server

@@ -33,6 +33,8 @@ pub struct FakeApiOptions {
     /// How many watch events the log keeps; a watch from an older
     /// resourceVersion gets `410 Gone` ("Expired") and the client relists.
     pub event_log_capacity: usize,
+    /// How many requests [`FakeApiServer::requests`] keeps (oldest dropped).
+    pub request_log_capacity: usize,
     /// The bearer token the kubeconfig carries and the server requires.
     pub token: String,
 }
@@ -41,7 +43,8 @@ impl Default for FakeApiOptions {
     fn default() -> Self {
         Self {
             bookmark_interval: Duration::from_secs(5),
-            event_log_capacity: 100_000,
+            event_log_capacity: 10_000,
+            request_log_capacity: 100_000,
             token: "warren-fakekube-token".to_string(),
         }
     }
@@ -80,7 +83,7 @@ impl RecordedRequest {
 pub(crate) struct Shared {
     store: Mutex<Store>,
     changed: watch::Sender<u64>,
-    requests: Mutex<Vec<RecordedRequest>>,
+    requests: Mutex<VecDeque<RecordedRequest>>,
     options: FakeApiOptions,
     cancel: CancellationToken,
 }
@@ -160,7 +163,7 @@ impl FakeApiServer {
         let shared = Arc::new(Shared {
             store: Mutex::new(Store::new(options.event_log_capacity)),
             changed,
-            requests: Mutex::new(Vec::new()),
+            requests: Mutex::new(VecDeque::new()),
             options,
             cancel: CancellationToken::new(),
         });
@@ -381,7 +384,7 @@ impl FakeApiServer {
 
     /// Every request served so far, oldest first.
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        lock(&self.shared().requests).clone()
+        lock(&self.shared().requests).iter().cloned().collect()
     }
 
     /// Forgets the recorded requests.
@@ -586,7 +589,11 @@ async fn handle(
         &body,
     );
     tracing::debug!(%method, %uri, status = response.status().as_u16(), "fake API request");
-    lock(&shared.requests).push(RecordedRequest {
+    let mut requests = lock(&shared.requests);
+    while requests.len() >= shared.options.request_log_capacity.max(1) {
+        requests.pop_front();
+    }
+    requests.push_back(RecordedRequest {
         method: method.to_string(),
         path: uri.path().to_string(),
         query: uri.query().unwrap_or_default().to_string(),
@@ -594,6 +601,7 @@ async fn handle(
         body: String::from_utf8_lossy(&body).into_owned(),
         status: response.status().as_u16(),
     });
+    drop(requests);
     response
 }
 

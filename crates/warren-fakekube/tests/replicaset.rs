@@ -16,10 +16,28 @@ use warren_fakekube::{
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Exits 0 on SIGTERM; records its POD_NAME and WARREN_LISTEN_ADDR in $OUT.
-const GRACEFUL: &str = r#"echo "$POD_NAME $POD_NAMESPACE $WARREN_LISTEN_ADDR" > "$OUT/$POD_NAME"
-trap 'exit 0' TERM
+/// Exits 0 on SIGTERM; once its trap is installed, records its POD_NAME and
+/// WARREN_LISTEN_ADDR in $OUT (so a test can wait until SIGTERM is handled).
+const GRACEFUL: &str = r#"trap 'exit 0' TERM
+echo "$POD_NAME $POD_NAMESPACE $WARREN_LISTEN_ADDR" > "$OUT/$POD_NAME"
 while true; do sleep 0.05; done"#;
+
+/// Waits until the GRACEFUL stand-in for `pod` has written its line.
+async fn started_line(out: &std::path::Path, pod: &str) -> String {
+    let path = out.join(pod);
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&path)
+                && text.ends_with('\n')
+            {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("stand-in process started")
+}
 
 /// Ignores SIGTERM: only SIGKILL ends it.
 const STUBBORN: &str = r#"trap '' TERM
@@ -118,19 +136,7 @@ async fn scales_up_with_pods_and_status_then_in_by_deletion_cost() {
     // Each process got its own POD_NAME, namespace and listen address.
     let mut addrs = BTreeSet::new();
     for p in rs.pods() {
-        let path = out.path().join(&p.name);
-        let seen = tokio::time::timeout(WAIT, async {
-            loop {
-                if let Ok(text) = std::fs::read_to_string(&path)
-                    && text.ends_with('\n')
-                {
-                    return text;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .unwrap();
+        let seen = started_line(out.path(), &p.name).await;
         assert_eq!(seen.trim(), format!("{} default {}", p.name, p.listen_addr));
         addrs.insert(p.listen_addr);
     }
@@ -187,6 +193,9 @@ async fn scales_up_with_pods_and_status_then_in_by_deletion_cost() {
     // Without costs, the newest pod goes first.
     scale(&deployments, "worker", 3).await;
     assert!(rs.wait_for_ready(3, WAIT).await);
+    for p in rs.pods() {
+        started_line(out.path(), &p.name).await;
+    }
     let newest = rs.pods().into_iter().max_by_key(|p| p.ordinal).unwrap();
     assert!(newest.name != a);
     pods.patch(
@@ -275,7 +284,7 @@ async fn dead_or_deleted_pods_are_replaced_with_new_names() {
     // Deleting the Pod object through the API terminates the process
     // gracefully and a replacement appears.
     let deleted = after.iter().next().unwrap().clone();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    started_line(out.path(), &deleted).await;
     pods.delete(&deleted, &DeleteParams::default())
         .await
         .unwrap();
