@@ -1,14 +1,21 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! RabbitMQ plumbing shared by warren's processes.
+//!
+//! - [`envelope`]: the versioned JSON body of every job.
+//! - [`topology`]: the queues and exchanges warren declares, idempotently.
+//! - [`connect`]: opening a named connection with a bounded wait.
+//! - [`publisher`]: a self-healing pool of confirm-mode channels; a publish
+//!   resolves only when the broker has confirmed it.
+//! - [`audit`]: best-effort audit events on the `warren.events` exchange that
+//!   never block or fail a job.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod audit;
+pub mod connect;
+pub mod envelope;
+pub mod publisher;
+pub mod topology;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use audit::{AuditEvent, AuditSink};
+pub use connect::{ConnectError, connect};
+pub use envelope::{ENVELOPE_VERSION, Envelope, EnvelopeError};
+pub use publisher::{PublishError, Publisher, PublisherConfig};
+pub use topology::{QueueType, Topology};

@@ -4,8 +4,10 @@
 //! their own [`RabbitNode`] and never touch the machine's shared broker.
 //! A node lives in a temporary directory and is killed and removed on drop.
 
+pub mod amqp;
 mod rabbit;
 
+pub use amqp::{EventTap, ready_count};
 pub use rabbit::{RabbitNode, RabbitOptions, TestkitError};
 
 /// The shared broker's AMQP URL for tests that only need a live broker

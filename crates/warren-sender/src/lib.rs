@@ -1,0 +1,398 @@
+//! warren-sender: an HTTP API that accepts jobs and publishes them durably.
+//!
+//! `POST /send` and `POST /send/{queue}` validate the request
+//! ([`validation`]), wrap the message in an [`Envelope`], publish it
+//! persistent and mandatory on a confirm-mode channel and answer
+//! `202 {"id": ...}` only after RabbitMQ confirmed it. When the broker is
+//! unreachable the answer is `503` with `Retry-After`, within the confirm
+//! timeout at the latest.
+
+pub mod metrics;
+pub mod validation;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use lapin::BasicProperties;
+use lapin::types::ShortString;
+use prometheus_client::registry::Registry;
+use serde_json::{Map, json};
+use tokio_util::sync::CancellationToken;
+use warren_broker::{
+    AuditEvent, AuditSink, Envelope, Publisher, PublisherConfig, QueueType, Topology,
+};
+use warren_telemetry::{LogArgs, Readiness};
+
+use crate::metrics::{PublishErrorLabels, ResponseLabels, SenderMetrics};
+use crate::validation::{DotRule, Rejection, parse_job};
+
+/// Command-line flags and environment variables.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "warren-sender",
+    version,
+    about = "HTTP API that accepts jobs and publishes them durably to RabbitMQ"
+)]
+pub struct Args {
+    /// RabbitMQ AMQP URL (vhost URL-encoded: %2f is "/").
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// The queue `POST /send` publishes to.
+    #[arg(long, env = "WARREN_QUEUE", default_value = "tasks")]
+    pub queue: String,
+    /// More queues `POST /send/{queue}` may publish to (comma-separated, e.g. `sms,email`).
+    #[arg(long, env = "WARREN_QUEUES", value_delimiter = ',')]
+    pub queues: Vec<String>,
+    /// Type of the work queues declared at start.
+    #[arg(long, env = "WARREN_QUEUE_TYPE", value_enum, default_value_t = QueueType::Quorum)]
+    pub queue_type: QueueType,
+    /// HTTP listen address (API, /healthz, /readyz, /metrics).
+    #[arg(long, env = "WARREN_LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    pub listen_addr: SocketAddr,
+    /// Largest accepted request body in bytes (larger: 413).
+    #[arg(long, env = "WARREN_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+    /// The dot rule: messages may have at most this many dots...
+    #[arg(long, env = "WARREN_MAX_DOTS", default_value_t = 5)]
+    pub max_dots: usize,
+    /// ...or exactly one of these counts (comma-separated).
+    #[arg(
+        long,
+        env = "WARREN_ALLOWED_DOT_COUNTS",
+        value_delimiter = ',',
+        default_value = "30,40"
+    )]
+    pub allowed_dot_counts: Vec<usize>,
+    /// Accept any number of dots (turns the dot rule off).
+    #[arg(long, env = "WARREN_DOT_RULE_DISABLED", default_value_t = false)]
+    pub dot_rule_disabled: bool,
+    /// Confirm-mode channels shared by concurrent requests.
+    #[arg(long, env = "WARREN_PUBLISH_CHANNELS", default_value_t = 4)]
+    pub publish_channels: usize,
+    /// Longest wait for the broker's confirm before answering 503, in milliseconds.
+    #[arg(long, env = "WARREN_CONFIRM_TIMEOUT_MS", default_value_t = 5000)]
+    pub confirm_timeout_ms: u64,
+    /// Seconds clients are told to wait (Retry-After) when the broker is unavailable.
+    #[arg(long, env = "WARREN_RETRY_AFTER_SECONDS", default_value_t = 2)]
+    pub retry_after_seconds: u64,
+    /// Connection name shown by RabbitMQ (the pod name on Kubernetes).
+    #[arg(long, env = "POD_NAME", default_value = "warren-sender")]
+    pub pod_name: String,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl Args {
+    /// The queues this sender may publish to, default first, without duplicates.
+    pub fn all_queues(&self) -> Vec<String> {
+        let mut queues = vec![self.queue.clone()];
+        for queue in &self.queues {
+            let queue = queue.trim();
+            if !queue.is_empty() && !queues.iter().any(|q| q == queue) {
+                queues.push(queue.to_string());
+            }
+        }
+        queues
+    }
+
+    pub fn dot_rule(&self) -> DotRule {
+        DotRule {
+            enabled: !self.dot_rule_disabled,
+            max_dots: self.max_dots,
+            also_allowed: self.allowed_dot_counts.clone(),
+        }
+    }
+}
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<AppInner>,
+}
+
+struct AppInner {
+    publisher: Publisher,
+    audit: AuditSink,
+    queues: Vec<String>,
+    dot_rule: DotRule,
+    max_body_bytes: usize,
+    retry_after: HeaderValue,
+    metrics: SenderMetrics,
+}
+
+/// A running sender: its address and the token that stops it.
+pub struct RunningSender {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub publisher: Publisher,
+    pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Starts the publisher, the audit sink and the HTTP server; returns once
+/// the listener is bound (the broker may still be connecting).
+pub async fn start(args: &Args, shutdown: CancellationToken) -> anyhow::Result<RunningSender> {
+    use anyhow::Context as _;
+    let queues = args.all_queues();
+    let mut config = PublisherConfig::new(args.amqp_url.clone(), args.pod_name.clone());
+    config.channels = args.publish_channels.max(1);
+    config.confirm_timeout = Duration::from_millis(args.confirm_timeout_ms.max(1));
+    let publisher = Publisher::start(
+        config,
+        Topology::new(queues.clone(), args.queue_type),
+        shutdown.clone(),
+    );
+    let audit_source = publisher.clone();
+    let audit = AuditSink::spawn(10_000, move || audit_source.audit_channel());
+
+    let mut registry = Registry::default();
+    let metrics = SenderMetrics::register(&mut registry);
+    let readiness = Readiness::default();
+    tokio::spawn(track_broker(
+        publisher.clone(),
+        audit.clone(),
+        readiness.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+
+    let state = AppState {
+        inner: Arc::new(AppInner {
+            publisher: publisher.clone(),
+            audit,
+            queues,
+            dot_rule: args.dot_rule(),
+            max_body_bytes: args.max_body_bytes,
+            retry_after: HeaderValue::from(args.retry_after_seconds),
+            metrics,
+        }),
+    };
+    let app = router(state).merge(warren_telemetry::ops_router(Arc::new(registry), readiness));
+    let listener = tokio::net::TcpListener::bind(args.listen_addr)
+        .await
+        .with_context(|| format!("binding {}", args.listen_addr))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    let stop = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+    });
+    Ok(RunningSender {
+        addr,
+        shutdown,
+        publisher,
+        server,
+    })
+}
+
+/// The API routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/send", post(send_default))
+        .route("/send/{queue}", post(send_to_queue))
+        .with_state(state)
+}
+
+async fn track_broker(
+    publisher: Publisher,
+    audit: AuditSink,
+    readiness: Readiness,
+    metrics: SenderMetrics,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let connected = publisher.is_connected();
+        readiness.set(connected);
+        metrics.broker_connected.set(i64::from(connected));
+        metrics
+            .audit_dropped
+            .set(i64::try_from(audit.dropped()).unwrap_or(i64::MAX));
+    }
+    readiness.set(false);
+}
+
+async fn send_default(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let queue = state.inner.queues[0].clone();
+    send(&state, &queue, &headers, body).await
+}
+
+async fn send_to_queue(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if !state.inner.queues.iter().any(|q| *q == queue) {
+        let rejection = Rejection {
+            status: 404,
+            code: "unknown_queue",
+            detail: format!(
+                "queue {queue:?} is not served here; known queues: {}",
+                state.inner.queues.join(", ")
+            ),
+        };
+        return state.reject(rejection, false);
+    }
+    send(&state, &queue, &headers, body).await
+}
+
+async fn send(state: &AppState, queue: &str, headers: &HeaderMap, body: Body) -> Response {
+    let inner = &state.inner;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let bytes = match read_body(headers, body, inner.max_body_bytes).await {
+        Ok(bytes) => bytes,
+        Err(rejection) => return state.reject(rejection, false),
+    };
+    let job = match parse_job(content_type, &bytes, &inner.dot_rule) {
+        Ok(job) => job,
+        Err(rejection) => return state.reject(rejection, false),
+    };
+    let envelope = Envelope::new(job.message, job.extra);
+    let id = envelope.id.to_string();
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(ShortString::from("application/json"))
+        .with_message_id(ShortString::from(id.as_str()))
+        .with_timestamp(u64::try_from(envelope.created_at.timestamp()).unwrap_or(0))
+        .with_app_id(ShortString::from("warren-sender"));
+    let started = Instant::now();
+    let published = inner
+        .publisher
+        .publish("", queue, &envelope.to_bytes(), properties)
+        .await;
+    match published {
+        Ok(()) => {
+            inner
+                .metrics
+                .publish_seconds
+                .observe(started.elapsed().as_secs_f64());
+            let mut fields = Map::new();
+            fields.insert("queue".into(), json!(queue));
+            inner
+                .audit
+                .emit(AuditEvent::job("message.accepted", &id, fields));
+            inner
+                .metrics
+                .responses
+                .get_or_create(&ResponseLabels {
+                    status: 202,
+                    code: "accepted".into(),
+                })
+                .inc();
+            tracing::debug!(id = %id, queue, "job accepted");
+            (
+                StatusCode::ACCEPTED,
+                axum::Json(json!({"id": id, "queue": queue})),
+            )
+                .into_response()
+        }
+        Err(err) => {
+            inner
+                .metrics
+                .publish_errors
+                .get_or_create(&PublishErrorLabels {
+                    kind: err.kind().into(),
+                })
+                .inc();
+            tracing::warn!(error = %err, queue, "publish failed");
+            let rejection = Rejection {
+                status: 503,
+                code: match err.kind() {
+                    "unroutable" => "unroutable",
+                    "nacked" => "broker_refused",
+                    _ => "broker_unavailable",
+                },
+                detail: format!("the job was not stored ({err}); retry later"),
+            };
+            state.reject(rejection, true)
+        }
+    }
+}
+
+/// Reads the body up to `limit` bytes; larger bodies are a 413.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, Rejection> {
+    let too_large = || Rejection {
+        status: 413,
+        code: "body_too_large",
+        detail: format!("the body is larger than {limit} bytes"),
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(too_large());
+    }
+    match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => Ok(bytes.to_vec()),
+        Err(err) => {
+            let is_limit = std::error::Error::source(&err)
+                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+            if is_limit {
+                Err(too_large())
+            } else {
+                Err(Rejection {
+                    status: 400,
+                    code: "unreadable_body",
+                    detail: format!("the body could not be read: {err}"),
+                })
+            }
+        }
+    }
+}
+
+impl AppState {
+    fn reject(&self, rejection: Rejection, retry: bool) -> Response {
+        self.inner
+            .metrics
+            .responses
+            .get_or_create(&ResponseLabels {
+                status: rejection.status,
+                code: rejection.code.into(),
+            })
+            .inc();
+        let mut response = problem(&rejection);
+        if retry {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, self.inner.retry_after.clone());
+        }
+        response
+    }
+}
+
+/// An `application/problem+json` body (RFC 9457) with our `code`.
+fn problem(rejection: &Rejection) -> Response {
+    let status = StatusCode::from_u16(rejection.status).unwrap_or(StatusCode::BAD_REQUEST);
+    let body = json!({
+        "type": format!("https://warren.dev/problems/{}", rejection.code),
+        "title": status.canonical_reason().unwrap_or("error"),
+        "status": rejection.status,
+        "code": rejection.code,
+        "detail": rejection.detail,
+    });
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        body.to_string(),
+    )
+        .into_response()
+}

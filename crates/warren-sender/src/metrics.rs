@@ -1,0 +1,70 @@
+//! The sender's Prometheus metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResponseLabels {
+    /// HTTP status code.
+    pub status: u16,
+    /// Machine-readable outcome (`accepted` or the error code).
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PublishErrorLabels {
+    pub kind: String,
+}
+
+/// Every metric the sender exports.
+#[derive(Clone)]
+pub struct SenderMetrics {
+    pub responses: Family<ResponseLabels, Counter>,
+    pub publish_errors: Family<PublishErrorLabels, Counter>,
+    pub publish_seconds: Histogram,
+    pub broker_connected: Gauge,
+    pub audit_dropped: Gauge,
+}
+
+impl SenderMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            responses: Family::default(),
+            publish_errors: Family::default(),
+            // 100 µs .. ~3.3 s
+            publish_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            broker_connected: Gauge::default(),
+            audit_dropped: Gauge::default(),
+        };
+        registry.register(
+            "warren_sender_responses",
+            "Responses to POST /send by status and outcome code",
+            metrics.responses.clone(),
+        );
+        registry.register(
+            "warren_sender_publish_errors",
+            "Publishes that failed, by kind (unavailable, timeout, nacked, unroutable, broker)",
+            metrics.publish_errors.clone(),
+        );
+        registry.register(
+            "warren_sender_publish_seconds",
+            "Time from publish to the broker's confirm",
+            metrics.publish_seconds.clone(),
+        );
+        registry.register(
+            "warren_sender_broker_connected",
+            "1 while the sender has a connection to RabbitMQ",
+            metrics.broker_connected.clone(),
+        );
+        registry.register(
+            "warren_sender_audit_events_dropped",
+            "Audit events dropped (buffer full or broker unavailable) since start",
+            metrics.audit_dropped.clone(),
+        );
+        metrics
+    }
+}

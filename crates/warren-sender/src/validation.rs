@@ -1,0 +1,268 @@
+//! What the sender accepts: pure functions from request parts to a job or a
+//! client error. No I/O here.
+
+use serde_json::{Map, Value};
+
+/// A client error: HTTP status, a machine-readable code and a sentence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub status: u16,
+    pub code: &'static str,
+    pub detail: String,
+}
+
+impl Rejection {
+    fn new(status: u16, code: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// The seed's dot rule, configurable: a message may contain at most
+/// `max_dots` dots, or exactly one of `also_allowed` counts. Disabled, any
+/// number of dots is accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DotRule {
+    pub enabled: bool,
+    pub max_dots: usize,
+    pub also_allowed: Vec<usize>,
+}
+
+impl Default for DotRule {
+    /// Seed 000, 5.5.1: at most 5 dots, or exactly 30 or 40.
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_dots: 5,
+            also_allowed: vec![30, 40],
+        }
+    }
+}
+
+impl DotRule {
+    /// Whether a message with `dots` dots is accepted.
+    pub fn allows(&self, dots: usize) -> bool {
+        !self.enabled || dots <= self.max_dots || self.also_allowed.contains(&dots)
+    }
+
+    fn describe(&self) -> String {
+        let also: Vec<String> = self.also_allowed.iter().map(|n| n.to_string()).collect();
+        if also.is_empty() {
+            format!("at most {}", self.max_dots)
+        } else {
+            format!(
+                "at most {}, or exactly {}",
+                self.max_dots,
+                also.join(" or ")
+            )
+        }
+    }
+}
+
+/// A valid job request: the message and any extra fields to carry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRequest {
+    pub message: String,
+    pub extra: Map<String, Value>,
+}
+
+/// Whether `content_type` is JSON (`application/json` or `application/*+json`,
+/// any parameters).
+pub fn is_json_content_type(content_type: Option<&str>) -> bool {
+    let Some(content_type) = content_type else {
+        return false;
+    };
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Validates a request to send a job.
+pub fn parse_job(
+    content_type: Option<&str>,
+    body: &[u8],
+    rule: &DotRule,
+) -> Result<JobRequest, Rejection> {
+    if !is_json_content_type(content_type) {
+        return Err(Rejection::new(
+            415,
+            "unsupported_media_type",
+            format!(
+                "the body must be JSON (Content-Type: application/json), got {}",
+                content_type.unwrap_or("no Content-Type")
+            ),
+        ));
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(Rejection::new(
+            400,
+            "missing_message",
+            "the request has no body; send {\"message\": \"...\"}",
+        ));
+    }
+    let value: Value = serde_json::from_slice(body).map_err(|err| {
+        Rejection::new(
+            400,
+            "malformed_json",
+            format!("the body is not valid JSON: {err}"),
+        )
+    })?;
+    let Value::Object(mut object) = value else {
+        return Err(Rejection::new(
+            400,
+            "not_an_object",
+            "the body must be a JSON object such as {\"message\": \"...\"}",
+        ));
+    };
+    let message = match object.remove("message") {
+        None | Some(Value::Null) => {
+            return Err(Rejection::new(
+                400,
+                "missing_message",
+                "the field \"message\" is required",
+            ));
+        }
+        Some(Value::String(message)) => message,
+        Some(other) => {
+            return Err(Rejection::new(
+                400,
+                "message_not_string",
+                format!("\"message\" must be a string, got {}", json_type(&other)),
+            ));
+        }
+    };
+    if message.trim().is_empty() {
+        return Err(Rejection::new(
+            400,
+            "blank_message",
+            "\"message\" must not be empty or only whitespace",
+        ));
+    }
+    let dots = message.matches('.').count();
+    if !rule.allows(dots) {
+        return Err(Rejection::new(
+            400,
+            "dot_rule",
+            format!(
+                "the message has {dots} dots; {} are accepted",
+                rule.describe()
+            ),
+        ));
+    }
+    Ok(JobRequest {
+        message,
+        extra: object,
+    })
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JSON: Option<&str> = Some("application/json");
+
+    fn code(content_type: Option<&str>, body: &str) -> Result<JobRequest, &'static str> {
+        parse_job(content_type, body.as_bytes(), &DotRule::default()).map_err(|r| r.code)
+    }
+
+    #[test]
+    fn accepts_the_seed_examples() {
+        let job = code(JSON, r#"{"message": "Hello RabbitMQ!....."}"#).unwrap();
+        assert_eq!(job.message, "Hello RabbitMQ!.....");
+        assert!(job.extra.is_empty());
+        let thirty = format!(r#"{{"message": "x{}"}}"#, ".".repeat(30));
+        let forty = format!(r#"{{"message": "x{}"}}"#, ".".repeat(40));
+        assert!(code(JSON, &thirty).is_ok());
+        assert!(code(JSON, &forty).is_ok());
+        assert!(
+            code(
+                Some("application/json; charset=utf-8"),
+                r#"{"message":"a"}"#
+            )
+            .is_ok()
+        );
+        assert!(code(Some("application/vnd.warren+json"), r#"{"message":"a"}"#).is_ok());
+    }
+
+    #[test]
+    fn the_dot_rule_rejects_6_to_29_31_to_39_and_over_40() {
+        for dots in [6, 10, 29, 31, 39, 41, 100] {
+            let body = format!(r#"{{"message": "Hello{}"}}"#, ".".repeat(dots));
+            assert_eq!(code(JSON, &body).unwrap_err(), "dot_rule", "{dots} dots");
+        }
+        for dots in [0, 1, 5, 30, 40] {
+            let body = format!(r#"{{"message": "Hello{}"}}"#, ".".repeat(dots));
+            assert!(code(JSON, &body).is_ok(), "{dots} dots");
+        }
+        let off = DotRule {
+            enabled: false,
+            ..DotRule::default()
+        };
+        assert!(off.allows(17));
+    }
+
+    #[test]
+    fn rejects_bad_requests_with_their_codes() {
+        assert_eq!(code(JSON, "").unwrap_err(), "missing_message");
+        assert_eq!(code(JSON, "  \n").unwrap_err(), "missing_message");
+        assert_eq!(code(JSON, "{}").unwrap_err(), "missing_message");
+        assert_eq!(
+            code(JSON, r#"{"message": null}"#).unwrap_err(),
+            "missing_message"
+        );
+        assert_eq!(
+            code(JSON, r#"{"message": "   "}"#).unwrap_err(),
+            "blank_message"
+        );
+        assert_eq!(
+            code(JSON, r#"{"message": 42}"#).unwrap_err(),
+            "message_not_string"
+        );
+        assert_eq!(
+            code(JSON, r#"{"message": ["a"]}"#).unwrap_err(),
+            "message_not_string"
+        );
+        assert_eq!(
+            code(JSON, r#"{"message": "a""#).unwrap_err(),
+            "malformed_json"
+        );
+        assert_eq!(code(JSON, r#"["message"]"#).unwrap_err(), "not_an_object");
+        assert_eq!(
+            code(None, r#"{"message":"a"}"#).unwrap_err(),
+            "unsupported_media_type"
+        );
+        assert_eq!(
+            code(Some("text/plain"), r#"{"message":"a"}"#).unwrap_err(),
+            "unsupported_media_type"
+        );
+        let rejection = parse_job(Some("text/plain"), b"x", &DotRule::default()).unwrap_err();
+        assert_eq!(rejection.status, 415);
+    }
+
+    #[test]
+    fn extra_fields_are_kept() {
+        let job = code(JSON, r#"{"message": "hi", "phone": "600", "priority": 3}"#).unwrap();
+        assert_eq!(job.extra["phone"], "600");
+        assert_eq!(job.extra["priority"], 3);
+        assert!(!job.extra.contains_key("message"));
+    }
+}

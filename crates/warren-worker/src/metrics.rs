@@ -1,0 +1,61 @@
+//! The worker's Prometheus metrics.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    pub processed: Counter,
+    pub dead_lettered: Counter,
+    pub redelivered: Counter,
+    pub reconnects: Counter,
+    pub busy: Gauge,
+    pub job_seconds: Histogram,
+}
+
+impl WorkerMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            processed: Counter::default(),
+            dead_lettered: Counter::default(),
+            redelivered: Counter::default(),
+            reconnects: Counter::default(),
+            busy: Gauge::default(),
+            // 1 ms .. ~65 s
+            job_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+        };
+        registry.register(
+            "warren_worker_jobs_processed",
+            "Jobs processed and acked",
+            metrics.processed.clone(),
+        );
+        registry.register(
+            "warren_worker_jobs_dead_lettered",
+            "Poison messages rejected to the dead-letter queue",
+            metrics.dead_lettered.clone(),
+        );
+        registry.register(
+            "warren_worker_jobs_redelivered",
+            "Deliveries the broker marked as redelivered",
+            metrics.redelivered.clone(),
+        );
+        registry.register(
+            "warren_worker_reconnects",
+            "Broker connections lost or refused",
+            metrics.reconnects.clone(),
+        );
+        registry.register(
+            "warren_worker_busy",
+            "1 while a job is in hand",
+            metrics.busy.clone(),
+        );
+        registry.register(
+            "warren_worker_job_seconds",
+            "Job processing time",
+            metrics.job_seconds.clone(),
+        );
+        metrics
+    }
+}
