@@ -131,6 +131,24 @@ def test_skeleton_is_a_workspace_cargo_can_build(tmp_path):
         assert ("bin", binary) in targets[binary], targets.get(binary)
 
 
+def test_lock_file_is_current_for_the_locked_docker_build(tmp_path):
+    """The image build runs `cargo build --locked`: it fails when Cargo.lock lags behind a
+    manifest. Resolve the workspace (a copy of it) the same way; the crates.io index is
+    read from cargo's cache, or fetched when absent."""
+    import shutil
+
+    work = tmp_path / "ws"
+    work.mkdir()
+    for name in ("Cargo.toml", "Cargo.lock"):
+        shutil.copy(REPO / name, work / name)
+    shutil.copytree(REPO / "crates", work / "crates", ignore=shutil.ignore_patterns("target"))
+    lock = (work / "Cargo.lock").read_bytes()
+    proc = subprocess.run(["cargo", "metadata", "--locked", "--format-version", "1"], cwd=work,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, "Cargo.lock is stale (commit the updated lock file):\n" + proc.stderr[-2000:]
+    assert (work / "Cargo.lock").read_bytes() == lock
+
+
 def test_dockerignore_sends_only_the_workspace():
     lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
