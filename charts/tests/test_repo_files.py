@@ -53,8 +53,10 @@ def test_kind_config_is_the_cluster_make_expects():
     assert re.search(r"^KIND_CLUSTER \?= (\S+)$", make, re.MULTILINE).group(1) == config["name"]
     roles = [n["role"] for n in config["nodes"]]
     assert roles.count("control-plane") == 1 and "worker" in roles
-    # kind's own CNI (kindnet) enforces the chart's NetworkPolicy; it must stay on.
-    assert not config.get("networking", {}).get("disableDefaultCNI", False)
+    # kind's own CNI (kindnet, kind >= v0.24) enforces the chart's NetworkPolicy; it must stay on.
+    networking = config.get("networking", {})
+    assert not networking.get("disableDefaultCNI", False)
+    assert not networking.get("disableNetworkPolicies", False)
 
 
 def workflow() -> dict:
