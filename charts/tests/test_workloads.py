@@ -331,3 +331,16 @@ def test_rabbitmq_config_replaces_the_image_defaults(defaults):
     (config_volume,) = [v for v in rabbit(defaults)["spec"]["template"]["spec"]["volumes"] if v["name"] == "config"]
     assert config_volume["configMap"]["name"] == "warren-rabbitmq-config"
     assert "items" not in config_volume["configMap"]  # the whole directory is ours
+
+
+def test_every_variable_the_chart_sets_is_read_by_warren(defaults):
+    """Each variable in the chart's pods is declared by a clap `env = "..."` somewhere in
+    warren's crates (a typo here would be silently ignored by the binary)."""
+    from conftest import REPO
+
+    declared = set()
+    for source in (REPO / "crates").glob("*/src/**/*.rs"):
+        declared.update(re.findall(r'env\s*=\s*"([A-Z0-9_]+)"', source.read_text()))
+    for component in CONTRACT_ENV:
+        names = {e["name"] for e in container(deployment(defaults, component))["env"]}
+        assert names - EXPANSION_ONLY <= declared, (component, sorted(names - EXPANSION_ONLY - declared))
