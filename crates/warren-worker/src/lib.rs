@@ -274,7 +274,7 @@ async fn handle(
         }
     };
     let id = envelope.id.to_string();
-    tracing::info!(id = %id, message = %envelope.message, redelivered, "job started");
+    tracing::info!(id = %id, job_message = %envelope.message, redelivered, "job started");
     metrics.busy.set(1);
     let started = Instant::now();
     tokio::time::sleep(args.work_duration(envelope.dots())).await;
@@ -287,7 +287,7 @@ async fn handle(
     }
     metrics.processed.inc();
     metrics.job_seconds.observe(elapsed.as_secs_f64());
-    tracing::info!(id = %id, message = %envelope.message, duration_ms = elapsed.as_millis() as u64, "job done");
+    tracing::info!(id = %id, job_message = %envelope.message, redelivered, duration_ms = elapsed.as_millis() as u64, "job done");
     let mut fields = Map::new();
     fields.insert("worker".into(), json!(args.pod_name));
     fields.insert("queue".into(), json!(args.queue));
