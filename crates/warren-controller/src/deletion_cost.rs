@@ -91,7 +91,12 @@ mod tests {
         };
         let mut leaving = pod("d", None);
         leaving.terminating = true;
-        let pods = [pod("a", Some("0")), pod("b", Some("0")), pod("c", None), leaving];
+        let pods = [
+            pod("a", Some("0")),
+            pod("b", Some("0")),
+            pod("c", None),
+            leaving,
+        ];
         let plan = plan(&pods, &unacked);
         assert_eq!(
             plan.into_iter().collect::<Vec<_>>(),

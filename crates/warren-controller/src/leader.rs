@@ -33,7 +33,9 @@ pub struct LeaseConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaderError {
-    #[error("lease duration {duration:?} must be longer than the grace period {grace:?}, both at least 1 s")]
+    #[error(
+        "lease duration {duration:?} must be longer than the grace period {grace:?}, both at least 1 s"
+    )]
     Timing { duration: Duration, grace: Duration },
     #[error("cannot set up the Lease {namespace}/{name}: {source}")]
     Setup {

@@ -9,10 +9,14 @@ use anyhow::Context as _;
 use clap::Parser;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
+use warren_controller::audit::{BrokerAudit, NoAudit, ScaleAudit};
+use warren_controller::credentials::CredentialsCache;
 use warren_controller::leader::{LeaseConfig, run_while_leader};
 use warren_controller::metrics::ControllerMetrics;
-use warren_controller::queue_stats::ManagementConfig;
-use warren_controller::reconciler::{self, ContextConfig};
+use warren_controller::queue_peek::QueuePeeker;
+use warren_controller::queue_stats::{ManagementClient, ManagementConfig, QueueStatsHub};
+use warren_controller::reconcile::{self, Context, Settings};
+use warren_controller::source::BrokerMetrics;
 use warren_telemetry::{LogArgs, Readiness};
 
 /// Watches QueueScalers, reads queue depth from RabbitMQ and patches the
@@ -24,8 +28,9 @@ struct Args {
     #[arg(long, env = "WARREN_LISTEN_ADDR", default_value = "0.0.0.0:8080")]
     listen_addr: SocketAddr,
 
-    /// Run leader election on a Lease so only one replica scales.
-    #[arg(long, env = "WARREN_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    /// Run leader election on a Lease so only one replica scales (the chart
+    /// turns it on; off by default for a single local process).
+    #[arg(long, env = "WARREN_LEADER_ELECTION", default_value_t = false, action = clap::ArgAction::Set)]
     leader_election: bool,
 
     /// Name of the Lease used for leader election.
@@ -52,9 +57,24 @@ struct Args {
     #[arg(long, env = "WARREN_WATCH_NAMESPACE", default_value = "")]
     watch_namespace: String,
 
-    /// Timeout of one management API request, in milliseconds.
+    /// Timeout of one broker request (management API call, AMQP connect or
+    /// passive declare), in milliseconds.
     #[arg(long, env = "WARREN_BROKER_TIMEOUT_MS", default_value_t = 5000)]
     broker_timeout_ms: u64,
+
+    /// Publish a `scaler.scaled` audit event on the broker's `warren.events`
+    /// exchange for every scale.
+    #[arg(long, env = "WARREN_AUDIT_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
+    audit_events: bool,
+
+    /// Rewrite a QueueScaler's status at least this often (seconds) even
+    /// when only the observation time changed.
+    #[arg(long, env = "WARREN_STATUS_HEARTBEAT_SECONDS", default_value_t = 60)]
+    status_heartbeat_seconds: u64,
+
+    /// Longest backoff after failed reconciles of one scaler, in seconds.
+    #[arg(long, env = "WARREN_MAX_BACKOFF_SECONDS", default_value_t = 300)]
+    max_backoff_seconds: u64,
 
     /// Read queue listings in pages of this many queues (max 500); 0 reads
     /// each vhost in one request.
@@ -108,34 +128,59 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("cannot build a Kubernetes client (in-cluster config or KUBECONFIG)")?;
-    let config = ContextConfig {
-        management: ManagementConfig {
-            timeout: Duration::from_millis(args.broker_timeout_ms),
-            page_size: NonZeroU32::new(args.management_page_size),
-        },
-        stats_max_age: Duration::from_millis(args.stats_max_age_ms),
-        secret_ttl: Duration::from_secs(args.secret_ttl_seconds),
-        broker_timeout: Duration::from_millis(args.broker_timeout_ms),
+    let broker_timeout = Duration::from_millis(args.broker_timeout_ms);
+    let management = ManagementClient::new(ManagementConfig {
+        timeout: broker_timeout,
+        page_size: NonZeroU32::new(args.management_page_size),
+    })
+    .context("cannot build the management API client")?
+    .with_metrics(metrics.clone());
+    // Broker readers outlive leadership terms: their caches and connections
+    // are not leader state.
+    let credentials = Arc::new(CredentialsCache::new(
+        client.clone(),
+        Duration::from_secs(args.secret_ttl_seconds),
+    ));
+    let hub = Arc::new(QueueStatsHub::new(
+        management,
+        Duration::from_millis(args.stats_max_age_ms),
+    ));
+    let peeker = Arc::new(QueuePeeker::new(broker_timeout).with_metrics(metrics.clone()));
+    let source = Arc::new(BrokerMetrics::new(credentials.clone(), hub, peeker));
+    let audit: Arc<dyn ScaleAudit> = if args.audit_events {
+        Arc::new(BrokerAudit::new(
+            credentials,
+            broker_timeout,
+            metrics.clone(),
+        ))
+    } else {
+        Arc::new(NoAudit)
+    };
+    let settings = Settings {
+        status_heartbeat: Duration::from_secs(args.status_heartbeat_seconds),
+        error_backoff_max: Duration::from_secs(args.max_backoff_seconds.max(1)),
+        ..Settings::default()
     };
     let watch_namespace = (!args.watch_namespace.is_empty()).then(|| args.watch_namespace.clone());
-    let audit = reconciler::connect_audit_publisher_from_env();
+    match &watch_namespace {
+        Some(ns) => tracing::info!(namespace = %ns, "watching QueueScalers in one namespace"),
+        None => tracing::info!("watching QueueScalers in all namespaces"),
+    }
 
     // Ready once the process can serve; scaling is gated by the lease.
     readiness.set(true);
     let run_term = |stop: CancellationToken| {
-        let client = client.clone();
-        let metrics = metrics.clone();
-        let config = config.clone();
-        let watch_namespace = watch_namespace.clone();
-        let audit = audit.clone();
-        async move {
-            // A fresh context per leadership term: stabilization history from an
-            // earlier term is stale by definition.
-            match reconciler::Context::new(client, metrics, config, audit) {
-                Ok(ctx) => reconciler::run(Arc::new(ctx), watch_namespace, stop).await,
-                Err(err) => tracing::error!(error = %err, "cannot build the controller context"),
-            }
-        }
+        // A fresh context per leadership term: stabilization history from an
+        // earlier term is stale by definition.
+        let ctx = Arc::new(Context::new(
+            client.clone(),
+            args.pod_name.clone(),
+            metrics.clone(),
+            source.clone(),
+            audit.clone(),
+            settings.clone(),
+        ));
+        reconcile::run(ctx, watch_namespace.clone(), stop)
     };
 
     let result = if args.leader_election {

@@ -207,10 +207,12 @@ fn is_not_found(error: &lapin::Error) -> bool {
 /// The spec's AMQP URL (no credentials, no vhost) completed with the
 /// Secret's credentials and the scaler's vhost.
 pub fn amqp_uri(url: &str, credentials: &Credentials, vhost: &str) -> Result<AMQPUri, PeekError> {
-    let mut uri: AMQPUri = url.parse().map_err(|reason: String| PeekError::InvalidUrl {
-        url: redacted(url),
-        reason,
-    })?;
+    let mut uri: AMQPUri = url
+        .parse()
+        .map_err(|reason: String| PeekError::InvalidUrl {
+            url: redacted(url),
+            reason,
+        })?;
     uri.authority.userinfo.username = credentials.username.clone();
     uri.authority.userinfo.password = credentials.password.clone();
     uri.vhost = vhost.to_string();

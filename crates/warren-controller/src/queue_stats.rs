@@ -286,8 +286,14 @@ impl ManagementClient {
         let path = format!("api/queues/{}", encode(vhost));
         let rows: Vec<QueueStats> = match self.config.page_size {
             None => {
-                self.get_json(endpoint, vhost, "queues", &path, &[("columns", QUEUE_COLUMNS)])
-                    .await?
+                self.get_json(
+                    endpoint,
+                    vhost,
+                    "queues",
+                    &path,
+                    &[("columns", QUEUE_COLUMNS)],
+                )
+                .await?
             }
             Some(size) => {
                 let size = size.get().min(500).to_string();
@@ -387,8 +393,7 @@ impl ManagementClient {
             .await
             .map_err(|source| transport_error(&url, source))?;
         let status = response.status();
-        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN
-        {
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
             return Err(StatsError::Unauthorized {
                 url: url.to_string(),
                 username: endpoint.credentials.username.clone(),
@@ -468,10 +473,8 @@ fn join_unacked(connections: &[ConnectionRow], channels: &[ChannelRow]) -> Conne
                 .map(|given| (c.name.as_str(), given))
         })
         .collect();
-    let mut by_connection: HashMap<String, u64> = names
-        .values()
-        .map(|given| (given.to_string(), 0))
-        .collect();
+    let mut by_connection: HashMap<String, u64> =
+        names.values().map(|given| (given.to_string(), 0)).collect();
     for channel in channels {
         if let Some(given) = names.get(channel.connection_details.name.as_str()) {
             *by_connection.entry(given.to_string()).or_default() += channel.messages_unacknowledged;

@@ -14,8 +14,8 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use warren_controller::queue_peek::{PeekError, QueuePeeker};
 use warren_controller::queue_stats::{
-    Credentials, ManagementClient, ManagementConfig, ManagementEndpoint, QueueStatsHub,
-    StatsError, VhostQueues,
+    Credentials, ManagementClient, ManagementConfig, ManagementEndpoint, QueueStatsHub, StatsError,
+    VhostQueues,
 };
 use warren_testkit::{RabbitNode, RabbitOptions};
 
@@ -256,7 +256,10 @@ async fn unacked_counts_are_reported_per_named_connection_and_passive_declare_is
         if unacked.unacked("pod-busy") == 2 && unacked.by_connection.contains_key("pod-idle") {
             break unacked;
         }
-        assert!(Instant::now() < deadline, "never saw the unacked: {unacked:?}");
+        assert!(
+            Instant::now() < deadline,
+            "never saw the unacked: {unacked:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(unacked.unacked("pod-idle"), 0);
@@ -274,7 +277,11 @@ async fn unacked_counts_are_reported_per_named_connection_and_passive_declare_is
 
     // Once acked, pod-busy is idle again.
     for delivery in held {
-        delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
+        delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .unwrap();
     }
     busy_channel.close(200, "done".into()).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -1,0 +1,280 @@
+//! `scaler.scaled` audit events on the `warren.events` exchange of the
+//! scaler's broker.
+//!
+//! [`ScaleAudit`] is the edge the reconciler talks to (faked in tests);
+//! [`BrokerAudit`] publishes through [`warren_broker::AuditSink`] over one
+//! lazily-opened AMQP connection per (broker URL, user, vhost). Publishing
+//! never blocks or fails a reconcile: [`ScaleAudit::publish`] returns at
+//! once, the connection is opened in the background (at most one attempt
+//! per [`RECONNECT_PAUSE`] after a failure), and an event that cannot be
+//! delivered is dropped and counted in `warren_controller_audit_events_dropped`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use lapin::{Channel, Connection, ConnectionProperties};
+use serde_json::{Map, Value, json};
+use warren_broker::{AuditEvent, AuditSink, QueueType, Topology};
+
+use crate::credentials::CredentialsCache;
+use crate::metrics::ControllerMetrics;
+use crate::queue_peek::amqp_uri;
+use crate::queue_stats::Credentials;
+use crate::source::BrokerTarget;
+
+/// Routing key (and `event` field) of a scale audit event.
+pub const SCALED_ROUTING_KEY: &str = "scaler.scaled";
+/// Pause between connection attempts to a broker that refused one.
+pub const RECONNECT_PAUSE: Duration = Duration::from_secs(10);
+/// Events buffered per broker while its connection opens.
+const BUFFER: usize = 256;
+
+/// What a scale changed, for the audit event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScaleRecord {
+    /// `namespace/name` of the QueueScaler.
+    pub namespace: String,
+    pub scaler: String,
+    /// `Deployment` or `StatefulSet`.
+    pub target_kind: String,
+    pub target_name: String,
+    pub from: i32,
+    pub to: i32,
+    /// Decision reason label (`Backlog`, `QueueEmpty`, ...).
+    pub reason: String,
+    /// Human-readable explanation of the decision.
+    pub message: String,
+    pub at: DateTime<Utc>,
+}
+
+impl ScaleRecord {
+    /// The `scaler.scaled` event: `{event, id, at, namespace, scaler, target,
+    /// queue, vhost, from, to, direction, reason, message}`.
+    pub fn audit_event(&self, target: &BrokerTarget) -> AuditEvent {
+        let mut fields = Map::new();
+        fields.insert("namespace".into(), json!(self.namespace));
+        fields.insert("scaler".into(), json!(self.scaler));
+        fields.insert(
+            "target".into(),
+            json!({"kind": self.target_kind, "name": self.target_name}),
+        );
+        fields.insert("queue".into(), json!(target.queue.name));
+        fields.insert("vhost".into(), json!(target.queue.vhost));
+        fields.insert("from".into(), json!(self.from));
+        fields.insert("to".into(), json!(self.to));
+        fields.insert(
+            "direction".into(),
+            json!(if self.to > self.from { "up" } else { "down" }),
+        );
+        fields.insert("reason".into(), json!(self.reason));
+        fields.insert("message".into(), json!(self.message));
+        let mut event = AuditEvent::job(
+            SCALED_ROUTING_KEY,
+            &uuid::Uuid::new_v4().to_string(),
+            fields,
+        );
+        // The decision time, not the time the event object was built.
+        event.body["at"] = Value::String(self.at.to_rfc3339_opts(SecondsFormat::Millis, true));
+        event
+    }
+}
+
+/// Publishes scale audit events. Must return at once and never fail.
+pub trait ScaleAudit: Send + Sync {
+    fn publish(&self, target: &BrokerTarget, record: &ScaleRecord);
+}
+
+/// Drops every event (audit disabled).
+pub struct NoAudit;
+
+impl ScaleAudit for NoAudit {
+    fn publish(&self, _target: &BrokerTarget, _record: &ScaleRecord) {}
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct LinkKey {
+    url: String,
+    credentials: Credentials,
+    vhost: String,
+}
+
+/// One broker's audit connection and its buffered sink.
+struct AuditLink {
+    channel: Arc<Mutex<Option<Channel>>>,
+    connection: tokio::sync::Mutex<LinkState>,
+    sink: AuditSink,
+}
+
+#[derive(Default)]
+struct LinkState {
+    connection: Option<Connection>,
+    last_failure: Option<Instant>,
+}
+
+/// The real [`ScaleAudit`]: AMQP to each scaler's broker.
+pub struct BrokerAudit {
+    credentials: Arc<CredentialsCache>,
+    timeout: Duration,
+    metrics: ControllerMetrics,
+    links: Arc<Links>,
+}
+
+#[derive(Default)]
+struct Links {
+    by_key: Mutex<HashMap<LinkKey, Arc<AuditLink>>>,
+    /// Sum of the sinks' drop counters already added to the metric.
+    dropped_reported: Mutex<u64>,
+}
+
+impl BrokerAudit {
+    pub fn new(
+        credentials: Arc<CredentialsCache>,
+        timeout: Duration,
+        metrics: ControllerMetrics,
+    ) -> Self {
+        Self {
+            credentials,
+            timeout,
+            metrics,
+            links: Arc::default(),
+        }
+    }
+}
+
+impl Links {
+    fn link(&self, key: &LinkKey) -> Arc<AuditLink> {
+        let mut links = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        links
+            .entry(key.clone())
+            .or_insert_with(|| {
+                let channel: Arc<Mutex<Option<Channel>>> = Arc::default();
+                let current = channel.clone();
+                let sink = AuditSink::spawn(BUFFER, move || {
+                    current
+                        .lock()
+                        .ok()
+                        .and_then(|slot| slot.clone())
+                        .filter(|c| c.status().connected())
+                });
+                Arc::new(AuditLink {
+                    channel,
+                    connection: tokio::sync::Mutex::default(),
+                    sink,
+                })
+            })
+            .clone()
+    }
+
+    /// Adds the sinks' new drops to the metric.
+    fn report_dropped(&self, metrics: &ControllerMetrics) {
+        let total: u64 = {
+            let links = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+            links.values().map(|l| l.sink.dropped()).sum()
+        };
+        let mut reported = self
+            .dropped_reported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if total > *reported {
+            metrics.audit_events_dropped.inc_by(total - *reported);
+            *reported = total;
+        }
+    }
+}
+
+impl AuditLink {
+    /// Opens the connection and channel (and declares the audit exchange)
+    /// unless they are up, or a recent attempt failed.
+    async fn ensure_connected(&self, key: &LinkKey, timeout: Duration) {
+        let mut state = self.connection.lock().await;
+        let up = self
+            .channel
+            .lock()
+            .ok()
+            .and_then(|slot| slot.as_ref().map(|c| c.status().connected()))
+            .unwrap_or(false);
+        if up {
+            return;
+        }
+        if state
+            .last_failure
+            .is_some_and(|at| at.elapsed() < RECONNECT_PAUSE)
+        {
+            return;
+        }
+        match tokio::time::timeout(timeout, open(key)).await {
+            Ok(Ok((connection, channel))) => {
+                if let Ok(mut slot) = self.channel.lock() {
+                    *slot = Some(channel);
+                }
+                state.connection = Some(connection);
+                state.last_failure = None;
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "cannot open the audit connection; scale events are dropped");
+                state.last_failure = Some(Instant::now());
+            }
+            Err(_) => {
+                tracing::warn!(after = ?timeout, "opening the audit connection timed out; scale events are dropped");
+                state.last_failure = Some(Instant::now());
+            }
+        }
+    }
+}
+
+async fn open(key: &LinkKey) -> Result<(Connection, Channel), String> {
+    let uri = amqp_uri(&key.url, &key.credentials, &key.vhost).map_err(|e| e.to_string())?;
+    let properties =
+        ConnectionProperties::default().with_connection_name("warren-controller-audit".into());
+    let connection = Connection::connect_uri(uri, properties)
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", key.url))?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| format!("cannot open a channel on {}: {e}", key.url))?;
+    // The exchange may not exist yet if the controller talks to the broker
+    // before the sender or a worker does; declaring is idempotent.
+    Topology::new(Vec::new(), QueueType::Quorum)
+        .declare(&channel)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((connection, channel))
+}
+
+impl ScaleAudit for BrokerAudit {
+    fn publish(&self, target: &BrokerTarget, record: &ScaleRecord) {
+        let event = record.audit_event(target);
+        let credentials = self.credentials.clone();
+        let keys = target.secret_keys();
+        let url = target.broker.amqp_url.clone();
+        let vhost = target.queue.vhost.clone();
+        let timeout = self.timeout;
+        let metrics = self.metrics.clone();
+        let links = self.links.clone();
+        tokio::spawn(async move {
+            let credentials = match credentials.get(&keys).await {
+                Ok(c) => c,
+                Err(err) => {
+                    tracing::warn!(error = %err, "no credentials for the audit connection; scale event dropped");
+                    metrics.audit_events_dropped.inc();
+                    return;
+                }
+            };
+            let key = LinkKey {
+                url,
+                credentials,
+                vhost,
+            };
+            let link = links.link(&key);
+            link.ensure_connected(&key, timeout).await;
+            link.sink.emit(event);
+            // The sink publishes in the background; give it a moment, then
+            // mirror its drop counter into the metric.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            links.report_dropped(&metrics);
+        });
+    }
+}
