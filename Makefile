@@ -36,3 +36,14 @@ crds: ## regenerate the QueueScaler CRD from the Rust types
 	cp manifests/crds.yaml charts/warren/crds/queuescaler.yaml
 
 include mk/*.mk
+
+BENCH_VENV ?= $(HOME)/.cache/warren-bench-venv
+
+bench: ## pipeline figures: warren-sender vs raw lapin vs Flask+pika, worker jobs/s (prints a table)
+	$(CARGO) build --release -p warren-sender -p warren-worker -p warren-bench
+	@test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
+	@$(BENCH_VENV)/bin/python -c 'import flask, pika' 2>/dev/null || $(BENCH_VENV)/bin/pip install -q -r bench/requirements.txt
+	$(CARGO_TARGET_DIR)/release/pipeline-bench \
+	  --sender-bin $(CARGO_TARGET_DIR)/release/warren-sender \
+	  --worker-bin $(CARGO_TARGET_DIR)/release/warren-worker \
+	  --python $(BENCH_VENV)/bin/python --flask-script bench/flask_sender.py

@@ -1,0 +1,463 @@
+//! `make bench`: the message pipeline's figures, measured in one run against
+//! one private RabbitMQ node.
+//!
+//! 1. The ceiling: a raw lapin publisher with pipelined confirms.
+//! 2. `warren-sender` under a concurrent HTTP load (202 only after confirm).
+//! 3. The seed's design: Flask + pika, one connection per request.
+//! 4. `warren-worker` jobs/s with zero-work jobs at prefetch 1 (and 10).
+//!
+//! Prints a table and the ratios. Not a test: nothing here asserts timings.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::json;
+use tokio::process::{Child, Command};
+use warren_broker::{Envelope, QueueType, Topology};
+use warren_testkit::{RabbitNode, RabbitOptions, free_port, ready_count, unique_name};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pipeline-bench",
+    about = "Sender vs raw publisher vs Flask+pika; worker jobs/s"
+)]
+struct Args {
+    /// The warren-sender binary (build with --release for meaningful figures).
+    #[arg(long, env = "WARREN_SENDER_BIN")]
+    sender_bin: PathBuf,
+    /// The warren-worker binary.
+    #[arg(long, env = "WARREN_WORKER_BIN")]
+    worker_bin: PathBuf,
+    /// Python with flask and pika installed (make bench creates a venv).
+    #[arg(long, env = "WARREN_BENCH_PYTHON")]
+    python: PathBuf,
+    /// The Flask + pika baseline script.
+    #[arg(long, default_value = "bench/flask_sender.py")]
+    flask_script: PathBuf,
+    /// Seconds each publishing measurement runs.
+    #[arg(long, default_value_t = 8)]
+    seconds: u64,
+    /// Concurrent HTTP clients.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Jobs for the worker measurement.
+    #[arg(long, default_value_t = 5000)]
+    worker_jobs: usize,
+}
+
+struct LoadResult {
+    ok: usize,
+    errors: usize,
+    seconds: f64,
+    latencies: Vec<Duration>,
+}
+
+impl LoadResult {
+    fn rate(&self) -> f64 {
+        self.ok as f64 / self.seconds
+    }
+    fn percentile(&self, p: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let index = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies[index]
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    warren_telemetry::install_crypto_provider();
+    for (what, path) in [
+        ("sender", &args.sender_bin),
+        ("worker", &args.worker_bin),
+        ("python", &args.python),
+    ] {
+        if !path.exists() {
+            bail!(
+                "{what} not found at {} (run `make bench`, which builds and installs them)",
+                path.display()
+            );
+        }
+    }
+    eprintln!("starting a private RabbitMQ node...");
+    let node = RabbitNode::start(RabbitOptions::default())
+        .await
+        .context("starting RabbitMQ")?;
+    let url = node.amqp_url();
+    let body = Envelope::new("Hello RabbitMQ!.....", Default::default()).to_bytes();
+    let duration = Duration::from_secs(args.seconds);
+
+    let mut rows: Vec<(String, LoadResult)> = Vec::new();
+    for queue_type in [QueueType::Quorum, QueueType::Classic] {
+        let kind = queue_type.as_str();
+        eprintln!("raw lapin publisher, {kind} queue...");
+        let raw = raw_publisher(&url, queue_type, &body, duration).await?;
+        eprintln!("warren-sender, {kind} queue...");
+        let queue = unique_name("bench-sender");
+        let port = free_port()?;
+        let mut sender = spawn(
+            Command::new(&args.sender_bin)
+                .env("AMQP_URL", &url)
+                .env("WARREN_QUEUE", &queue)
+                .env("WARREN_QUEUE_TYPE", kind)
+                .env("WARREN_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+                .env("WARREN_LOG", "warn"),
+        )?;
+        wait_http(&format!("http://127.0.0.1:{port}/readyz")).await?;
+        let result = http_load(
+            &format!("http://127.0.0.1:{port}/send"),
+            202,
+            args.concurrency,
+            duration,
+        )
+        .await;
+        let _ = sender.kill().await;
+        let stored = ready_count(&url, &queue).await?;
+        if stored as usize != result.ok {
+            eprintln!("warning: {} accepted but {stored} in the queue", result.ok);
+        }
+        rows.push((format!("raw lapin, pipelined confirms ({kind})"), raw));
+        rows.push((format!("warren-sender ({kind})"), result));
+    }
+
+    eprintln!("Flask + pika (seed design, classic queue)...");
+    let flask_queue = unique_name("bench-flask");
+    let flask_port = free_port()?;
+    let pika_url = url.replace("%2f", "%2F");
+    let mut flask = spawn(
+        Command::new(&args.python)
+            .arg(&args.flask_script)
+            .env("AMQP_URL", &pika_url)
+            .env("QUEUE", &flask_queue)
+            .env("PORT", flask_port.to_string()),
+    )?;
+    wait_tcp(flask_port).await?;
+    let flask_result = http_load(
+        &format!("http://127.0.0.1:{flask_port}/send"),
+        200,
+        args.concurrency,
+        duration,
+    )
+    .await;
+    let _ = flask.kill().await;
+    rows.push((
+        "Flask + pika, connection per request (classic)".into(),
+        flask_result,
+    ));
+
+    eprintln!("warren-worker, zero-work jobs...");
+    let worker_p1 = worker_rate(&args, &url, 1).await?;
+    let worker_p10 = worker_rate(&args, &url, 10).await?;
+
+    println!();
+    println!(
+        "## warren pipeline benchmark ({} s per run, {} HTTP clients, one private RabbitMQ {} node)",
+        args.seconds, args.concurrency, "3.x"
+    );
+    println!();
+    println!("| publisher | accepted/s | p50 ms | p99 ms | errors |");
+    println!("|---|---:|---:|---:|---:|");
+    for (name, r) in &rows {
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.2} | {} |",
+            r.rate(),
+            r.percentile(0.50).as_secs_f64() * 1000.0,
+            r.percentile(0.99).as_secs_f64() * 1000.0,
+            r.errors
+        );
+    }
+    let rate = |name: &str| {
+        rows.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, r)| r.rate())
+            .unwrap_or(0.0)
+    };
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    println!();
+    println!("| ratio | value | bar |");
+    println!("|---|---:|---|");
+    println!(
+        "| warren-sender / raw ceiling (quorum) | {:.2} | >= 0.5 |",
+        ratio(
+            rate("warren-sender (quorum)"),
+            rate("raw lapin, pipelined confirms (quorum)")
+        )
+    );
+    println!(
+        "| warren-sender / raw ceiling (classic) | {:.2} | >= 0.5 |",
+        ratio(
+            rate("warren-sender (classic)"),
+            rate("raw lapin, pipelined confirms (classic)")
+        )
+    );
+    println!(
+        "| warren-sender (classic) / Flask + pika | {:.1}x | >= 20x |",
+        ratio(
+            rate("warren-sender (classic)"),
+            rate("Flask + pika, connection per request (classic)")
+        )
+    );
+    println!(
+        "| warren-sender (quorum) / Flask + pika | {:.1}x | >= 20x |",
+        ratio(
+            rate("warren-sender (quorum)"),
+            rate("Flask + pika, connection per request (classic)")
+        )
+    );
+    println!();
+    println!("| worker | jobs/s |");
+    println!("|---|---:|");
+    println!("| warren-worker, zero-work jobs, prefetch 1 (quorum) | {worker_p1:.0} |");
+    println!("| warren-worker, zero-work jobs, prefetch 10 (quorum) | {worker_p10:.0} |");
+    drop(node);
+    Ok(())
+}
+
+fn spawn(command: &mut Command) -> anyhow::Result<Child> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting a benchmark process")
+}
+
+async fn wait_http(url: &str) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(response) = client.get(url).send().await
+            && response.status().is_success()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("{url} never answered 200")
+}
+
+async fn wait_tcp(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("nothing listens on port {port}")
+}
+
+/// The ceiling: 4 confirm-mode channels, each keeping up to 256 publishes
+/// in flight, persistent + mandatory like the sender.
+async fn raw_publisher(
+    url: &str,
+    queue_type: QueueType,
+    body: &[u8],
+    duration: Duration,
+) -> anyhow::Result<LoadResult> {
+    let queue = unique_name("bench-raw");
+    let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+    let setup = connection.create_channel().await?;
+    Topology::new(vec![queue.clone()], queue_type)
+        .declare(&setup)
+        .await?;
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let queue = queue.clone();
+        let body = body.to_vec();
+        tasks.push(tokio::spawn(async move {
+            let mut in_flight = FuturesUnordered::new();
+            let mut ok = 0usize;
+            let mut errors = 0usize;
+            let mut latencies = Vec::new();
+            loop {
+                while in_flight.len() < 256 && Instant::now() < deadline {
+                    let sent = Instant::now();
+                    let confirm = channel
+                        .basic_publish(
+                            "".into(),
+                            queue.as_str().into(),
+                            BasicPublishOptions {
+                                mandatory: true,
+                                ..Default::default()
+                            },
+                            &body,
+                            BasicProperties::default().with_delivery_mode(2),
+                        )
+                        .await;
+                    match confirm {
+                        Ok(confirm) => in_flight.push(async move { (confirm.await, sent) }),
+                        Err(_) => errors += 1,
+                    }
+                }
+                match in_flight.next().await {
+                    Some((Ok(c), sent)) if c.is_ack() => {
+                        ok += 1;
+                        latencies.push(sent.elapsed());
+                    }
+                    Some(_) => errors += 1,
+                    None => break,
+                }
+            }
+            (ok, errors, latencies)
+        }));
+    }
+    let mut result = LoadResult {
+        ok: 0,
+        errors: 0,
+        seconds: 0.0,
+        latencies: Vec::new(),
+    };
+    for task in tasks {
+        let (ok, errors, latencies) = task.await?;
+        result.ok += ok;
+        result.errors += errors;
+        result.latencies.extend(latencies);
+    }
+    result.seconds = started.elapsed().as_secs_f64();
+    result.latencies.sort();
+    let _ = connection.close(200, "bye".into()).await;
+    Ok(result)
+}
+
+/// `concurrency` clients POSTing jobs for `duration`.
+async fn http_load(url: &str, expect: u16, concurrency: usize, duration: Duration) -> LoadResult {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap_or_default();
+    let url = Arc::new(url.to_string());
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let client = client.clone();
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0usize;
+            let mut errors = 0usize;
+            let mut latencies = Vec::new();
+            let body = json!({"message": "Hello RabbitMQ!....."}).to_string();
+            while Instant::now() < deadline {
+                let sent = Instant::now();
+                let response = client
+                    .post(url.as_str())
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await;
+                match response {
+                    Ok(r) if r.status().as_u16() == expect => {
+                        let _ = r.bytes().await;
+                        ok += 1;
+                        latencies.push(sent.elapsed());
+                    }
+                    _ => errors += 1,
+                }
+            }
+            (ok, errors, latencies)
+        }));
+    }
+    let mut result = LoadResult {
+        ok: 0,
+        errors: 0,
+        seconds: 0.0,
+        latencies: Vec::new(),
+    };
+    for task in tasks {
+        if let Ok((ok, errors, latencies)) = task.await {
+            result.ok += ok;
+            result.errors += errors;
+            result.latencies.extend(latencies);
+        }
+    }
+    result.seconds = started.elapsed().as_secs_f64();
+    result.latencies.sort();
+    result
+}
+
+/// Fills a queue with zero-work jobs, starts one worker and times the drain.
+async fn worker_rate(args: &Args, url: &str, prefetch: u16) -> anyhow::Result<f64> {
+    let queue = unique_name("bench-worker");
+    let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    Topology::new(vec![queue.clone()], QueueType::Quorum)
+        .declare(&channel)
+        .await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    for _ in 0..args.worker_jobs {
+        let body = Envelope::new("zero work", Default::default()).to_bytes();
+        channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?;
+    }
+    channel.wait_for_confirms().await?;
+    let port = free_port()?;
+    let started = Instant::now();
+    let mut worker = spawn(
+        Command::new(&args.worker_bin)
+            .env("AMQP_URL", url)
+            .env("WARREN_QUEUE", &queue)
+            .env("WARREN_PREFETCH", prefetch.to_string())
+            .env("WARREN_SECONDS_PER_DOT", "0")
+            .env("WARREN_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .env("WARREN_LOG", "warn"),
+    )?;
+    let client = reqwest::Client::new();
+    let metrics_url = format!("http://127.0.0.1:{port}/metrics");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let processed = match client.get(&metrics_url).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+        .lines()
+        .find(|l| l.starts_with("warren_worker_jobs_processed_total "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+        if processed as usize >= args.worker_jobs {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the worker processed only {processed} of {} jobs in 300 s",
+                args.worker_jobs
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rate = args.worker_jobs as f64 / started.elapsed().as_secs_f64();
+    let _ = worker.kill().await;
+    let _ = connection.close(200, "bye".into()).await;
+    Ok(rate)
+}
