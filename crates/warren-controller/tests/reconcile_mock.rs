@@ -1,0 +1,741 @@
+//! The reconciler against a mocked Kubernetes API (tower-test), asserting
+//! every request it makes, in order, with a fake queue observation source.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use http::{Method, Request, Response, StatusCode};
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::{Client, Resource};
+use serde_json::{Value, json};
+use warren_controller::audit::{ScaleAudit, ScaleRecord};
+use warren_controller::metrics::{ControllerMetrics, DirectionLabels, ResultLabels};
+use warren_controller::queue_stats::ConnectionUnacked;
+use warren_controller::reconcile::{Context, Settings, error_policy, reconcile};
+use warren_controller::source::{BrokerTarget, MetricsError, MetricsSource};
+use warren_crd::{Observation, QueueScaler, QueueScalerSpec, QueueScalerStatus};
+
+const NS: &str = "ns";
+const SCALE_PATH: &str = "/apis/apps/v1/namespaces/ns/deployments/worker/scale";
+const STATUS_PATH: &str = "/apis/warren.dev/v1alpha1/namespaces/ns/queuescalers/jobs/status";
+const EVENTS_PATH: &str = "/apis/events.k8s.io/v1/namespaces/ns/events";
+const PODS_PATH: &str = "/api/v1/namespaces/ns/pods";
+const COST: &str = "controller.kubernetes.io/pod-deletion-cost";
+
+// ---------------------------------------------------------------- fakes
+
+/// Queue reads served from a script; the last entry repeats.
+#[derive(Default)]
+struct FakeSource {
+    script: Mutex<VecDeque<Result<Observation, MetricsError>>>,
+    unacked: Mutex<ConnectionUnacked>,
+    /// `instant_ready` of every observe call.
+    calls: Mutex<Vec<bool>>,
+    unacked_calls: Mutex<u32>,
+}
+
+impl FakeSource {
+    fn with(reads: Vec<Result<Observation, MetricsError>>) -> Arc<Self> {
+        Arc::new(Self {
+            script: Mutex::new(reads.into()),
+            ..Self::default()
+        })
+    }
+    fn calls(&self) -> Vec<bool> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl MetricsSource for FakeSource {
+    async fn observe(
+        &self,
+        _target: &BrokerTarget,
+        instant_ready: bool,
+    ) -> Result<Observation, MetricsError> {
+        self.calls.lock().unwrap().push(instant_ready);
+        let mut script = self.script.lock().unwrap();
+        if script.len() > 1 {
+            script.pop_front().unwrap()
+        } else {
+            script.front().cloned().expect("the test scripted no read")
+        }
+    }
+
+    async fn connection_unacked(
+        &self,
+        _target: &BrokerTarget,
+    ) -> Result<ConnectionUnacked, MetricsError> {
+        *self.unacked_calls.lock().unwrap() += 1;
+        Ok(self.unacked.lock().unwrap().clone())
+    }
+}
+
+#[derive(Default)]
+struct FakeAudit(Mutex<Vec<ScaleRecord>>);
+
+impl ScaleAudit for FakeAudit {
+    fn publish(&self, target: &BrokerTarget, record: &ScaleRecord) {
+        assert_eq!(target.queue.name, "jobs");
+        self.0.lock().unwrap().push(record.clone());
+    }
+}
+
+fn observed(ready: u64, unacked: u64) -> Result<Observation, MetricsError> {
+    Ok(Observation::new(ready, unacked, 1, None, None, Utc::now()))
+}
+
+fn broker_down() -> Result<Observation, MetricsError> {
+    Err(MetricsError::Other("connection refused".into()))
+}
+
+// ------------------------------------------------------------- fixtures
+
+fn scaler(spec: Value) -> QueueScaler {
+    let mut full = json!({
+        "scaleTargetRef": {"name": "worker"},
+        "queue": {"name": "jobs"},
+        "broker": {"credentialsSecretRef": {"name": "warren-rabbitmq"}},
+        "maxReplicas": 10,
+        "behavior": {"scaleDown": {"stabilizationWindowSeconds": 0}}
+    });
+    merge(&mut full, &spec);
+    let spec: QueueScalerSpec = serde_json::from_value(full).unwrap();
+    let mut qs = QueueScaler::new("jobs", spec);
+    qs.meta_mut().namespace = Some(NS.into());
+    qs.meta_mut().uid = Some("uid-1".into());
+    qs.meta_mut().generation = Some(4);
+    qs
+}
+
+fn with_status(mut qs: QueueScaler, status: QueueScalerStatus) -> QueueScaler {
+    qs.status = Some(status);
+    qs
+}
+
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                merge(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+fn scale(replicas: i32) -> Value {
+    json!({
+        "apiVersion": "autoscaling/v1", "kind": "Scale",
+        "metadata": {"name": "worker", "namespace": NS},
+        "spec": {"replicas": replicas},
+        "status": {"replicas": replicas, "selector": "app=worker"}
+    })
+}
+
+fn pod(name: &str, cost: Option<&str>) -> Value {
+    let mut p = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "labels": {"app": "worker"}}});
+    if let Some(cost) = cost {
+        p["metadata"]["annotations"] = json!({ COST: cost });
+    }
+    p
+}
+
+struct Harness {
+    ctx: Arc<Context>,
+    source: Arc<FakeSource>,
+    audit: Arc<FakeAudit>,
+    server: ApiServer,
+}
+
+fn harness(source: Arc<FakeSource>) -> Harness {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let audit = Arc::new(FakeAudit::default());
+    let ctx = Arc::new(Context::new(
+        client,
+        Some("controller-0".into()),
+        ControllerMetrics::default(),
+        source.clone(),
+        audit.clone(),
+        Settings::default(),
+    ));
+    Harness {
+        ctx,
+        source,
+        audit,
+        server: ApiServer(handle),
+    }
+}
+
+// ------------------------------------------------------- the verifier
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// The API server side: each `expect_*` takes the next request, asserts it
+/// and answers it.
+struct ApiServer(Handle);
+
+/// A request as seen by the verifier.
+#[derive(Debug)]
+struct Seen {
+    method: Method,
+    path: String,
+    query: String,
+    body: Value,
+}
+
+impl ApiServer {
+    async fn next(&mut self) -> (Seen, tower_test::mock::SendResponse<Response<Body>>) {
+        let (request, send) = tokio::time::timeout(Duration::from_secs(5), self.0.next_request())
+            .await
+            .expect("the reconciler made no further request")
+            .expect("the client is gone");
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        let query = request.uri().query().unwrap_or_default().to_string();
+        let bytes = request.into_body().collect_bytes().await.unwrap();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        (
+            Seen {
+                method,
+                path,
+                query,
+                body,
+            },
+            send,
+        )
+    }
+
+    async fn expect(&mut self, method: Method, path: &str, answer: Value) -> Seen {
+        let (seen, send) = self.next().await;
+        assert_eq!(
+            (&seen.method, seen.path.as_str()),
+            (&method, path),
+            "unexpected request {seen:?}"
+        );
+        send.send_response(
+            Response::builder()
+                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                .unwrap(),
+        );
+        seen
+    }
+
+    async fn expect_get_scale(&mut self, replicas: i32) {
+        let seen = self.expect(Method::GET, SCALE_PATH, scale(replicas)).await;
+        assert_eq!(seen.body, Value::Null);
+    }
+
+    async fn expect_scale_patch(&mut self, replicas: i32) {
+        let seen = self
+            .expect(Method::PATCH, SCALE_PATH, scale(replicas))
+            .await;
+        assert_eq!(seen.body, json!({"spec": {"replicas": replicas}}));
+    }
+
+    /// The Event POST; returns its body.
+    async fn expect_event(&mut self, type_: &str, reason: &str) -> Value {
+        let (seen, send) = self.next().await;
+        assert_eq!(
+            (&seen.method, seen.path.as_str()),
+            (&Method::POST, EVENTS_PATH),
+            "unexpected request {seen:?}"
+        );
+        assert_eq!(seen.body["reason"], reason, "{:?}", seen.body);
+        assert_eq!(seen.body["type"], type_);
+        assert_eq!(seen.body["regarding"]["kind"], "QueueScaler");
+        assert_eq!(seen.body["regarding"]["name"], "jobs");
+        assert_eq!(seen.body["reportingController"], "warren-controller");
+        assert_eq!(seen.body["reportingInstance"], "controller-0");
+        send.send_response(
+            Response::builder()
+                .body(Body::from(serde_json::to_vec(&seen.body).unwrap()))
+                .unwrap(),
+        );
+        seen.body
+    }
+
+    /// The status merge patch; returns the status written.
+    async fn expect_status_patch(&mut self, qs: &QueueScaler) -> QueueScalerStatus {
+        let (seen, send) = self.next().await;
+        assert_eq!(
+            (&seen.method, seen.path.as_str()),
+            (&Method::PATCH, STATUS_PATH),
+            "unexpected request {seen:?}"
+        );
+        let status: QueueScalerStatus =
+            serde_json::from_value(seen.body["status"].clone()).expect("a full status");
+        let answer = with_status(qs.clone(), status.clone());
+        send.send_response(
+            Response::builder()
+                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                .unwrap(),
+        );
+        status
+    }
+
+    async fn expect_pod_list(&mut self, pods: Vec<Value>) {
+        let seen = self
+            .expect(
+                Method::GET,
+                PODS_PATH,
+                json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": pods}),
+            )
+            .await;
+        assert!(
+            seen.query.contains("labelSelector=app%3Dworker"),
+            "{}",
+            seen.query
+        );
+    }
+
+    async fn expect_pod_cost(&mut self, name: &str, cost: &str) {
+        let path = format!("{PODS_PATH}/{name}");
+        let seen = self
+            .expect(Method::PATCH, &path, pod(name, Some(cost)))
+            .await;
+        assert_eq!(
+            seen.body,
+            json!({"metadata": {"annotations": { COST: cost }}})
+        );
+    }
+
+    /// Nothing else was asked of the API server.
+    async fn expect_silence(&mut self) {
+        match tokio::time::timeout(Duration::from_millis(100), self.0.next_request()).await {
+            Err(_) | Ok(None) => {}
+            Ok(Some((request, _))) => {
+                panic!("unexpected request {} {}", request.method(), request.uri())
+            }
+        }
+    }
+}
+
+/// Runs one reconcile while `script` plays the API server.
+async fn run<F>(h: &mut Harness, qs: &QueueScaler, script: F) -> Result<Action, String>
+where
+    F: AsyncFnOnce(&mut ApiServer),
+{
+    let ctx = h.ctx.clone();
+    let object = Arc::new(qs.clone());
+    let reconciling = tokio::spawn(async move { reconcile(object, ctx).await });
+    script(&mut h.server).await;
+    let result = tokio::time::timeout(Duration::from_secs(5), reconciling)
+        .await
+        .expect("reconcile finished")
+        .unwrap();
+    h.server.expect_silence().await;
+    result.map_err(|e| e.to_string())
+}
+
+fn count(ctx: &Context, result: &str) -> u64 {
+    ctx.metrics
+        .reconciles
+        .get_or_create(&ResultLabels {
+            result: result.into(),
+        })
+        .get()
+}
+
+fn scales(ctx: &Context, direction: &str) -> u64 {
+    ctx.metrics
+        .scale_patches
+        .get_or_create(&DirectionLabels {
+            direction: direction.into(),
+        })
+        .get()
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn backlog_scales_up_with_scale_patch_event_audit_and_status_and_no_pod_patches() {
+    let mut h = harness(FakeSource::with(vec![observed(12, 0)]));
+    let qs = scaler(json!({"messagesPerReplica": 5}));
+    let mut status = None;
+    let action = run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect_get_scale(1).await;
+        api.expect_scale_patch(3).await;
+        let event = api.expect_event("Normal", "Scaled").await;
+        let note = event["note"].as_str().unwrap();
+        assert!(
+            note.starts_with("from 1 to 3: 12 messages at 5 per replica"),
+            "{note}"
+        );
+        status = Some(api.expect_status_patch(&qs).await);
+    })
+    .await
+    .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+
+    let status = status.unwrap();
+    assert_eq!(status.observed_generation, Some(4));
+    assert_eq!(status.current_replicas, Some(1));
+    assert_eq!(status.desired_replicas, Some(3));
+    assert_eq!(status.consecutive_failures, 0);
+    assert!(status.last_scale_time.is_some());
+    let decision = status.last_decision.unwrap();
+    assert_eq!(
+        (decision.replicas, decision.reason.as_str()),
+        (3, "Backlog")
+    );
+    assert_eq!(status.observation.unwrap().ready, 12);
+    let cond = |t: &str| {
+        let c = status.conditions.iter().find(|c| c.type_ == t).unwrap();
+        (format!("{:?}", c.status), c.reason.clone())
+    };
+    assert_eq!(cond("Ready"), ("True".into(), "MetricsAvailable".into()));
+    assert_eq!(cond("Active"), ("True".into(), "ReplicasRunning".into()));
+    assert_eq!(cond("Fallback").0, "False");
+    assert_eq!(cond("Paused").0, "False");
+
+    // The target had replicas: the management counts are good enough.
+    assert_eq!(h.source.calls(), vec![false]);
+    assert_eq!(*h.source.unacked_calls.lock().unwrap(), 0);
+    let audit = h.audit.0.lock().unwrap().clone();
+    assert_eq!(audit.len(), 1);
+    assert_eq!((audit[0].from, audit[0].to), (1, 3));
+    assert_eq!(audit[0].reason, "Backlog");
+    assert_eq!(audit[0].target_name, "worker");
+    assert_eq!(count(&h.ctx, "scaled"), 1);
+    assert_eq!(scales(&h.ctx, "up"), 1);
+}
+
+#[tokio::test]
+async fn scale_in_marks_busy_pods_expensive_and_idle_ones_cheap_before_patching_scale() {
+    let source = FakeSource::with(vec![observed(2, 1)]);
+    *source.unacked.lock().unwrap() = ConnectionUnacked {
+        by_connection: [
+            ("worker-a".to_string(), 1),
+            ("worker-b".to_string(), 0),
+            ("worker-c".to_string(), 0),
+        ]
+        .into(),
+    };
+    let mut h = harness(source);
+    let qs = scaler(json!({"messagesPerReplica": 5, "minReplicas": 1}));
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect_get_scale(3).await;
+        api.expect_pod_list(vec![
+            pod("worker-a", Some("0")),
+            pod("worker-b", Some("0")),
+            pod("worker-c", None),
+        ])
+        .await;
+        // worker-b already carries the idle cost: not patched.
+        api.expect_pod_cost("worker-a", "1001").await;
+        api.expect_pod_cost("worker-c", "0").await;
+        api.expect_scale_patch(1).await;
+        let event = api.expect_event("Normal", "Scaled").await;
+        assert!(
+            event["note"].as_str().unwrap().starts_with("from 3 to 1: "),
+            "{event}"
+        );
+        let status = api.expect_status_patch(&qs).await;
+        assert_eq!(status.desired_replicas, Some(1));
+    })
+    .await
+    .unwrap();
+    assert_eq!(*h.source.unacked_calls.lock().unwrap(), 1);
+    assert_eq!(h.ctx.metrics.deletion_cost_patches.get(), 2);
+    assert_eq!(scales(&h.ctx, "down"), 1);
+    let audit = h.audit.0.lock().unwrap().clone();
+    assert_eq!((audit[0].from, audit[0].to), (3, 1));
+}
+
+#[tokio::test]
+async fn nothing_to_change_means_no_scale_patch_and_an_unchanged_status_is_not_rewritten() {
+    let mut h = harness(FakeSource::with(vec![observed(10, 0)]));
+    let qs = scaler(json!({"messagesPerReplica": 5}));
+    let mut written = None;
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect_get_scale(2).await;
+        // First status: written.
+        written = Some(api.expect_status_patch(&qs).await);
+    })
+    .await
+    .unwrap();
+    let written = written.unwrap();
+    assert_eq!(written.desired_replicas, Some(2));
+    assert_eq!(written.last_decision.as_ref().unwrap().reason, "Backlog");
+
+    // Same queue, same replicas: only the observation time would change.
+    let qs = with_status(qs, written);
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect_get_scale(2).await;
+    })
+    .await
+    .unwrap();
+    assert_eq!(count(&h.ctx, "unchanged"), 2);
+    assert_eq!(scales(&h.ctx, "up") + scales(&h.ctx, "down"), 0);
+    assert!(h.audit.0.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn broker_failures_hold_then_fall_back_after_the_threshold() {
+    let mut h = harness(FakeSource::with(vec![broker_down()]));
+    let qs = scaler(json!({"fallback": {"failureThreshold": 3, "replicas": 2}}));
+
+    // 1st failure: hold 1 replica, Warning event once, Ready=False.
+    let mut status = None;
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect_get_scale(1).await;
+        let event = api.expect_event("Warning", "MetricsUnavailable").await;
+        assert!(
+            event["note"]
+                .as_str()
+                .unwrap()
+                .contains("connection refused")
+        );
+        status = Some(api.expect_status_patch(&qs).await);
+    })
+    .await
+    .unwrap();
+    let s1 = status.take().unwrap();
+    assert_eq!(s1.consecutive_failures, 1);
+    assert_eq!(s1.desired_replicas, Some(1));
+    assert_eq!(
+        s1.last_decision.as_ref().unwrap().reason,
+        "MetricsUnavailable"
+    );
+    let ready = s1.condition("Ready").unwrap();
+    assert_eq!(ready.reason, "BrokerUnavailable");
+
+    // 2nd failure: still holding, no new Warning.
+    let qs2 = with_status(qs.clone(), s1);
+    run(&mut h, &qs2, async |api: &mut ApiServer| {
+        api.expect_get_scale(1).await;
+        status = Some(api.expect_status_patch(&qs2).await);
+    })
+    .await
+    .unwrap();
+    let s2 = status.take().unwrap();
+    assert_eq!(s2.consecutive_failures, 2);
+
+    // 3rd failure: the fallback of 2 replicas applies.
+    let qs3 = with_status(qs.clone(), s2);
+    run(&mut h, &qs3, async |api: &mut ApiServer| {
+        api.expect_get_scale(1).await;
+        api.expect_scale_patch(2).await;
+        api.expect_event("Normal", "Scaled").await;
+        status = Some(api.expect_status_patch(&qs3).await);
+    })
+    .await
+    .unwrap();
+    let s3 = status.take().unwrap();
+    assert_eq!(s3.consecutive_failures, 3);
+    assert_eq!(s3.desired_replicas, Some(2));
+    assert_eq!(s3.last_decision.as_ref().unwrap().reason, "Fallback");
+    let fallback = s3.condition("Fallback").unwrap();
+    assert_eq!(format!("{:?}", fallback.status), "True");
+    assert_eq!(h.audit.0.lock().unwrap()[0].reason, "Fallback");
+    assert_eq!(count(&h.ctx, "metrics_unavailable"), 2);
+    assert_eq!(count(&h.ctx, "scaled"), 1);
+}
+
+#[tokio::test]
+async fn failures_continue_from_the_status_after_a_restart() {
+    // A fresh controller (empty memory) sees status.consecutiveFailures = 2.
+    let mut h = harness(FakeSource::with(vec![broker_down()]));
+    let qs = with_status(
+        scaler(json!({"fallback": {"failureThreshold": 3, "replicas": 2}})),
+        QueueScalerStatus {
+            consecutive_failures: 2,
+            ..QueueScalerStatus::default()
+        },
+    );
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect_get_scale(1).await;
+        api.expect_scale_patch(2).await;
+        api.expect_event("Normal", "Scaled").await;
+        let status = api.expect_status_patch(&qs).await;
+        assert_eq!(status.consecutive_failures, 3);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn at_zero_replicas_the_instant_ready_count_is_asked_for_and_activates() {
+    let mut h = harness(FakeSource::with(vec![observed(3, 0)]));
+    let qs = scaler(json!({"minReplicas": 0, "activationMessages": 2}));
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect_get_scale(0).await;
+        api.expect_scale_patch(1).await;
+        api.expect_event("Normal", "Scaled").await;
+        let status = api.expect_status_patch(&qs).await;
+        assert_eq!(
+            status.condition("Active").map(|c| c.reason.as_str()),
+            Some("ReplicasRunning")
+        );
+    })
+    .await
+    .unwrap();
+    assert_eq!(h.source.calls(), vec![true]);
+}
+
+#[tokio::test]
+async fn paused_scaler_reads_nothing_and_scales_nothing() {
+    let mut h = harness(FakeSource::with(vec![observed(100, 0)]));
+    let qs = scaler(json!({"paused": true}));
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect_get_scale(1).await;
+        let status = api.expect_status_patch(&qs).await;
+        let paused = status.condition("Paused").unwrap();
+        assert_eq!(format!("{:?}", paused.status), "True");
+        assert_eq!(status.desired_replicas, Some(1));
+        assert_eq!(status.last_decision.unwrap().reason, "Paused");
+    })
+    .await
+    .unwrap();
+    assert!(h.source.calls().is_empty());
+    assert_eq!(count(&h.ctx, "paused"), 1);
+}
+
+#[tokio::test]
+async fn invalid_spec_is_reported_once_and_requeued_slowly() {
+    let mut h = harness(FakeSource::with(vec![observed(1, 0)]));
+    let qs = scaler(json!({"maxReplicas": 0}));
+    let mut status = None;
+    let action = run(&mut h, &qs, async |api: &mut ApiServer| {
+        let event = api.expect_event("Warning", "InvalidSpec").await;
+        assert!(
+            event["note"].as_str().unwrap().contains("maxReplicas"),
+            "{event}"
+        );
+        status = Some(api.expect_status_patch(&qs).await);
+    })
+    .await
+    .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    let status = status.unwrap();
+    let ready = status.condition("Ready").unwrap();
+    assert_eq!(
+        (format!("{:?}", ready.status), ready.reason.as_str()),
+        ("False".to_string(), "InvalidSpec")
+    );
+    assert_eq!(status.observed_generation, Some(4));
+
+    // Again with that status: no second Warning, no rewrite, no scale read.
+    let qs = with_status(qs, status);
+    run(&mut h, &qs, async |_api: &mut ApiServer| {})
+        .await
+        .unwrap();
+    assert!(h.source.calls().is_empty());
+    assert_eq!(count(&h.ctx, "invalid_spec"), 2);
+}
+
+#[tokio::test]
+async fn missing_target_is_reported_not_retried_fast() {
+    let mut h = harness(FakeSource::with(vec![observed(1, 0)]));
+    let qs = scaler(json!({}));
+    let action = run(&mut h, &qs, async |api: &mut ApiServer| {
+        let (seen, send) = api.next().await;
+        assert_eq!(seen.path, SCALE_PATH);
+        send.send_response(
+            Response::builder()
+                .status(StatusCode::NOT_FOUND)
+                .body(Body::from(
+                    serde_json::to_vec(&json!({
+                        "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "reason": "NotFound", "code": 404,
+                        "message": "deployments.apps \"worker\" not found"
+                    }))
+                    .unwrap(),
+                ))
+                .unwrap(),
+        );
+        api.expect_event("Warning", "TargetNotFound").await;
+        let status = api.expect_status_patch(&qs).await;
+        assert_eq!(status.condition("Ready").unwrap().reason, "TargetNotFound");
+    })
+    .await
+    .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+    assert!(h.source.calls().is_empty());
+}
+
+#[tokio::test]
+async fn api_errors_fail_the_reconcile_and_back_off_exponentially() {
+    let mut h = harness(FakeSource::with(vec![observed(1, 0)]));
+    let qs = scaler(json!({}));
+    let failing_get = async |api: &mut ApiServer| {
+        let (seen, send) = api.next().await;
+        assert_eq!(seen.path, SCALE_PATH);
+        send.send_response(
+            Response::builder()
+                .status(StatusCode::INTERNAL_SERVER_ERROR)
+                .body(Body::from(
+                    serde_json::to_vec(&json!({
+                        "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "reason": "InternalError", "code": 500, "message": "etcd down"
+                    }))
+                    .unwrap(),
+                ))
+                .unwrap(),
+        );
+    };
+    let mut delays = Vec::new();
+    for _ in 0..3 {
+        let ctx = h.ctx.clone();
+        let object = Arc::new(qs.clone());
+        let reconciling = tokio::spawn(async move { reconcile(object, ctx).await });
+        failing_get(&mut h.server).await;
+        let err = reconciling.await.unwrap().unwrap_err();
+        assert_eq!(err.metric_label(), "get_scale_failed");
+        assert!(err.to_string().contains("Deployment ns/worker"), "{err}");
+        delays.push(error_policy(Arc::new(qs.clone()), &err, h.ctx.clone()));
+    }
+    assert_eq!(
+        delays,
+        vec![
+            Action::requeue(Duration::from_secs(1)),
+            Action::requeue(Duration::from_secs(2)),
+            Action::requeue(Duration::from_secs(4)),
+        ]
+    );
+    assert_eq!(count(&h.ctx, "get_scale_failed"), 3);
+
+    // A success resets the backoff.
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect_get_scale(1).await;
+        api.expect_status_patch(&qs).await;
+    })
+    .await
+    .unwrap();
+    let err = warren_controller::Error::MissingNamespace;
+    assert_eq!(
+        error_policy(Arc::new(qs.clone()), &err, h.ctx.clone()),
+        Action::requeue(Duration::from_secs(1))
+    );
+}
+
+#[tokio::test]
+async fn statefulset_targets_use_their_scale_subresource_and_skip_deletion_costs() {
+    let mut h = harness(FakeSource::with(vec![observed(0, 0)]));
+    let qs = scaler(json!({
+        "scaleTargetRef": {"kind": "StatefulSet", "name": "worker"},
+        "minReplicas": 1
+    }));
+    let path = "/apis/apps/v1/namespaces/ns/statefulsets/worker/scale";
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect(Method::GET, path, scale(4)).await;
+        let seen = api.expect(Method::PATCH, path, scale(1)).await;
+        assert_eq!(seen.body, json!({"spec": {"replicas": 1}}));
+        api.expect_event("Normal", "Scaled").await;
+        api.expect_status_patch(&qs).await;
+    })
+    .await
+    .unwrap();
+    assert_eq!(*h.source.unacked_calls.lock().unwrap(), 0);
+}
