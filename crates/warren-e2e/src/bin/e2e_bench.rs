@@ -1,0 +1,423 @@
+//! e2e-bench: the controller's figures, end to end, on this machine.
+//!
+//! ```text
+//! cargo build --release --bins
+//! cargo run --release -p warren-e2e --bin e2e-bench [-- --trials 20 --quick]
+//! ```
+//!
+//! Prints:
+//! 1. reaction latency from a burst landing in the queue (the sender's first
+//!    202, i.e. the first publish confirm) to the scale patch, p50/p95 over
+//!    repeated trials at pollingIntervalSeconds 1 — from zero replicas (AMQP
+//!    passive declare) and from one running replica (management API, which
+//!    lags by the node's `collect_statistics_interval`, RabbitMQ's default
+//!    5 s unless `--stats-ms` says otherwise);
+//! 2. drain time of a burst vs the ideal for the replica count, jobs
+//!    interrupted by scale-in, jobs lost;
+//! 3. controller RSS;
+//! 4. broker requests per tick with 1, 100 and 1000 QueueScalers on one vhost
+//!    (management requests counted by a proxy in front of the management
+//!    port; AMQP passive declares from the controller's metrics; API server
+//!    requests from the fake's log).
+
+use std::ffi::OsString;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde_json::json;
+use warren_e2e::{
+    Binaries, CountingProxy, Harness, HarnessOptions, MemoryUsage, NAMESPACE, Process, SECRET,
+    base_spec, deployment_object, percentile, scaler_object,
+};
+use warren_fakekube::FakeApiServer;
+use warren_fakekube::resources::{DEPLOYMENTS, QUEUESCALERS, SECRETS};
+use warren_testkit::{RabbitNode, RabbitOptions};
+
+struct Options {
+    trials: usize,
+    scaler_counts: Vec<usize>,
+    stats_ms: u64,
+    window_secs: u64,
+}
+
+fn parse_options() -> anyhow::Result<Options> {
+    let mut options = Options {
+        trials: 20,
+        scaler_counts: vec![1, 100, 1000],
+        stats_ms: 5000,
+        window_secs: 10,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--trials" => options.trials = value("--trials")?.parse()?,
+            "--scalers" => {
+                options.scaler_counts = value("--scalers")?
+                    .split(',')
+                    .map(|n| n.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()?
+            }
+            "--stats-ms" => options.stats_ms = value("--stats-ms")?.parse()?,
+            "--window" => options.window_secs = value("--window")?.parse()?,
+            "--quick" => {
+                options.trials = 5;
+                options.scaler_counts = vec![1, 100];
+                options.window_secs = 5;
+            }
+            "-h" | "--help" => {
+                println!(
+                    "e2e-bench [--trials N] [--scalers 1,100,1000] [--stats-ms 5000] [--window 10] [--quick]\n\
+                     Build the binaries first: cargo build --release --bins"
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (try --help)"),
+        }
+    }
+    Ok(options)
+}
+
+/// A pseudo-random delay in [0, 1 s) so trials land at every phase of the
+/// polling tick.
+fn jitter(i: usize) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    let mixed = nanos
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(i as u64 * 1442695040888963407);
+    Duration::from_millis((mixed >> 33) % 1000)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+fn latency_row(name: &str, values: &[Duration], target: Option<Duration>) -> String {
+    let p50 = percentile(values, 50.0).unwrap_or_default();
+    let p95 = percentile(values, 95.0).unwrap_or_default();
+    let max = values.iter().max().copied().unwrap_or_default();
+    let verdict = match target {
+        Some(t) if p95 < t => format!("p95 < {} ✔", ms(t)),
+        Some(t) => format!("p95 ≥ {} ✘", ms(t)),
+        None => "—".into(),
+    };
+    format!(
+        "| {name} | {} | {} | {} | {} | {verdict} |",
+        values.len(),
+        ms(p50),
+        ms(p95),
+        ms(max)
+    )
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let options = parse_options()?;
+    let binaries = Binaries::locate()?;
+    println!("# warren end-to-end benchmark\n");
+    println!(
+        "binaries: {}\nmachine: {} CPUs; RabbitMQ collect_statistics_interval {} ms; pollingIntervalSeconds 1\n",
+        binaries
+            .controller
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        options.stats_ms
+    );
+
+    let mut out = Vec::new();
+    let (reaction, drain, rss) = scaling_phases(&options).await?;
+    out.push("## Reaction: burst in the queue → scale patch\n".to_string());
+    out.push("| from | trials | p50 | p95 | max | target |\n|---|---|---|---|---|---|".into());
+    out.push(latency_row(
+        "0 replicas (activation)",
+        &reaction.0,
+        Some(Duration::from_secs(2)),
+    ));
+    out.push(latency_row(
+        "1 running replica (scale-up)",
+        &reaction.1,
+        None,
+    ));
+    out.push(String::new());
+    out.push(drain);
+    out.push(format!(
+        "## Controller memory\n\n| while | RSS | peak RSS |\n|---|---|---|\n| scaling one target (after the runs above) | {} | {} |",
+        mib(rss.rss_kib),
+        mib(rss.peak_kib)
+    ));
+    for line in &out {
+        println!("{line}");
+    }
+
+    println!("\n## Broker requests per tick as scalers grow (one vhost, 1 s polling)\n");
+    println!(
+        "| scalers | management HTTP / tick (proxy) | by path | AMQP passive declares / tick | all broker requests / tick (controller metrics) | API server requests / tick | controller RSS |\n|---|---|---|---|---|---|---|"
+    );
+    let node = RabbitNode::start(RabbitOptions {
+        management: true,
+        stats_interval_ms: options.stats_ms,
+        ..RabbitOptions::default()
+    })
+    .await?;
+    for &n in &options.scaler_counts {
+        match scaler_fleet(&binaries, &node, n, options.window_secs).await {
+            Ok(row) => println!("{row}"),
+            Err(err) => println!("| {n} | failed: {err:#} | | | | | |"),
+        }
+    }
+    Ok(())
+}
+
+type Reaction = (Vec<Duration>, Vec<Duration>);
+
+async fn scaling_phases(options: &Options) -> anyhow::Result<(Reaction, String, MemoryUsage)> {
+    let h = Harness::start(
+        HarnessOptions {
+            seconds_per_dot: 0.01,
+            stats_interval_ms: options.stats_ms,
+            ..HarnessOptions::default()
+        }
+        .scaler(|s| {
+            s.max_replicas = 4;
+            s.messages_per_replica = 5;
+            s.behavior.scale_down.stabilization_window_seconds = 1;
+            s.behavior.cooldown_seconds = 1;
+        }),
+    )
+    .await?;
+    h.wait_replicas(0, Duration::from_secs(10)).await?;
+
+    // 1a. From zero: 10 instant jobs; the target wakes, drains, returns to 0.
+    let mut from_zero = Vec::new();
+    for i in 0..options.trials {
+        tokio::time::sleep(jitter(i)).await;
+        let before = Instant::now();
+        let burst = h.send_burst(10, 0).await?;
+        let change = h
+            .wait_change(before, Duration::from_secs(15), "activation", |c| {
+                c.from == Some(0) && c.to > 0
+            })
+            .await?;
+        from_zero.push(change.at.saturating_duration_since(burst.first_confirm));
+        h.wait_jobs_done(&burst.ids, Duration::from_secs(30))
+            .await?;
+        h.wait_replicas(0, Duration::from_secs(30)).await?;
+        h.wait_pods_ready(0, Duration::from_secs(30)).await?;
+        eprintln!("from zero, trial {}: {}", i + 1, ms(from_zero[i]));
+    }
+
+    // 1b. From one running replica: 20 jobs of 0.2 s (4 s for one worker).
+    h.patch_scaler_spec(json!({"minReplicas": 1}))?;
+    h.wait_replicas(1, Duration::from_secs(15)).await?;
+    h.wait_pods_ready(1, Duration::from_secs(30)).await?;
+    let mut from_one = Vec::new();
+    let trials_running = options.trials.div_ceil(2);
+    for i in 0..trials_running {
+        // Let the management stats settle on an idle queue.
+        tokio::time::sleep(Duration::from_millis(options.stats_ms.min(5000)) + jitter(i)).await;
+        let before = Instant::now();
+        let burst = h.send_burst(20, 20).await?;
+        let change = h
+            .wait_change(before, Duration::from_secs(30), "scale-up from 1", |c| {
+                c.from == Some(1) && c.to > 1
+            })
+            .await?;
+        from_one.push(change.at.saturating_duration_since(burst.first_confirm));
+        h.wait_jobs_done(&burst.ids, Duration::from_secs(60))
+            .await?;
+        h.wait_replicas(1, Duration::from_secs(60)).await?;
+        h.wait_pods_ready(1, Duration::from_secs(30)).await?;
+        eprintln!("from one, trial {}: {}", i + 1, ms(from_one[i]));
+    }
+
+    // 2. Drain: 40 jobs of 0.5 s from zero with up to 4 replicas.
+    h.patch_scaler_spec(json!({"minReplicas": 0}))?;
+    h.wait_replicas(0, Duration::from_secs(30)).await?;
+    h.wait_pods_ready(0, Duration::from_secs(30)).await?;
+    let drain_jobs = 40usize;
+    let dots = 50usize;
+    let job_secs = dots as f64 * 0.01;
+    let max_replicas = 4usize;
+    let burst = h.send_burst(drain_jobs, dots).await?;
+    h.wait_jobs_done(&burst.ids, Duration::from_secs(120))
+        .await?;
+    let last = h
+        .job_log()
+        .last_done_at(&burst.ids)
+        .context("timestamps of the drained jobs")?;
+    let drained = (last - burst.first_confirm_wall).num_milliseconds() as f64 / 1000.0;
+    let ideal = drain_jobs.div_ceil(max_replicas) as f64 * job_secs;
+    h.wait_replicas(0, Duration::from_secs(30)).await?;
+    h.wait_pods_ready(0, Duration::from_secs(30)).await?;
+    let report = h.report();
+    let all_sent = h.sent();
+    let scale_ins = h
+        .recorder
+        .history()
+        .iter()
+        .filter(|c| c.from.is_some_and(|f| f > c.to))
+        .count();
+    let drain = format!(
+        "## Drain and safety\n\n\
+         | measure | value |\n|---|---|\n\
+         | burst | {drain_jobs} jobs × {job_secs:.1} s, maxReplicas {max_replicas}, messagesPerReplica 5 |\n\
+         | drain time (first confirm → last job done) | {drained:.2} s |\n\
+         | ideal with {max_replicas} replicas from the first instant | {ideal:.2} s |\n\
+         | ratio | {:.2}× |\n\
+         | jobs sent in all phases | {} |\n\
+         | scale-ins in all phases | {scale_ins} |\n\
+         | jobs interrupted by scale-in (all phases) | {} |\n\
+         | redeliveries (all phases) | {} |\n\
+         | jobs lost (all phases) | {} |\n",
+        drained / ideal,
+        all_sent.len(),
+        report.interrupted.len(),
+        report.redelivered.len(),
+        report.lost.len(),
+    );
+    let rss = h
+        .controllers
+        .first()
+        .and_then(Process::memory)
+        .context("the controller's memory")?;
+    Ok(((from_zero, from_one), drain, rss))
+}
+
+/// `n` scalers on `n` queues of one vhost, each targeting its own Deployment
+/// at zero replicas; one controller; requests counted over `window_secs`.
+async fn scaler_fleet(
+    binaries: &Binaries,
+    node: &RabbitNode,
+    n: usize,
+    window_secs: u64,
+) -> anyhow::Result<String> {
+    let dir = tempfile::tempdir()?;
+    let api = FakeApiServer::start().await?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    api.put_object(
+        &SECRETS,
+        json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": SECRET, "namespace": NAMESPACE},
+            "data": {"username": "Z3Vlc3Q=", "password": "Z3Vlc3Q="},
+        }),
+    )?;
+    let proxy = CountingProxy::start(&node.management_url()).await?;
+    let connection = lapin::Connection::connect(&node.amqp_url(), Default::default()).await?;
+    let channel = connection.create_channel().await?;
+    let prefix = warren_testkit::unique_name("fleet");
+    for i in 0..n {
+        let queue = format!("{prefix}-{i}");
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                Default::default(),
+                Default::default(),
+            )
+            .await?;
+        let target = format!("target-{i}");
+        api.put_object(&DEPLOYMENTS, deployment_object(&target, 0, 30))?;
+        let mut spec = base_spec(
+            &queue,
+            &proxy.url(),
+            &format!("amqp://127.0.0.1:{}", node.amqp_port()),
+        );
+        spec.scale_target_ref.name = target;
+        api.put_object(&QUEUESCALERS, scaler_object(&format!("scaler-{i}"), spec)?)?;
+    }
+    let vars: Vec<(OsString, OsString)> = [
+        ("KUBECONFIG", kubeconfig.display().to_string()),
+        ("POD_NAME", format!("bench-controller-{n}")),
+        ("POD_NAMESPACE", NAMESPACE.to_string()),
+        ("WARREN_LEADER_ELECTION", "false".to_string()),
+        ("WARREN_LOG_FORMAT", "json".to_string()),
+        ("WARREN_LOG", "warn".to_string()),
+        ("AMQP_URL", node.amqp_url()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+    .collect();
+    let mut controller = Process::spawn(
+        &binaries.controller,
+        &format!("controller-{n}"),
+        &vars,
+        &dir.path().join("logs"),
+    )?;
+    controller
+        .wait_http_ok("/healthz", Duration::from_secs(30))
+        .await?;
+
+    // Warm-up: every scaler reconciled at least once.
+    let started = Instant::now();
+    loop {
+        let observed = api
+            .list_objects(&QUEUESCALERS, Some(NAMESPACE))
+            .iter()
+            .filter(|o| o.pointer("/status/observation").is_some())
+            .count();
+        if observed == n {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!(
+                "only {observed} of {n} scalers reconciled after 120 s; controller log:\n{}",
+                controller.log_tail(20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let warm_up = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    proxy.reset();
+    let metrics_before = controller.metrics().await?;
+    api.clear_requests();
+    tokio::time::sleep(Duration::from_secs(window_secs)).await;
+    let metrics_after = controller.metrics().await?;
+    let api_requests = api.requests().len();
+    let counts = proxy.counts();
+    let ticks = window_secs as f64;
+
+    let name = "warren_controller_broker_requests_total";
+    let delta = |label: &str| {
+        metrics_after.sum_or_zero(name, &[("request", label)])
+            - metrics_before.sum_or_zero(name, &[("request", label)])
+    };
+    let all_broker = metrics_after.sum_or_zero(name, &[]) - metrics_before.sum_or_zero(name, &[]);
+    let by_path = counts
+        .iter()
+        .map(|(k, v)| format!("{k}: {:.1}", *v as f64 / ticks))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let memory = controller.memory();
+    let row = format!(
+        "| {n} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {} (warm-up {:.1} s) |",
+        proxy.total() as f64 / ticks,
+        if by_path.is_empty() {
+            "—".into()
+        } else {
+            by_path
+        },
+        delta("passive_declare") / ticks,
+        all_broker / ticks,
+        api_requests as f64 / ticks,
+        memory.map(|m| mib(m.rss_kib)).unwrap_or_else(|| "?".into()),
+        warm_up.as_secs_f64(),
+    );
+    let _ = controller.signal(nix::sys::signal::Signal::SIGTERM);
+    controller.wait_exit(Duration::from_secs(10)).await;
+    let _ = connection.close(200, "bench done".into()).await;
+    Ok(row)
+}

@@ -1,0 +1,650 @@
+//! Issue 5's scenarios, end to end: the real controller, sender and worker
+//! binaries, a private RabbitMQ node, the Kubernetes API faked over HTTP.
+//!
+//! Each test has its own node, fake API server and processes, so nextest runs
+//! them in parallel. Build the binaries first: `cargo build --bins` (the
+//! harness fails loudly when one is missing). Timing checks are lower bounds
+//! (a window is never cut short) with generous upper bounds; the figures
+//! themselves are the benchmark's job (`e2e-bench`).
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use warren_crd::{ConditionStatus, condition_type};
+use warren_e2e::{
+    DEPLOYMENT, Harness, HarnessError, HarnessOptions, JobKind, QueueKind, SCALER,
+    deployment_object, job,
+};
+use warren_fakekube::Signal;
+use warren_fakekube::resources::DEPLOYMENTS;
+use warren_testkit::EventTap;
+
+/// Unwraps a harness result, panicking with its Display (which carries the
+/// diagnostics of a timeout).
+fn ok<T>(result: Result<T, HarnessError>) -> T {
+    result.unwrap_or_else(|err| panic!("{err}"))
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
+}
+
+/// Slack for comparing a controller's reaction with the moment something
+/// happened: one polling interval plus scheduling noise.
+const POLL_SLACK: f64 = 1.25;
+
+fn condition(h: &Harness, type_: &str) -> Option<ConditionStatus> {
+    h.scaler_status()?.condition(type_).map(|c| c.status)
+}
+
+async fn controller_counter(h: &Harness, controller: &str, metric: &str) -> f64 {
+    let process = h
+        .controller(controller)
+        .unwrap_or_else(|| panic!("no controller {controller}"));
+    ok(process.metrics().await).sum_or_zero(metric, &[])
+}
+
+/// Burst from zero: activation and scale-up to the replicas the backlog needs
+/// (12 jobs / 3 per replica = 4), never more than that, every job done once,
+/// the scale made through `/scale`, with a Kubernetes Event and an audit event.
+#[tokio::test]
+async fn burst_from_zero_activates_and_scales_to_the_needed_replicas() {
+    let h = ok(Harness::start(HarnessOptions::default().scaler(|s| {
+        s.max_replicas = 6;
+        s.messages_per_replica = 3;
+    }))
+    .await);
+    let tap = EventTap::bind(&h.node.amqp_url(), "scaler.#")
+        .await
+        .expect("binding an audit tap");
+
+    // An empty queue keeps the target at zero.
+    tokio::time::sleep(secs(3.0)).await;
+    assert_eq!(h.recorder.current(), Some(0));
+    assert!(h.scale_patches().is_empty(), "scaled an idle target");
+    let status = ok(h
+        .wait_status(secs(10.0), "a status with an observation", |s| {
+            s.observation.is_some()
+        })
+        .await);
+    assert_eq!(status.observation.map(|o| o.ready), Some(0));
+
+    let burst = ok(h.send_burst(12, 10).await); // 12 jobs of 1 s
+    let activation = ok(h
+        .wait_change(
+            burst.first_confirm,
+            secs(10.0),
+            "activation from zero",
+            |c| c.from == Some(0) && c.to > 0,
+        )
+        .await);
+    println!(
+        "activation {:?} after the burst landed (0→{})",
+        activation.at - burst.first_confirm,
+        activation.to
+    );
+    ok(h.wait_replicas(4, secs(15.0)).await);
+    ok(h.wait_jobs_done(&burst.ids, secs(60.0)).await);
+
+    let (highest, _) = h
+        .recorder
+        .range_during(h.started, Instant::now())
+        .expect("a replica history");
+    assert_eq!(
+        highest,
+        4,
+        "ceil(12 / 3) = 4, no more: {}",
+        h.recorder.describe(h.started)
+    );
+    let report = h.report();
+    assert!(report.lost.is_empty(), "{report:?}");
+    assert!(report.redelivered.is_empty(), "{report:?}");
+    assert!(report.duplicated.is_empty(), "{report:?}");
+    assert!(!h.scale_patches().is_empty(), "no PATCH on /scale");
+    assert!(
+        h.other_deployment_writes().is_empty(),
+        "the controller wrote the Deployment itself: {:?}",
+        h.other_deployment_writes()
+    );
+    let events = h.api.events();
+    assert!(
+        events.iter().any(|e| {
+            let regarding = e
+                .get("regarding")
+                .or_else(|| e.get("involvedObject"))
+                .cloned()
+                .unwrap_or(Value::Null);
+            regarding["name"] == SCALER || regarding["name"] == DEPLOYMENT
+        }),
+        "no Kubernetes Event about the scale: {events:?}"
+    );
+    assert!(
+        tap.wait_until(secs(5.0), |events| {
+            events.iter().any(|e| e["event"] == "scaler.scaled")
+        })
+        .await,
+        "no scaler.scaled audit event: {:?}",
+        tap.all()
+    );
+}
+
+/// Queue drained: the scale-down waits for the stabilization window, never
+/// drops below the jobs still in flight, and the step to zero waits for the
+/// cooldown after the last job.
+#[tokio::test]
+async fn drained_queue_scales_down_after_the_window_and_to_zero_after_the_cooldown() {
+    const WINDOW: f64 = 3.0;
+    const COOLDOWN: f64 = 3.0;
+    let h = ok(Harness::start(HarnessOptions::default().scaler(|s| {
+        s.max_replicas = 4;
+        s.messages_per_replica = 1;
+        s.behavior.scale_down.stabilization_window_seconds = WINDOW as u32;
+        s.behavior.cooldown_seconds = COOLDOWN as u32;
+    }))
+    .await);
+
+    let long = ok(h.send_messages(&[job(80), job(80)]).await).ids; // 8 s each
+    let short = ok(h.send_messages(&[job(5), job(5)]).await).ids; // 0.5 s each
+    let at_four = ok(h.wait_replicas(4, secs(15.0)).await);
+    ok(h.wait_jobs_done(&short, secs(20.0)).await);
+    let short_done = h
+        .job_log()
+        .last_done_at(&short)
+        .expect("short jobs' timestamps");
+
+    let down = ok(h
+        .wait_change(at_four.at, secs(WINDOW + 8.0), "a scale-down from 4", |c| {
+            c.from == Some(4)
+        })
+        .await);
+    assert_eq!(
+        down.to,
+        2,
+        "two long jobs are still in flight: {}",
+        h.recorder.describe(h.started)
+    );
+    let waited = (down.wall - short_done).num_milliseconds() as f64 / 1000.0;
+    assert!(
+        waited >= WINDOW - POLL_SLACK,
+        "scaled down {waited:.2}s after the queue shrank: the {WINDOW}s window was cut short"
+    );
+
+    ok(h.wait_jobs_done(&long, secs(30.0)).await);
+    let long_done = h
+        .job_log()
+        .last_done_at(&long)
+        .expect("long jobs' timestamps");
+    let zero = ok(h.wait_replicas(0, secs(COOLDOWN + 10.0)).await);
+    let idle_for = (zero.wall - long_done).num_milliseconds() as f64 / 1000.0;
+    assert!(
+        idle_for >= COOLDOWN - POLL_SLACK,
+        "went to zero {idle_for:.2}s after the last job: the {COOLDOWN}s cooldown was cut short"
+    );
+    for change in h.recorder.history() {
+        if change.wall > at_four.wall && change.wall < long_done {
+            assert!(
+                change.to >= 2,
+                "dropped to {} with two jobs in flight: {}",
+                change.to,
+                h.recorder.describe(h.started)
+            );
+        }
+    }
+    let report = h.report();
+    assert!(
+        report.lost.is_empty() && report.redelivered.is_empty(),
+        "{report:?}"
+    );
+}
+
+/// Scale-in while long jobs run: every step removes an idle pod. The grace
+/// period is deliberately short (1 s against jobs of up to 8 s), so a busy
+/// pod chosen as a victim would be SIGKILLed and its job redelivered: zero
+/// redeliveries means the pod-deletion-cost marking steered every scale-in.
+#[tokio::test]
+async fn scale_in_while_long_jobs_run_interrupts_no_job() {
+    let h = ok(Harness::start(
+        HarnessOptions {
+            grace_seconds: 1,
+            ..HarnessOptions::default()
+        }
+        .scaler(|s| {
+            s.max_replicas = 4;
+            s.messages_per_replica = 1;
+            s.behavior.scale_down.stabilization_window_seconds = 1;
+            s.behavior.cooldown_seconds = 2;
+        }),
+    )
+    .await);
+
+    // 2, 4, 6 and 8 s: the backlog shrinks one job at a time.
+    let burst = ok(h.send_messages(&[job(20), job(40), job(60), job(80)]).await);
+    ok(h.wait_replicas(4, secs(15.0)).await);
+    ok(h.wait_jobs_done(&burst.ids, secs(40.0)).await);
+    ok(h.wait_replicas(0, secs(15.0)).await);
+
+    let log = h.job_log();
+    let spans: Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> = burst
+        .ids
+        .iter()
+        .filter_map(|id| {
+            let events = log.of(id);
+            let start = events.iter().find(|e| e.kind == JobKind::Started)?.at?;
+            let done = events.iter().find(|e| e.kind == JobKind::Done)?.at?;
+            Some((start, done))
+        })
+        .collect();
+    let scale_ins_with_jobs_running = h
+        .recorder
+        .history()
+        .iter()
+        .filter(|c| c.from.is_some_and(|from| from > c.to) && c.to > 0)
+        .filter(|c| {
+            spans
+                .iter()
+                .any(|(start, done)| *start < c.wall && c.wall < *done)
+        })
+        .count();
+    assert!(
+        scale_ins_with_jobs_running >= 2,
+        "the scenario needs scale-ins while jobs run: {}",
+        h.recorder.describe(h.started)
+    );
+    let report = h.report();
+    assert!(
+        report.redelivered.is_empty(),
+        "scale-in redelivered jobs: {report:?}"
+    );
+    assert!(
+        report.interrupted.is_empty(),
+        "scale-in interrupted jobs: {report:?}"
+    );
+    assert!(
+        report.lost.is_empty() && report.duplicated.is_empty(),
+        "{report:?}"
+    );
+    for exit in h.exits() {
+        assert!(
+            exit.success() && !exit.sigkill_sent,
+            "a scale-in victim did not exit 0 within its grace period: {exit:?}"
+        );
+    }
+}
+
+/// A worker SIGKILLed mid-job: the broker redelivers the job, another pod
+/// (the replacement) completes it; nothing lost, nothing done twice.
+#[tokio::test]
+async fn a_sigkilled_workers_job_completes_elsewhere() {
+    let h = ok(Harness::start(HarnessOptions::default().scaler(|s| {
+        s.max_replicas = 2;
+        s.messages_per_replica = 1;
+    }))
+    .await);
+    let burst = ok(h.send_messages(&[job(40), job(40)]).await); // 4 s each
+    ok(h.wait_replicas(2, secs(15.0)).await);
+    let in_hand = ok(h.wait_in_hand(2, secs(20.0)).await);
+    let (victim, victim_job) = in_hand[0].clone();
+    h.workers
+        .as_ref()
+        .expect("worker pods")
+        .kill_pod(&victim, Signal::SIGKILL)
+        .expect("SIGKILL the worker");
+
+    ok(h.wait_jobs_done(&burst.ids, secs(40.0)).await);
+    let log = h.job_log();
+    let finished: Vec<_> = log
+        .of(&victim_job)
+        .into_iter()
+        .filter(|e| e.kind == JobKind::Done)
+        .collect();
+    assert_eq!(finished.len(), 1, "done exactly once: {finished:?}");
+    assert_ne!(finished[0].pod, victim, "finished by another pod");
+    assert!(finished[0].redelivered, "it was a redelivery: {finished:?}");
+    let report = h.report();
+    assert!(
+        report.lost.is_empty() && report.duplicated.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(report.redelivered, vec![victim_job.clone()], "{report:?}");
+    let exit = h
+        .exits()
+        .into_iter()
+        .find(|e| e.pod == victim)
+        .expect("the victim's exit");
+    assert_eq!(exit.signal, Some(9), "{exit:?}");
+    assert!(
+        !exit.sigterm_sent,
+        "the kill was ours, not a scale-in: {exit:?}"
+    );
+}
+
+/// Broker crash and restart: while metrics are missing the controller keeps
+/// the replicas (fallback, never down, never to zero); after the restart
+/// every accepted job is processed and the target scales to zero.
+#[tokio::test]
+async fn broker_restart_keeps_replicas_and_loses_nothing() {
+    let mut h = ok(Harness::start(
+        HarnessOptions {
+            // A single-node quorum queue on RabbitMQ 3.10 stops confirming
+            // after a SIGKILL and restart; classic queues recover.
+            queue_kind: QueueKind::Classic,
+            ..HarnessOptions::default()
+        }
+        .scaler(|s| {
+            s.max_replicas = 3;
+            s.messages_per_replica = 1;
+            s.fallback.failure_threshold = 2;
+            s.fallback.replicas = Some(2);
+        }),
+    )
+    .await);
+    let burst = ok(h.send_burst(12, 20).await); // 12 jobs of 2 s
+    ok(h.wait_replicas(3, secs(15.0)).await);
+    ok(h.wait_in_hand(3, secs(20.0)).await);
+
+    let killed = Instant::now();
+    ok(h.node.kill().await.map_err(HarnessError::from));
+    let fallback = h
+        .wait_status(secs(15.0), "the Fallback condition", |s| {
+            s.condition(condition_type::FALLBACK)
+                .is_some_and(|c| c.status == ConditionStatus::True)
+        })
+        .await;
+    tokio::time::sleep(secs(2.0)).await;
+    let during = h
+        .recorder
+        .range_during(killed, Instant::now())
+        .expect("a replica history");
+    ok(h.node.start_again().await.map_err(HarnessError::from));
+    let restarted = Instant::now();
+    println!("broker down for {:?}", restarted - killed);
+    ok(fallback);
+    assert_eq!(
+        during.1,
+        3,
+        "replicas dropped while the broker was down: {}",
+        h.recorder.describe(h.started)
+    );
+
+    ok(h.wait_jobs_done(&burst.ids, secs(90.0)).await);
+    let report = h.report();
+    assert!(
+        report.lost.is_empty(),
+        "jobs lost across the broker restart: {report:?}"
+    );
+    ok(h.wait_replicas(0, secs(30.0)).await);
+    assert_ne!(
+        condition(&h, condition_type::FALLBACK),
+        Some(ConditionStatus::True),
+        "still in fallback after the broker came back"
+    );
+}
+
+/// Editing the QueueScaler: raising maxReplicas lets it scale further at
+/// once; raising messagesPerReplica makes it scale down.
+#[tokio::test]
+async fn editing_max_and_target_takes_effect() {
+    let h = ok(Harness::start(HarnessOptions::default().scaler(|s| {
+        s.max_replicas = 2;
+        s.messages_per_replica = 2;
+        s.behavior.scale_down.stabilization_window_seconds = 2;
+    }))
+    .await);
+    ok(h.send_burst(30, 20).await); // 30 jobs of 2 s: wants 15 replicas
+    ok(h.wait_replicas(2, secs(15.0)).await);
+    tokio::time::sleep(secs(2.0)).await;
+    assert_eq!(h.recorder.current(), Some(2), "held at maxReplicas 2");
+
+    let edited = Instant::now();
+    ok(h.patch_scaler_spec(json!({"maxReplicas": 6})));
+    let up = ok(h
+        .wait_change(
+            edited,
+            secs(6.0),
+            "a scale-up after raising maxReplicas",
+            |c| c.to > 2,
+        )
+        .await);
+    println!("maxReplicas 2→6 took effect after {:?}", up.at - edited);
+    ok(h.wait_replicas(6, secs(10.0)).await);
+
+    let edited = Instant::now();
+    ok(h.patch_scaler_spec(json!({"messagesPerReplica": 100})));
+    let down = ok(h
+        .wait_change(
+            edited,
+            secs(10.0),
+            "a scale-down after raising messagesPerReplica",
+            |c| c.to == 1,
+        )
+        .await);
+    println!(
+        "messagesPerReplica 2→100 took effect after {:?}",
+        down.at - edited
+    );
+    assert!(ok(h.ready_count().await) > 0, "the backlog was still there");
+    let status = ok(h
+        .wait_status(secs(5.0), "observedGeneration 3", |s| {
+            s.observed_generation == Some(3)
+        })
+        .await);
+    assert_eq!(status.desired_replicas, Some(1), "{status:?}");
+    let (highest, _) = h
+        .recorder
+        .range_during(h.started, Instant::now())
+        .expect("a replica history");
+    assert!(highest <= 6, "{}", h.recorder.describe(h.started));
+    ok(h.purge().await);
+}
+
+/// Paused holds: a paused scaler neither wakes a target at zero nor scales a
+/// drained one down; unpausing resumes.
+#[tokio::test]
+async fn paused_holds_the_replicas() {
+    let h = ok(Harness::start(HarnessOptions::default().scaler(|s| {
+        s.paused = true;
+        s.max_replicas = 4;
+        s.messages_per_replica = 1;
+    }))
+    .await);
+    let burst = ok(h.send_burst(4, 20).await); // 4 jobs of 2 s
+    tokio::time::sleep(secs(4.0)).await;
+    assert_eq!(
+        h.recorder.current(),
+        Some(0),
+        "a paused scaler woke the target"
+    );
+    assert!(h.scale_patches().is_empty());
+    ok(h.wait_status(secs(5.0), "the Paused condition", |s| {
+        s.condition(condition_type::PAUSED)
+            .is_some_and(|c| c.status == ConditionStatus::True)
+    })
+    .await);
+
+    ok(h.patch_scaler_spec(json!({"paused": false})));
+    ok(h.wait_replicas(4, secs(10.0)).await);
+    ok(h.patch_scaler_spec(json!({"paused": true})));
+    let paused = Instant::now();
+    let held = h.recorder.current().expect("replicas");
+    ok(h.wait_jobs_done(&burst.ids, secs(30.0)).await);
+    // Past the scale-down window and the cooldown.
+    tokio::time::sleep(secs(6.0)).await;
+    let changes = h.recorder.since(paused + secs(1.5));
+    assert!(
+        changes.is_empty() && h.recorder.current() == Some(held),
+        "paused, yet replicas moved: {}",
+        h.recorder.describe(h.started)
+    );
+
+    ok(h.patch_scaler_spec(json!({"paused": false})));
+    ok(h.wait_replicas(0, secs(10.0)).await);
+    assert_ne!(
+        condition(&h, condition_type::PAUSED),
+        Some(ConditionStatus::True)
+    );
+}
+
+/// Two controller replicas: only the Lease holder scales; when it is
+/// SIGKILLed (no release), the other takes over once the Lease expires.
+#[tokio::test]
+async fn two_controllers_one_leader_scales_and_the_other_takes_over() {
+    let h = ok(Harness::start(
+        HarnessOptions {
+            controllers: 2,
+            lease_duration_seconds: 3,
+            lease_grace_seconds: 1,
+            ..HarnessOptions::default()
+        }
+        .scaler(|s| {
+            s.max_replicas = 2;
+            s.messages_per_replica = 1;
+            s.behavior.scale_down.stabilization_window_seconds = 1;
+            s.behavior.cooldown_seconds = 1;
+        }),
+    )
+    .await);
+    let names: Vec<String> = h.controllers.iter().map(|c| c.name.clone()).collect();
+    let started = Instant::now();
+    let leader = loop {
+        if let Some(holder) = h.lease_holder() {
+            break holder;
+        }
+        assert!(
+            started.elapsed() < secs(15.0),
+            "nobody took the Lease\n{}",
+            h.diagnostics()
+        );
+        tokio::time::sleep(secs(0.1)).await;
+    };
+    assert!(names.contains(&leader), "unknown holder {leader}");
+    let follower = names.iter().find(|n| **n != leader).expect("two").clone();
+
+    let burst = ok(h.send_burst(2, 10).await);
+    ok(h.wait_replicas(2, secs(15.0)).await);
+    ok(h.wait_jobs_done(&burst.ids, secs(20.0)).await);
+    ok(h.wait_replicas(0, secs(15.0)).await);
+    let patches = "warren_controller_scale_patches_total";
+    assert!(controller_counter(&h, &leader, patches).await >= 2.0);
+    assert_eq!(
+        controller_counter(&h, &follower, patches).await,
+        0.0,
+        "the follower scaled"
+    );
+    assert_eq!(
+        controller_counter(&h, &leader, "warren_controller_leader").await,
+        1.0
+    );
+    assert_eq!(
+        controller_counter(&h, &follower, "warren_controller_leader").await,
+        0.0
+    );
+
+    ok(h.controller(&leader)
+        .expect("leader process")
+        .signal(Signal::SIGKILL));
+    let killed = Instant::now();
+    loop {
+        if h.lease_holder().as_deref() == Some(follower.as_str()) {
+            break;
+        }
+        assert!(
+            killed.elapsed() < secs(20.0),
+            "the follower never took over\n{}",
+            h.diagnostics()
+        );
+        tokio::time::sleep(secs(0.1)).await;
+    }
+    println!(
+        "{follower} took the Lease {:?} after {leader} was killed",
+        killed.elapsed()
+    );
+
+    let sent = Instant::now();
+    let burst = ok(h.send_burst(2, 10).await);
+    ok(
+        h.wait_change(sent, secs(15.0), "the new leader scaling up", |c| c.to == 2)
+            .await,
+    );
+    ok(h.wait_jobs_done(&burst.ids, secs(20.0)).await);
+    assert!(controller_counter(&h, &follower, patches).await >= 1.0);
+    assert_eq!(
+        controller_counter(&h, &follower, "warren_controller_leader").await,
+        1.0
+    );
+    let report = h.report();
+    assert!(report.lost.is_empty(), "{report:?}");
+}
+
+/// One management-API listing per broker/vhost per tick serves every scaler
+/// on it: three scalers, one `GET /api/queues/<vhost>` per second, counted by
+/// a proxy in front of the management port.
+#[tokio::test]
+async fn one_management_request_per_tick_serves_every_scaler_on_a_vhost() {
+    const SCALERS: usize = 3;
+    let h = ok(Harness::start(HarnessOptions {
+        count_management_requests: true,
+        ..HarnessOptions::default()
+    })
+    .await);
+    let connection = lapin::Connection::connect(&h.node.amqp_url(), Default::default())
+        .await
+        .expect("AMQP connection");
+    let channel = connection.create_channel().await.expect("channel");
+    let mut names = BTreeSet::new();
+    for i in 1..SCALERS {
+        let name = format!("extra-{i}");
+        let queue = format!("{}-{name}", h.queue);
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                Default::default(),
+                Default::default(),
+            )
+            .await
+            .expect("declare");
+        h.api
+            .put_object(&DEPLOYMENTS, deployment_object(&name, 0, 30))
+            .expect("deployment");
+        let mut spec = h.default_spec();
+        spec.queue.name = queue;
+        spec.scale_target_ref.name = name.clone();
+        ok(h.put_scaler(&name, spec));
+        names.insert(name);
+    }
+    // Every scaler has been reconciled at least once.
+    let started = Instant::now();
+    loop {
+        let observed = h
+            .api
+            .list_objects(&warren_fakekube::resources::QUEUESCALERS, Some("default"))
+            .iter()
+            .filter(|o| o.pointer("/status/observation").is_some())
+            .count();
+        if observed == SCALERS {
+            break;
+        }
+        assert!(
+            started.elapsed() < secs(15.0),
+            "{observed} of {SCALERS} scalers observed\n{}",
+            h.diagnostics()
+        );
+        tokio::time::sleep(secs(0.2)).await;
+    }
+    let proxy = h.proxy.as_ref().expect("proxy");
+    proxy.reset();
+    const TICKS: f64 = 6.0;
+    tokio::time::sleep(secs(TICKS)).await;
+    let counts = proxy.counts();
+    let listings: u64 = counts
+        .iter()
+        .filter(|(k, _)| k.starts_with("GET /api/queues/"))
+        .map(|(_, v)| *v)
+        .sum();
+    println!("{TICKS} s with {SCALERS} scalers: {counts:?}");
+    assert!(listings >= 1, "no listing at all: {counts:?}");
+    assert!(
+        (listings as f64) <= TICKS * 1.5 + 1.0,
+        "{listings} queue listings in {TICKS} ticks for {SCALERS} scalers on one vhost: not shared ({counts:?})"
+    );
+}
