@@ -94,7 +94,8 @@ type ScalerKey = (String, String);
 /// Everything a reconcile needs. One per leadership term.
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
+    /// Who records the Events (see [`record_event`]).
+    pub reporter: Reporter,
     pub metrics: ControllerMetrics,
     pub source: Arc<dyn MetricsSource>,
     pub audit: Arc<dyn ScaleAudit>,
@@ -112,16 +113,12 @@ impl Context {
         audit: Arc<dyn ScaleAudit>,
         settings: Settings,
     ) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
+        Self {
+            client,
+            reporter: Reporter {
                 controller: CONTROLLER_NAME.into(),
                 instance,
             },
-        );
-        Self {
-            client,
-            recorder,
             metrics,
             source,
             audit,
@@ -526,6 +523,12 @@ async fn write_status(
 
 /// Records a Kubernetes Event about the scaler; a failure is logged, never
 /// fatal (the change it reports already happened).
+///
+/// A fresh [`Recorder`] per Event: kube's Recorder folds Events with the
+/// same reason and object into one series for 6 minutes and keeps the
+/// *first* note, so a second `Scaled` Event would still read "from 1 to 3".
+/// Each scale is its own Event; repeated warnings are already limited to
+/// condition transitions by the reconciler.
 async fn record_event(
     ctx: &Context,
     scaler: &QueueScaler,
@@ -543,7 +546,8 @@ async fn record_event(
         action: action.into(),
         secondary: None,
     };
-    if let Err(err) = ctx.recorder.publish(&event, &scaler.object_ref(&())).await {
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    if let Err(err) = recorder.publish(&event, &scaler.object_ref(&())).await {
         tracing::warn!(reason, error = %err, "cannot record a Kubernetes Event");
     }
 }
