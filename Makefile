@@ -43,7 +43,9 @@ bench: ## pipeline figures: warren-sender vs raw lapin vs Flask+pika, worker job
 	$(CARGO) build --release -p warren-sender -p warren-worker -p warren-bench
 	@test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
 	@$(BENCH_VENV)/bin/python -c 'import flask, pika' 2>/dev/null || $(BENCH_VENV)/bin/pip install -q -r bench/requirements.txt
+	@command -v wrk >/dev/null || { echo "installing wrk (Debian) for the HTTP load"; apt-get install -y -qq wrk >/dev/null; }
 	$(CARGO_TARGET_DIR)/release/pipeline-bench \
 	  --sender-bin $(CARGO_TARGET_DIR)/release/warren-sender \
 	  --worker-bin $(CARGO_TARGET_DIR)/release/warren-worker \
-	  --python $(BENCH_VENV)/bin/python --flask-script bench/flask_sender.py
+	  --python $(BENCH_VENV)/bin/python --flask-script bench/flask_sender.py \
+	  --wrk $$(command -v wrk) $(BENCH_ARGS)

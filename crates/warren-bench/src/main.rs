@@ -45,9 +45,13 @@ struct Args {
     /// Seconds each publishing measurement runs.
     #[arg(long, default_value_t = 8)]
     seconds: u64,
-    /// Concurrent HTTP clients.
+    /// Concurrent HTTP connections.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// wrk binary for the HTTP load (a separate, efficient process); without
+    /// it an in-process reqwest load generator shares the CPU with the sender.
+    #[arg(long, env = "WARREN_BENCH_WRK")]
+    wrk: Option<PathBuf>,
     /// Jobs for the worker measurement.
     #[arg(long, default_value_t = 5000)]
     worker_jobs: usize,
@@ -58,6 +62,8 @@ struct LoadResult {
     errors: usize,
     seconds: f64,
     latencies: Vec<Duration>,
+    /// Percentiles reported by an external load generator (wrk).
+    reported: Option<(Duration, Duration)>,
 }
 
 impl LoadResult {
@@ -65,6 +71,9 @@ impl LoadResult {
         self.ok as f64 / self.seconds
     }
     fn percentile(&self, p: f64) -> Duration {
+        if let Some((p50, p99)) = self.reported {
+            return if p < 0.9 { p50 } else { p99 };
+        }
         if self.latencies.is_empty() {
             return Duration::ZERO;
         }
@@ -98,11 +107,18 @@ async fn main() -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.seconds);
 
     let mut rows: Vec<(String, LoadResult)> = Vec::new();
-    for queue_type in [QueueType::Quorum, QueueType::Classic] {
+    for (queue_type, audit) in [
+        (QueueType::Quorum, true),
+        (QueueType::Quorum, false),
+        (QueueType::Classic, true),
+    ] {
         let kind = queue_type.as_str();
-        eprintln!("raw lapin publisher, {kind} queue...");
-        let raw = raw_publisher(&url, queue_type, &body, duration).await?;
-        eprintln!("warren-sender, {kind} queue...");
+        if audit {
+            eprintln!("raw lapin publisher, {kind} queue...");
+            let raw = raw_publisher(&url, queue_type, &body, duration).await?;
+            rows.push((format!("raw lapin, pipelined confirms ({kind})"), raw));
+        }
+        eprintln!("warren-sender, {kind} queue, audit events {audit}...");
         let queue = unique_name("bench-sender");
         let port = free_port()?;
         let mut sender = spawn(
@@ -111,23 +127,28 @@ async fn main() -> anyhow::Result<()> {
                 .env("WARREN_QUEUE", &queue)
                 .env("WARREN_QUEUE_TYPE", kind)
                 .env("WARREN_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+                .env("WARREN_AUDIT_EVENTS", audit.to_string())
                 .env("WARREN_LOG", "warn"),
         )?;
         wait_http(&format!("http://127.0.0.1:{port}/readyz")).await?;
-        let result = http_load(
+        let result = load(
+            &args,
             &format!("http://127.0.0.1:{port}/send"),
             202,
-            args.concurrency,
             duration,
         )
-        .await;
+        .await?;
         let _ = sender.kill().await;
         let stored = ready_count(&url, &queue).await?;
         if stored as usize != result.ok {
             eprintln!("warning: {} accepted but {stored} in the queue", result.ok);
         }
-        rows.push((format!("raw lapin, pipelined confirms ({kind})"), raw));
-        rows.push((format!("warren-sender ({kind})"), result));
+        let name = if audit {
+            format!("warren-sender ({kind})")
+        } else {
+            format!("warren-sender ({kind}, audit events off)")
+        };
+        rows.push((name, result));
     }
 
     eprintln!("Flask + pika (seed design, classic queue)...");
@@ -142,13 +163,13 @@ async fn main() -> anyhow::Result<()> {
             .env("PORT", flask_port.to_string()),
     )?;
     wait_tcp(flask_port).await?;
-    let flask_result = http_load(
+    let flask_result = load(
+        &args,
         &format!("http://127.0.0.1:{flask_port}/send"),
         200,
-        args.concurrency,
         duration,
     )
-    .await;
+    .await?;
     let _ = flask.kill().await;
     rows.push((
         "Flask + pika, connection per request (classic)".into(),
@@ -161,8 +182,14 @@ async fn main() -> anyhow::Result<()> {
 
     println!();
     println!(
-        "## warren pipeline benchmark ({} s per run, {} HTTP clients, one private RabbitMQ {} node)",
-        args.seconds, args.concurrency, "3.x"
+        "## warren pipeline benchmark ({} s per run, {} HTTP connections from {}, one private RabbitMQ node)",
+        args.seconds,
+        args.concurrency,
+        if args.wrk.is_some() {
+            "wrk"
+        } else {
+            "an in-process reqwest client"
+        }
     );
     println!();
     println!("| publisher | accepted/s | p50 ms | p99 ms | errors |");
@@ -190,6 +217,13 @@ async fn main() -> anyhow::Result<()> {
         "| warren-sender / raw ceiling (quorum) | {:.2} | >= 0.5 |",
         ratio(
             rate("warren-sender (quorum)"),
+            rate("raw lapin, pipelined confirms (quorum)")
+        )
+    );
+    println!(
+        "| warren-sender, audit events off / raw ceiling (quorum) | {:.2} | >= 0.5 |",
+        ratio(
+            rate("warren-sender (quorum, audit events off)"),
             rate("raw lapin, pipelined confirms (quorum)")
         )
     );
@@ -327,6 +361,7 @@ async fn raw_publisher(
         errors: 0,
         seconds: 0.0,
         latencies: Vec::new(),
+        reported: None,
     };
     for task in tasks {
         let (ok, errors, latencies) = task.await?;
@@ -338,6 +373,108 @@ async fn raw_publisher(
     result.latencies.sort();
     let _ = connection.close(200, "bye".into()).await;
     Ok(result)
+}
+
+/// The HTTP load: wrk when given, else the in-process generator.
+async fn load(
+    args: &Args,
+    url: &str,
+    expect: u16,
+    duration: Duration,
+) -> anyhow::Result<LoadResult> {
+    match &args.wrk {
+        Some(wrk) => wrk_load(wrk, url, args.concurrency, duration).await,
+        None => Ok(http_load(url, expect, args.concurrency, duration).await),
+    }
+}
+
+/// Runs wrk with a POST script and parses its summary. Any non-2xx answer
+/// or socket error counts as an error.
+async fn wrk_load(
+    wrk: &PathBuf,
+    url: &str,
+    concurrency: usize,
+    duration: Duration,
+) -> anyhow::Result<LoadResult> {
+    let dir = std::env::temp_dir().join(format!("warren-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let script = dir.join("post.lua");
+    std::fs::write(
+        &script,
+        "wrk.method = \"POST\"\nwrk.body = '{\"message\": \"Hello RabbitMQ!.....\"}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n",
+    )?;
+    let output = Command::new(wrk)
+        .args([
+            "-t",
+            "2",
+            "-c",
+            &concurrency.to_string(),
+            "-d",
+            &format!("{}s", duration.as_secs()),
+            "--latency",
+            "-s",
+        ])
+        .arg(&script)
+        .arg(url)
+        .output()
+        .await
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    parse_wrk(&text, duration).with_context(|| format!("parsing wrk output:\n{text}"))
+}
+
+fn parse_wrk(text: &str, duration: Duration) -> anyhow::Result<LoadResult> {
+    let duration_of = |value: &str| -> Option<Duration> {
+        let value = value.trim();
+        let (number, scale) = if let Some(v) = value.strip_suffix("us") {
+            (v, 1e-6)
+        } else if let Some(v) = value.strip_suffix("ms") {
+            (v, 1e-3)
+        } else if let Some(v) = value.strip_suffix('s') {
+            (v, 1.0)
+        } else {
+            return None;
+        };
+        number
+            .parse::<f64>()
+            .ok()
+            .map(|n| Duration::from_secs_f64(n * scale))
+    };
+    let mut total = None;
+    let mut errors = 0usize;
+    let mut p50 = None;
+    let mut p99 = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.split(" requests in ").next()
+            && line.contains(" requests in ")
+        {
+            total = rest.trim().parse::<usize>().ok();
+        }
+        if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            errors += rest.trim().parse::<usize>().unwrap_or(0);
+        }
+        if let Some(rest) = line.strip_prefix("Socket errors:") {
+            errors += rest
+                .split(',')
+                .filter_map(|part| part.split_whitespace().last()?.parse::<usize>().ok())
+                .sum::<usize>();
+        }
+        if let Some(rest) = line.strip_prefix("50%") {
+            p50 = duration_of(rest);
+        }
+        if let Some(rest) = line.strip_prefix("99%") {
+            p99 = duration_of(rest);
+        }
+    }
+    let total = total.context("no request count")?;
+    Ok(LoadResult {
+        ok: total.saturating_sub(errors),
+        errors,
+        seconds: duration.as_secs_f64(),
+        latencies: Vec::new(),
+        reported: Some((p50.context("no p50")?, p99.context("no p99")?)),
+    })
 }
 
 /// `concurrency` clients POSTing jobs for `duration`.
@@ -384,6 +521,7 @@ async fn http_load(url: &str, expect: u16, concurrency: usize, duration: Duratio
         errors: 0,
         seconds: 0.0,
         latencies: Vec::new(),
+        reported: None,
     };
     for task in tasks {
         if let Ok((ok, errors, latencies)) = task.await {

@@ -86,6 +86,9 @@ pub struct Args {
     /// Seconds clients are told to wait (Retry-After) when the broker is unavailable.
     #[arg(long, env = "WARREN_RETRY_AFTER_SECONDS", default_value_t = 2)]
     pub retry_after_seconds: u64,
+    /// Publish a `message.accepted` audit event on `warren.events` for every accepted job.
+    #[arg(long, env = "WARREN_AUDIT_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub audit_events: bool,
     /// Connection name shown by RabbitMQ (the pod name on Kubernetes).
     #[arg(long, env = "POD_NAME", default_value = "warren-sender")]
     pub pod_name: String,
@@ -125,6 +128,7 @@ struct AppInner {
     publisher: Publisher,
     audit: AuditSink,
     queues: Vec<String>,
+    audit_events: bool,
     dot_rule: DotRule,
     max_body_bytes: usize,
     retry_after: HeaderValue,
@@ -171,6 +175,7 @@ pub async fn start(args: &Args, shutdown: CancellationToken) -> anyhow::Result<R
             publisher: publisher.clone(),
             audit,
             queues,
+            audit_events: args.audit_events,
             dot_rule: args.dot_rule(),
             max_body_bytes: args.max_body_bytes,
             retry_after: HeaderValue::from(args.retry_after_seconds),
@@ -238,7 +243,7 @@ async fn send_to_queue(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if !state.inner.queues.iter().any(|q| *q == queue) {
+    if !state.inner.queues.contains(&queue) {
         let rejection = Rejection {
             status: 404,
             code: "unknown_queue",
@@ -284,11 +289,13 @@ async fn send(state: &AppState, queue: &str, headers: &HeaderMap, body: Body) ->
                 .metrics
                 .publish_seconds
                 .observe(started.elapsed().as_secs_f64());
-            let mut fields = Map::new();
-            fields.insert("queue".into(), json!(queue));
-            inner
-                .audit
-                .emit(AuditEvent::job("message.accepted", &id, fields));
+            if inner.audit_events {
+                let mut fields = Map::new();
+                fields.insert("queue".into(), json!(queue));
+                inner
+                    .audit
+                    .emit(AuditEvent::job("message.accepted", &id, fields));
+            }
             inner
                 .metrics
                 .responses
