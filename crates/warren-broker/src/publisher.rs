@@ -134,6 +134,11 @@ impl Publisher {
         self.connects.load(Ordering::Relaxed)
     }
 
+    /// A watch on the connection state, for readiness.
+    pub fn connection_watch(&self) -> ConnectionWatch {
+        ConnectionWatch(self.session.clone())
+    }
+
     /// Waits until connected or `timeout` passes; returns whether connected.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
         let mut rx = self.session.clone();
@@ -204,6 +209,20 @@ impl Publisher {
             // Only on a channel without confirm mode, which the pool never has.
             Confirmation::NotRequested => Err(PublishError::Nacked),
         }
+    }
+}
+
+/// Follows the publisher's connection state.
+pub struct ConnectionWatch(watch::Receiver<Option<Arc<Session>>>);
+
+impl ConnectionWatch {
+    /// Waits for the next change; returns whether connected afterwards
+    /// (false, at once, when the publisher has stopped).
+    pub async fn changed(&mut self) -> bool {
+        if self.0.changed().await.is_err() {
+            return false;
+        }
+        self.0.borrow_and_update().is_some()
     }
 }
 

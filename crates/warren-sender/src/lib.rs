@@ -216,18 +216,20 @@ async fn track_broker(
     metrics: SenderMetrics,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut connection = publisher.connection_watch();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut connected = publisher.is_connected();
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        let connected = publisher.is_connected();
         readiness.set(connected);
         metrics.broker_connected.set(i64::from(connected));
         metrics
             .audit_dropped
             .set(i64::try_from(audit.dropped()).unwrap_or(i64::MAX));
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            now = connection.changed() => connected = now,
+            _ = tick.tick() => connected = publisher.is_connected(),
+        }
     }
     readiness.set(false);
 }

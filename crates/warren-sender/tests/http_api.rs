@@ -204,6 +204,31 @@ async fn accepted_jobs_are_persistent_enveloped_and_announced() {
         .unwrap();
     assert_eq!(ready_count(&url, &sms).await.unwrap(), 1);
 
+    // Ready while connected; the metrics count what happened.
+    let ops = client();
+    let ready = ops
+        .get(format!("http://{}/readyz", sender.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+    let metrics = ops
+        .get(format!("http://{}/metrics", sender.addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"warren_sender_responses_total{status="202",code="accepted"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("warren_sender_broker_connected 1"),
+        "{metrics}"
+    );
+
     assert!(
         tap.wait_until(Duration::from_secs(10), |events| events
             .iter()
@@ -250,6 +275,16 @@ async fn broker_outage_gives_fast_503_with_retry_after_then_recovers_by_itself()
     accepted += 1;
 
     node.kill().await.unwrap();
+    // Not ready while the broker is gone (a load balancer stops sending).
+    let readyz = format!("http://{}/readyz", sender.addr);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client().get(&readyz).send().await.unwrap().status() != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "/readyz stayed 200 during the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Every request during the outage ends quickly with 503 + Retry-After.
     for _ in 0..3 {
         let started = Instant::now();

@@ -326,3 +326,26 @@ async fn a_poison_message_is_dead_lettered_and_work_goes_on() {
     );
     assert_eq!(ready_count(&url, &queue).await.unwrap(), 0);
 }
+
+/// The worker's AMQP connection carries its pod name: that is how the
+/// controller tells busy pods from idle ones.
+#[tokio::test]
+async fn the_connection_is_named_after_the_pod() {
+    let node = RabbitNode::start(RabbitOptions::default()).await.unwrap();
+    let queue = unique_name("seed-name");
+    let _worker = spawn_worker(
+        &node.amqp_url(),
+        &queue,
+        "warren-worker-7d9f-abcde",
+        FAST,
+        &[],
+    )
+    .await;
+    let connections = node
+        .rabbitmqctl(&["list_connections", "client_properties"])
+        .unwrap();
+    assert!(
+        connections.contains("warren-worker-7d9f-abcde"),
+        "{connections}"
+    );
+}
