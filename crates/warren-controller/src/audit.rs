@@ -278,3 +278,62 @@ impl ScaleAudit for BrokerAudit {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warren_crd::{BrokerRef, CredentialsSecretRef, QueueRef};
+
+    #[test]
+    fn scaled_event_carries_the_decision_and_its_time() {
+        let target = BrokerTarget {
+            namespace: "ns".into(),
+            broker: BrokerRef {
+                management_url: "http://rabbit:15672".into(),
+                amqp_url: "amqp://rabbit:5672".into(),
+                credentials_secret_ref: CredentialsSecretRef {
+                    name: "s".into(),
+                    username_key: "username".into(),
+                    password_key: "password".into(),
+                },
+            },
+            queue: QueueRef {
+                name: "jobs".into(),
+                vhost: "/".into(),
+            },
+        };
+        let at = DateTime::parse_from_rfc3339("2025-01-02T03:04:05.678Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let record = ScaleRecord {
+            namespace: "ns".into(),
+            scaler: "jobs".into(),
+            target_kind: "Deployment".into(),
+            target_name: "worker".into(),
+            from: 4,
+            to: 1,
+            reason: "QueueEmpty".into(),
+            message: "the queue is empty".into(),
+            at,
+        };
+        let event = record.audit_event(&target);
+        assert_eq!(event.routing_key, "scaler.scaled");
+        let body = &event.body;
+        assert_eq!(body["event"], "scaler.scaled");
+        assert_eq!(body["at"], "2025-01-02T03:04:05.678Z");
+        assert_eq!(body["direction"], "down");
+        assert_eq!(
+            body["target"],
+            json!({"kind": "Deployment", "name": "worker"})
+        );
+        assert_eq!(
+            (body["from"].as_i64(), body["to"].as_i64()),
+            (Some(4), Some(1))
+        );
+        assert_eq!(body["queue"], "jobs");
+        assert_eq!(body["vhost"], "/");
+        let id = body["id"].as_str().unwrap();
+        assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+        assert_ne!(record.audit_event(&target).body["id"], body["id"]);
+    }
+}

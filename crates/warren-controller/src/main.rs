@@ -72,6 +72,10 @@ struct Args {
     #[arg(long, env = "WARREN_STATUS_HEARTBEAT_SECONDS", default_value_t = 60)]
     status_heartbeat_seconds: u64,
 
+    /// QueueScalers reconciled at once (0: unlimited).
+    #[arg(long, env = "WARREN_RECONCILE_CONCURRENCY", default_value_t = 64)]
+    reconcile_concurrency: u16,
+
     /// Longest backoff after failed reconciles of one scaler, in seconds.
     #[arg(long, env = "WARREN_MAX_BACKOFF_SECONDS", default_value_t = 300)]
     max_backoff_seconds: u64,
@@ -159,6 +163,7 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings {
         status_heartbeat: Duration::from_secs(args.status_heartbeat_seconds),
         error_backoff_max: Duration::from_secs(args.max_backoff_seconds.max(1)),
+        concurrency: args.reconcile_concurrency,
         ..Settings::default()
     };
     let watch_namespace = (!args.watch_namespace.is_empty()).then(|| args.watch_namespace.clone());

@@ -32,7 +32,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v1::Scale;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, watcher};
@@ -65,6 +65,9 @@ pub struct Settings {
     pub error_backoff_min: Duration,
     /// Cap of the failed-reconcile backoff.
     pub error_backoff_max: Duration,
+    /// Reconciles running at once (0: unlimited). Bounds the burst of
+    /// Kubernetes API requests when many scalers come due together.
+    pub concurrency: u16,
 }
 
 impl Default for Settings {
@@ -74,6 +77,7 @@ impl Default for Settings {
             status_heartbeat: Duration::from_secs(60),
             error_backoff_min: Duration::from_secs(1),
             error_backoff_max: Duration::from_secs(300),
+            concurrency: 64,
         }
     }
 }
@@ -656,6 +660,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, stop: Cancellatio
     let by_deployment = reader.clone();
     let by_statefulset = reader.clone();
     let controller = Controller::for_stream(scaler_events, reader.clone())
+        .with_config(controller::Config::default().concurrency(ctx.settings.concurrency))
         .watches_stream(deployment_events, move |d: Deployment| {
             scalers_targeting(
                 &by_deployment,

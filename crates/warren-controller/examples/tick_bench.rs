@@ -1,0 +1,626 @@
+//! Controller cost per tick as QueueScalers grow (prints figures; not a test).
+//!
+//! ```text
+//! cargo build --release -p warren-controller --bins --examples
+//! target/release/examples/tick_bench            # or: cargo run --release -p warren-controller --example tick_bench
+//! ```
+//!
+//! Starts a private RabbitMQ node with the management plugin and, for each
+//! scaler count N (default 1, 100, 1000), a vhost `bench-N` with N queues.
+//!
+//! A. In process: N scalers read their queue through the real
+//!    [`MetricsSource`] (Secret cache → [`QueueStatsHub`] → management API)
+//!    once per tick, concurrently, as N reconciles would. Prints management
+//!    requests per tick (`ManagementClient::requests_sent`), tick latency,
+//!    and this process's CPU time per tick and RSS.
+//! B. The `warren-controller` binary against the fake Kubernetes API server
+//!    (KUBECONFIG) with N QueueScalers and N Deployments at 1 replica:
+//!    reconciles per second, broker requests per tick (from its /metrics),
+//!    Kubernetes API requests per tick, the controller's CPU time per tick
+//!    and RSS (from /proc/<pid>), and the time from a burst landing in a
+//!    queue to the scale patch.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueuePurgeOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::{Value, json};
+use warren_controller::credentials::CredentialsCache;
+use warren_controller::queue_peek::QueuePeeker;
+use warren_controller::queue_stats::{
+    Credentials, ManagementClient, ManagementConfig, ManagementEndpoint, QueueStatsHub,
+};
+use warren_controller::source::{BrokerMetrics, BrokerTarget, MetricsSource};
+use warren_crd::{BrokerRef, CredentialsSecretRef, QueueRef};
+use warren_fakekube::FakeApiServer;
+use warren_fakekube::resources::{DEPLOYMENTS, QUEUESCALERS, SECRETS};
+use warren_testkit::{RabbitNode, RabbitOptions};
+
+#[derive(Debug, Parser)]
+#[command(about = "Controller cost per tick with 1, 100, 1000 QueueScalers")]
+struct Args {
+    /// Scaler counts to measure (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
+    scalers: Vec<usize>,
+    /// Ticks measured per scaler count in part A.
+    #[arg(long, default_value_t = 5)]
+    ticks: u32,
+    /// Tick length in part A (the polling interval), in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    tick_ms: u64,
+    /// RabbitMQ `collect_statistics_interval` in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    stats_interval_ms: u64,
+    /// The controller binary for part B (default: next to this example's
+    /// directory, i.e. target/<profile>/warren-controller).
+    #[arg(long)]
+    controller_bin: Option<PathBuf>,
+    /// Measurement window of part B, in seconds.
+    #[arg(long, default_value_t = 10)]
+    window_seconds: u64,
+    /// Run only part A.
+    #[arg(long)]
+    skip_binary: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    warren_telemetry::install_crypto_provider();
+    let args = Args::parse();
+    let controller_bin = match (&args.controller_bin, args.skip_binary) {
+        (_, true) => None,
+        (Some(path), false) => Some(path.clone()),
+        (None, false) => Some(default_controller_bin()?),
+    };
+    if let Some(bin) = &controller_bin
+        && !bin.exists()
+    {
+        bail!(
+            "{} not found: build it with `cargo build --release -p warren-controller --bins`, pass --controller-bin, or --skip-binary",
+            bin.display()
+        );
+    }
+
+    eprintln!("starting a private RabbitMQ node with the management plugin...");
+    let node = RabbitNode::start(RabbitOptions {
+        management: true,
+        stats_interval_ms: args.stats_interval_ms,
+        ..RabbitOptions::default()
+    })
+    .await
+    .context("cannot start RabbitMQ (is rabbitmq-server installed?)")?;
+    for (index, &n) in args.scalers.iter().enumerate() {
+        eprintln!("creating vhost {} with {n} queues...", vhost(index, n));
+        create_vhost(&node, &vhost(index, n), n).await?;
+    }
+
+    println!(
+        "\n== A. Queue reads per tick, in process (MetricsSource -> QueueStatsHub -> management API) =="
+    );
+    println!(
+        "{:>8} {:>14} {:>18} {:>12} {:>12} {:>12} {:>10}",
+        "scalers",
+        "mgmt req/tick",
+        "per-queue req/tick",
+        "tick p50 ms",
+        "tick max ms",
+        "cpu ms/tick",
+        "RSS MiB"
+    );
+    for (index, &n) in args.scalers.iter().enumerate() {
+        let vhost = vhost(index, n);
+        let row = part_a(
+            &node,
+            &vhost,
+            n,
+            args.ticks,
+            Duration::from_millis(args.tick_ms),
+        )
+        .await?;
+        println!(
+            "{:>8} {:>14.2} {:>18} {:>12.1} {:>12.1} {:>12.2} {:>10.1}",
+            n, row.requests_per_tick, n, row.p50_ms, row.max_ms, row.cpu_ms_per_tick, row.rss_mib
+        );
+    }
+
+    if let Some(bin) = controller_bin {
+        println!(
+            "\n== B. warren-controller binary against the fake API server (pollingIntervalSeconds=1) =="
+        );
+        println!(
+            "{:>8} {:>10} {:>13} {:>13} {:>13} {:>12} {:>9} {:>10} {:>14} {:>14}",
+            "scalers",
+            "startup s",
+            "reconciles/s",
+            "mgmt req/tick",
+            "peeks/tick",
+            "k8s req/tick",
+            "cpu ms/tick",
+            "RSS MiB",
+            "burst->scale s",
+            "mgmt shows s"
+        );
+        for (index, &n) in args.scalers.iter().enumerate() {
+            let vhost = vhost(index, n);
+            let row = part_b(
+                &node,
+                &vhost,
+                n,
+                &bin,
+                Duration::from_secs(args.window_seconds),
+            )
+            .await?;
+            println!(
+                "{:>8} {:>10.1} {:>13.1} {:>13.2} {:>13.2} {:>12.2} {:>9.2} {:>10.1} {:>14.2} {:>14.2}",
+                n,
+                row.startup_s,
+                row.reconciles_per_s,
+                row.mgmt_per_tick,
+                row.peeks_per_tick,
+                row.k8s_per_tick,
+                row.cpu_ms_per_tick,
+                row.rss_mib,
+                row.burst_to_scale_s,
+                row.management_lag_s
+            );
+        }
+    }
+    println!(
+        "\nmgmt req/tick: management API requests per polling tick (one GET /api/queues/<vhost>?columns=... serves every scaler on the vhost);"
+    );
+    println!(
+        "per-queue req/tick: what polling each queue's own endpoint would cost. ticks in B = reconciles / scalers."
+    );
+    println!(
+        "burst->scale: 50 messages published (confirmed) until the Deployment's replicas change; mgmt shows: until the management API reports them (statistics lag)."
+    );
+    Ok(())
+}
+
+fn default_controller_bin() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/examples/tick_bench -> target/<profile>/warren-controller
+    let profile_dir = exe
+        .parent()
+        .and_then(|examples| examples.parent())
+        .context("cannot locate the target directory")?;
+    Ok(profile_dir.join("warren-controller"))
+}
+
+/// One vhost per measured case, so no case sees another's messages (the
+/// management API reports a purge seconds late).
+fn vhost(index: usize, n: usize) -> String {
+    format!("bench-{index}-{n}")
+}
+
+fn queue(i: usize) -> String {
+    format!("q-{i:05}")
+}
+
+async fn create_vhost(node: &RabbitNode, vhost: &str, n: usize) -> anyhow::Result<()> {
+    node.rabbitmqctl(&["add_vhost", vhost])?;
+    node.rabbitmqctl(&["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"])?;
+    let (_connection, channel) = connect(node, vhost).await?;
+    for i in 0..n {
+        channel
+            .queue_declare(
+                queue(i).as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+async fn connect(node: &RabbitNode, vhost: &str) -> anyhow::Result<(Connection, Channel)> {
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/{vhost}", node.amqp_port());
+    let connection = Connection::connect(
+        &url,
+        ConnectionProperties::default().with_connection_name("tick-bench".into()),
+    )
+    .await
+    .with_context(|| format!("cannot connect to vhost {vhost}"))?;
+    let channel = connection.create_channel().await?;
+    Ok((connection, channel))
+}
+
+fn put_secret(server: &FakeApiServer) -> anyhow::Result<()> {
+    server
+        .put_object(
+            &SECRETS,
+            json!({"apiVersion": "v1", "kind": "Secret",
+                   "metadata": {"name": "warren-rabbitmq", "namespace": "default"},
+                   "data": {"username": "Z3Vlc3Q=", "password": "Z3Vlc3Q="}}),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+fn broker(node: &RabbitNode) -> BrokerRef {
+    BrokerRef {
+        management_url: node.management_url(),
+        amqp_url: format!("amqp://127.0.0.1:{}", node.amqp_port()),
+        credentials_secret_ref: CredentialsSecretRef {
+            name: "warren-rabbitmq".into(),
+            username_key: "username".into(),
+            password_key: "password".into(),
+        },
+    }
+}
+
+struct RowA {
+    requests_per_tick: f64,
+    p50_ms: f64,
+    max_ms: f64,
+    cpu_ms_per_tick: f64,
+    rss_mib: f64,
+}
+
+async fn part_a(
+    node: &RabbitNode,
+    vhost: &str,
+    n: usize,
+    ticks: u32,
+    tick: Duration,
+) -> anyhow::Result<RowA> {
+    let server = FakeApiServer::start().await?;
+    put_secret(&server)?;
+    let client = server.client().await?;
+    let management = ManagementClient::new(ManagementConfig::default())?;
+    let hub = Arc::new(QueueStatsHub::new(management, tick.mul_f64(0.9)));
+    let source = Arc::new(BrokerMetrics::new(
+        Arc::new(CredentialsCache::new(client, Duration::from_secs(600))),
+        hub.clone(),
+        Arc::new(QueuePeeker::new(Duration::from_secs(5))),
+    ));
+    let targets: Vec<BrokerTarget> = (0..n)
+        .map(|i| BrokerTarget {
+            namespace: "default".into(),
+            broker: broker(node),
+            queue: QueueRef {
+                name: queue(i),
+                vhost: vhost.to_string(),
+            },
+        })
+        .collect();
+
+    // Warm-up tick: Secret read, HTTP connection, stats for every queue.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let failures = one_tick(&source, &targets).await;
+        if failures == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{failures} of {n} queue reads still fail after 60 s");
+        }
+        tokio::time::sleep(tick).await;
+    }
+    tokio::time::sleep(tick).await;
+
+    let requests_before = hub.client().requests_sent();
+    let cpu_before = cpu_seconds("self")?;
+    let mut latencies = Vec::new();
+    for _ in 0..ticks {
+        let started = Instant::now();
+        let failures = one_tick(&source, &targets).await;
+        if failures > 0 {
+            bail!("{failures} of {n} queue reads failed during the measurement");
+        }
+        let took = started.elapsed();
+        latencies.push(took.as_secs_f64() * 1000.0);
+        tokio::time::sleep(tick.saturating_sub(took)).await;
+    }
+    let cpu = cpu_seconds("self")? - cpu_before;
+    let requests = hub.client().requests_sent() - requests_before;
+    latencies.sort_by(f64::total_cmp);
+    Ok(RowA {
+        requests_per_tick: requests as f64 / f64::from(ticks),
+        p50_ms: latencies[latencies.len() / 2],
+        max_ms: latencies.last().copied().unwrap_or_default(),
+        cpu_ms_per_tick: cpu * 1000.0 / f64::from(ticks),
+        rss_mib: rss_mib("self")?,
+    })
+}
+
+/// N concurrent reads, as N reconciles in one polling interval; returns failures.
+async fn one_tick(source: &Arc<BrokerMetrics>, targets: &[BrokerTarget]) -> usize {
+    let reads = targets.iter().map(|t| {
+        let source = source.clone();
+        async move { source.observe(t, false).await }
+    });
+    futures::future::join_all(reads)
+        .await
+        .iter()
+        .filter(|r| r.is_err())
+        .count()
+}
+
+struct RowB {
+    startup_s: f64,
+    reconciles_per_s: f64,
+    mgmt_per_tick: f64,
+    peeks_per_tick: f64,
+    k8s_per_tick: f64,
+    cpu_ms_per_tick: f64,
+    rss_mib: f64,
+    burst_to_scale_s: f64,
+    management_lag_s: f64,
+}
+
+async fn part_b(
+    node: &RabbitNode,
+    vhost: &str,
+    n: usize,
+    bin: &PathBuf,
+    window: Duration,
+) -> anyhow::Result<RowB> {
+    let server = FakeApiServer::start().await?;
+    put_secret(&server)?;
+    let broker = serde_json::to_value(broker(node))?;
+    for i in 0..n {
+        let name = format!("w-{i:05}");
+        server
+            .put_object(
+                &DEPLOYMENTS,
+                json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                       "metadata": {"name": name, "namespace": "default"},
+                       "spec": {"replicas": 1,
+                                "selector": {"matchLabels": {"app": name}},
+                                "template": {"metadata": {"labels": {"app": name}},
+                                             "spec": {"containers": [{"name": "w", "image": "worker"}]}}}}),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        server
+            .put_object(
+                &QUEUESCALERS,
+                json!({"apiVersion": "warren.dev/v1alpha1", "kind": "QueueScaler",
+                       "metadata": {"name": format!("qs-{i:05}"), "namespace": "default"},
+                       "spec": {"scaleTargetRef": {"name": name},
+                                "queue": {"name": queue(i), "vhost": vhost},
+                                "broker": broker,
+                                "minReplicas": 1, "maxReplicas": 20, "messagesPerReplica": 5,
+                                "pollingIntervalSeconds": 1}}),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig)?;
+    let log = std::fs::File::create(dir.path().join("controller.log"))?;
+    let port = warren_testkit::free_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new(bin)
+        .env("KUBECONFIG", &kubeconfig)
+        .env("WARREN_LISTEN_ADDR", &addr)
+        .env("WARREN_LEADER_ELECTION", "false")
+        .env("WARREN_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let pid = child.id().context("no pid")?.to_string();
+
+    // Startup: every scaler has a status.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let done = server
+            .list_objects(&QUEUESCALERS, Some("default"))
+            .iter()
+            .filter(|s| s.pointer("/status/desiredReplicas").is_some())
+            .count();
+        if done == n {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {done} of {n} scalers got a status in 180 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let startup_s = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let http = reqwest::Client::new();
+    let before = scrape(&http, &addr).await?;
+    let cpu_before = cpu_seconds(&pid)?;
+    server.clear_requests();
+    let window_started = Instant::now();
+    tokio::time::sleep(window).await;
+    let after = scrape(&http, &addr).await?;
+    let k8s_requests = server.requests().len() as f64;
+    let elapsed = window_started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(&pid)? - cpu_before;
+    let rss = rss_mib(&pid)?;
+
+    let delta = |name: &str, label: Option<&str>| {
+        sum_metric(&after, name, label) - sum_metric(&before, name, label)
+    };
+    let reconciles = delta("warren_controller_reconciles_total", None);
+    let ticks = (reconciles / n as f64).max(1.0);
+    let mgmt = delta(
+        "warren_controller_broker_requests_total",
+        Some("request=\"queues\""),
+    );
+    let peeks = delta(
+        "warren_controller_broker_requests_total",
+        Some("request=\"passive_declare\""),
+    );
+
+    // Burst -> scale patch on the first scaler (its queue starts empty).
+    let (_connection, channel) = connect(node, vhost).await?;
+    channel
+        .queue_purge(queue(0).as_str().into(), QueuePurgeOptions::default())
+        .await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    // Meanwhile, how long the management API takes to show the burst.
+    let probe = ManagementClient::new(ManagementConfig::default())?;
+    let endpoint = ManagementEndpoint {
+        url: node.management_url(),
+        credentials: Credentials {
+            username: "guest".into(),
+            password: "guest".into(),
+        },
+    };
+    let probe_vhost = vhost.to_string();
+    let burst_started = Instant::now();
+    let lag = tokio::spawn(async move {
+        loop {
+            if let Ok(queues) = probe.vhost_queues(&endpoint, &probe_vhost).await
+                && queues
+                    .get(&queue(0))
+                    .and_then(|q| q.messages_ready)
+                    .is_some_and(|ready| ready >= 50)
+            {
+                return burst_started.elapsed().as_secs_f64();
+            }
+            if burst_started.elapsed() > Duration::from_secs(60) {
+                return f64::NAN;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    for _ in 0..50 {
+        channel
+            .basic_publish(
+                "".into(),
+                queue(0).as_str().into(),
+                BasicPublishOptions::default(),
+                b"job",
+                BasicProperties::default(),
+            )
+            .await?
+            .await?;
+    }
+    let scaled = server
+        .wait_for_object(
+            &DEPLOYMENTS,
+            "default",
+            "w-00000",
+            Duration::from_secs(60),
+            |d: &Value| {
+                d.pointer("/spec/replicas")
+                    .and_then(Value::as_i64)
+                    .is_some_and(|r| r > 1)
+            },
+        )
+        .await;
+    if scaled.is_none() {
+        bail!("the burst never scaled w-00000");
+    }
+    let burst_to_scale_s = burst_started.elapsed().as_secs_f64();
+    let management_lag_s = lag.await.unwrap_or(f64::NAN);
+    channel
+        .queue_purge(queue(0).as_str().into(), QueuePurgeOptions::default())
+        .await?;
+
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
+
+    Ok(RowB {
+        startup_s,
+        reconciles_per_s: reconciles / elapsed,
+        mgmt_per_tick: mgmt / ticks,
+        peeks_per_tick: peeks / ticks,
+        k8s_per_tick: k8s_requests / ticks,
+        cpu_ms_per_tick: cpu * 1000.0 / ticks,
+        rss_mib: rss,
+        burst_to_scale_s,
+        management_lag_s,
+    })
+}
+
+async fn scrape(http: &reqwest::Client, addr: &str) -> anyhow::Result<String> {
+    Ok(http
+        .get(format!("http://{addr}/metrics"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await?
+        .text()
+        .await?)
+}
+
+/// Sum of the samples of `name` (whose labels contain `label`, if given).
+fn sum_metric(text: &str, name: &str, label: Option<&str>) -> f64 {
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|line| label.is_none_or(|l| line.contains(l)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// CPU seconds used by `pid` ("self" for this process): the sum of its
+/// threads' run time from `/proc/<pid>/task/*/schedstat` (nanoseconds),
+/// falling back to utime + stime of `/proc/<pid>/stat` (clock ticks).
+fn cpu_seconds(pid: &str) -> anyhow::Result<f64> {
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        let mut ns = 0u64;
+        let mut any = false;
+        for task in tasks.flatten() {
+            if let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat"))
+                && let Some(run) = stat
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+            {
+                ns += run;
+                any = true;
+            }
+        }
+        if any {
+            return Ok(ns as f64 / 1e9);
+        }
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("malformed /proc/<pid>/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After "pid (comm)": state is field 3, utime 14, stime 15.
+    let utime: f64 = fields.get(11).context("no utime")?.parse()?;
+    let stime: f64 = fields.get(12).context("no stime")?.parse()?;
+    Ok((utime + stime) / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Resident set size of `pid` in MiB.
+fn rss_mib(pid: &str) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("no VmRSS")?
+        .parse()?;
+    Ok(kib / 1024.0)
+}
