@@ -35,6 +35,12 @@ pub const SECRET: &str = "warren-rabbitmq";
 pub const SCALER: &str = "warren-worker";
 /// The leader-election Lease.
 pub const LEASE: &str = "warren-controller";
+/// Scale-down stabilization window of [`base_spec`], seconds: longer than the
+/// management API's data lag.
+pub const DATA_LAG_WINDOW: u32 = 12;
+/// Cooldown before zero of [`base_spec`], seconds: longer than the
+/// management API's data lag.
+pub const DATA_LAG_COOLDOWN: u32 = 15;
 /// base64("guest"): the private node's user and password.
 const GUEST_B64: &str = "Z3Vlc3Q=";
 
@@ -61,6 +67,8 @@ pub type SpecEdit = Box<dyn FnOnce(&mut QueueScalerSpec) + Send>;
 
 /// How to set up a [`Harness`].
 pub struct HarnessOptions {
+    /// The work queue's type (default quorum; `WARREN_E2E_QUEUE_TYPE=classic`
+    /// changes the default for every harness).
     pub queue_kind: QueueKind,
     /// `WARREN_SECONDS_PER_DOT` of the workers.
     pub seconds_per_dot: f64,
@@ -83,6 +91,12 @@ pub struct HarnessOptions {
     pub count_management_requests: bool,
     /// More environment for the controllers.
     pub controller_env: Vec<(String, String)>,
+    /// Before starting the controllers, wait until the management API
+    /// reports counts for the work queue (RabbitMQ collects them only some
+    /// seconds after a queue is declared; a fresh queue is a real condition
+    /// the controller must handle, so this is off by default).
+    /// `WARREN_E2E_WAIT_FOR_QUEUE_STATS=1` turns it on for every harness.
+    pub wait_for_queue_stats: bool,
     /// Applied to [`base_spec`] before the QueueScaler is created (see [`HarnessOptions::scaler`]).
     pub spec_edit: Option<SpecEdit>,
 }
@@ -90,7 +104,10 @@ pub struct HarnessOptions {
 impl Default for HarnessOptions {
     fn default() -> Self {
         Self {
-            queue_kind: QueueKind::Quorum,
+            queue_kind: match std::env::var("WARREN_E2E_QUEUE_TYPE").as_deref() {
+                Ok("classic") => QueueKind::Classic,
+                _ => QueueKind::Quorum,
+            },
             seconds_per_dot: 0.1,
             grace_seconds: 30,
             stats_interval_ms: 500,
@@ -102,6 +119,7 @@ impl Default for HarnessOptions {
             create_scaler: true,
             count_management_requests: false,
             controller_env: Vec::new(),
+            wait_for_queue_stats: std::env::var_os("WARREN_E2E_WAIT_FOR_QUEUE_STATS").is_some(),
             spec_edit: None,
         }
     }
@@ -120,8 +138,20 @@ impl HarnessOptions {
 /// scenario runs in seconds.
 ///
 /// pollingIntervalSeconds 1, maxReplicas 4, messagesPerReplica 2, scale-up
-/// without a window (+10 pods per second), scale-down window 2 s (-100% per
-/// second), cooldown 2 s, fallback after 2 failed reads (holding the count).
+/// without a window (+10 pods per second), scale-down window
+/// [`DATA_LAG_WINDOW`] s (-100% per second), cooldown [`DATA_LAG_COOLDOWN`] s,
+/// fallback after 2 failed reads (holding the count).
+///
+/// Why the scale-down window and the cooldown are not 2–3 s: RabbitMQ's
+/// management API reports queue and channel counts late — measured on this
+/// machine's 3.10 node, ~5 s for a classic queue (the management agent
+/// samples every 5 s, the smallest `sample_retention_policies` interval,
+/// whatever `collect_statistics_interval` says) and up to ~10 s for a quorum
+/// queue (plus the 5 s quorum tick); a freshly declared queue has no counts
+/// at all for 5–10 s. A window shorter than that makes any controller
+/// decide on counts older than the burst it just reacted to. Scenarios
+/// about the safety rules that must hold whatever the windows (never to
+/// zero with jobs in flight) set short windows on purpose.
 pub fn base_spec(queue: &str, management_url: &str, amqp_url: &str) -> QueueScalerSpec {
     QueueScalerSpec {
         scale_target_ref: ScaleTargetRef {
@@ -160,7 +190,7 @@ pub fn base_spec(queue: &str, management_url: &str, amqp_url: &str) -> QueueScal
                 select_policy: SelectPolicy::Max,
             },
             scale_down: ScaleDownRules {
-                stabilization_window_seconds: 2,
+                stabilization_window_seconds: DATA_LAG_WINDOW,
                 policies: vec![ScalingPolicy {
                     policy_type: PolicyType::Percent,
                     value: 100,
@@ -168,7 +198,7 @@ pub fn base_spec(queue: &str, management_url: &str, amqp_url: &str) -> QueueScal
                 }],
                 select_policy: SelectPolicy::Max,
             },
-            cooldown_seconds: 2,
+            cooldown_seconds: DATA_LAG_COOLDOWN,
         },
         fallback: Fallback {
             failure_threshold: 2,
@@ -359,12 +389,51 @@ impl Harness {
             }
             harness.put_scaler(SCALER, spec)?;
         }
+        if options.wait_for_queue_stats {
+            let waited = harness
+                .wait_for_queue_stats(Duration::from_secs(60))
+                .await?;
+            tracing::info!(?waited, "management API reports counts for the work queue");
+        }
         for i in 0..options.controllers {
             harness
                 .start_controller(&format!("warren-controller-{i}"))
                 .await?;
         }
         Ok(harness)
+    }
+
+    /// Waits until the management API reports message counts for the work
+    /// queue; returns how long that took.
+    pub async fn wait_for_queue_stats(&self, timeout: Duration) -> Result<Duration, HarnessError> {
+        let started = Instant::now();
+        let url = format!(
+            "{}/api/queues/%2F/{}",
+            self.node.management_url(),
+            self.queue
+        );
+        loop {
+            let counts =
+                match self
+                    .http
+                    .get(&url)
+                    .basic_auth("guest", Some("guest"))
+                    .send()
+                    .await
+                {
+                    Ok(response) => response.json::<Value>().await.ok().is_some_and(|q| {
+                        q.get("messages_unacknowledged").is_some_and(Value::is_u64)
+                    }),
+                    Err(_) => false,
+                };
+            if counts {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > timeout {
+                return Err(self.timeout("management counts for the work queue".into(), started));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// [`base_spec`] for this harness's queue and broker.
@@ -814,11 +883,11 @@ impl Harness {
 impl Drop for Harness {
     fn drop(&mut self) {
         if std::thread::panicking() {
+            let diagnostics = self.diagnostics();
             let path = self.keep_dir();
             eprintln!(
-                "===== warren-e2e diagnostics (logs kept in {}) =====\n{}",
+                "===== warren-e2e diagnostics (logs kept in {}) =====\n{diagnostics}",
                 path.display(),
-                self.diagnostics()
             );
         } else if std::env::var_os("WARREN_E2E_KEEP").is_some() {
             let path = self.keep_dir();

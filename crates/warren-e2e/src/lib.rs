@@ -37,8 +37,8 @@ mod recorder;
 
 pub use binaries::{BIN_DIR_ENV, Binaries};
 pub use harness::{
-    Burst, DEPLOYMENT, Harness, HarnessOptions, LEASE, NAMESPACE, QueueKind, SCALER, SECRET,
-    base_spec, deployment_object, job, scaler_object,
+    Burst, DATA_LAG_COOLDOWN, DATA_LAG_WINDOW, DEPLOYMENT, Harness, HarnessOptions, LEASE,
+    NAMESPACE, QueueKind, SCALER, SECRET, base_spec, deployment_object, job, scaler_object,
 };
 pub use jobs::{JobEvent, JobKind, JobLog, JobReport};
 pub use metrics::MetricsText;
