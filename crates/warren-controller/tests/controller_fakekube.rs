@@ -536,7 +536,14 @@ async fn the_binary_runs_against_a_kubeconfig_holds_the_lease_scales_and_stops_o
         assert!(Instant::now() < deadline, "no /healthz");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(http_get(&addr, "/readyz").await.map(|r| r.0), Some(200));
+    // Ready once the clients are built (shortly after /healthz answers).
+    loop {
+        if http_get(&addr, "/readyz").await.map(|r| r.0) == Some(200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // The leader scales.
     wait_for_replicas(&server, 3).await;
