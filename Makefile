@@ -14,7 +14,7 @@ else
 TEST_CMD = $(CARGO) test --workspace --no-fail-fast
 endif
 
-.PHONY: help test lint fmt rust-test crds bench bench-sender bench-worker bench-controller e2e e2e-bench
+.PHONY: help test lint fmt rust-test crds bench bench-controller bench-scaling e2e e2e-bench
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -49,3 +49,10 @@ bench: ## pipeline figures: warren-sender vs raw lapin vs Flask+pika, worker job
 	  --worker-bin $(CARGO_TARGET_DIR)/release/warren-worker \
 	  --python $(BENCH_VENV)/bin/python --flask-script bench/flask_sender.py \
 	  --wrk $$(command -v wrk) $(BENCH_ARGS)
+
+bench-controller: ## controller: broker requests per tick, CPU, RSS, burst->scale with 1/100/1000 QueueScalers
+	$(CARGO) build --release -p warren-controller --bins --examples
+	$(CARGO_TARGET_DIR)/release/examples/tick_bench $(BENCH_ARGS)
+
+bench-scaling: ## decisions per second of the pure scaling function
+	$(CARGO) run --release -q -p warren-scaling --example decide_bench
