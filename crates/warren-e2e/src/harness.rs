@@ -1,6 +1,6 @@
 //! [`Harness`]: one end-to-end environment per test.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -433,6 +433,104 @@ impl Harness {
                 return Err(self.timeout("management counts for the work queue".into(), started));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Unacked messages per named connection (a worker's connection is
+    /// named after its pod) as the management API reports them now.
+    pub async fn management_unacked_by_connection(
+        &self,
+    ) -> Result<BTreeMap<String, u64>, HarnessError> {
+        let base = self.node.management_url();
+        let get = |path: String| {
+            let http = self.http.clone();
+            let url = format!("{base}{path}");
+            async move {
+                let err = |source| HarnessError::Http {
+                    context: format!("GET {url}"),
+                    source,
+                };
+                http.get(&url)
+                    .basic_auth("guest", Some("guest"))
+                    .send()
+                    .await
+                    .map_err(err)?
+                    .json::<Value>()
+                    .await
+                    .map_err(err)
+            }
+        };
+        let connections =
+            get("/api/vhosts/%2F/connections?columns=name,user_provided_name".into()).await?;
+        let channels = get(
+            "/api/vhosts/%2F/channels?columns=connection_details.name,messages_unacknowledged"
+                .into(),
+        )
+        .await?;
+        let mut names = BTreeMap::new();
+        for c in connections.as_array().into_iter().flatten() {
+            if let (Some(name), Some(pod)) = (
+                c.get("name").and_then(Value::as_str),
+                c.get("user_provided_name").and_then(Value::as_str),
+            ) {
+                names.insert(name.to_string(), pod.to_string());
+            }
+        }
+        let mut unacked: BTreeMap<String, u64> = names.values().map(|p| (p.clone(), 0)).collect();
+        for ch in channels.as_array().into_iter().flatten() {
+            let connection = ch
+                .pointer("/connection_details/name")
+                .and_then(Value::as_str);
+            let n = ch
+                .get("messages_unacknowledged")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            if let Some(pod) = connection.and_then(|c| names.get(c)) {
+                *unacked.entry(pod.clone()).or_insert(0) += n;
+            }
+        }
+        Ok(unacked)
+    }
+
+    /// Waits until the management API (what the controller reads to mark
+    /// pod-deletion costs) shows exactly `busy` among the live worker pods
+    /// as holding unacked messages, every other live pod connected and idle.
+    pub async fn wait_management_busy(
+        &self,
+        busy: &BTreeSet<String>,
+        timeout: Duration,
+    ) -> Result<Duration, HarnessError> {
+        let started = Instant::now();
+        loop {
+            let alive: Vec<String> = self
+                .workers
+                .as_ref()
+                .map(|w| {
+                    w.pods()
+                        .into_iter()
+                        .filter(|p| !p.terminating)
+                        .map(|p| p.name)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let view = self
+                .management_unacked_by_connection()
+                .await
+                .unwrap_or_default();
+            let matches = alive.iter().all(|pod| match view.get(pod) {
+                Some(n) => (*n > 0) == busy.contains(pod),
+                None => false,
+            });
+            if matches {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > timeout {
+                return Err(self.timeout(
+                    format!("the management API to show busy pods {busy:?} (shows {view:?})"),
+                    started,
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 

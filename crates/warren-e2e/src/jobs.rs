@@ -10,11 +10,13 @@ use std::path::Path;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-/// Whether a job began or finished.
+/// Whether a job began or finished (or the worker got SIGTERM).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobKind {
     Started,
     Done,
+    /// `SIGTERM received` (no job id).
+    Sigterm,
 }
 
 /// One `job started` / `job done` line.
@@ -98,9 +100,28 @@ impl JobLog {
                         open.remove(i);
                     }
                 }
+                JobKind::Sigterm => {}
             }
         }
         open
+    }
+
+    /// Pods that got SIGTERM while a job was in hand: (pod, job). Whatever
+    /// the grace period, a busy pod was chosen as a scale-in victim.
+    pub fn busy_at_sigterm(&self) -> Vec<(String, String)> {
+        let mut busy = Vec::new();
+        let mut open: Vec<(String, String)> = Vec::new();
+        for e in &self.events {
+            let key = (e.pod.clone(), e.id.clone());
+            match e.kind {
+                JobKind::Started => open.push(key),
+                JobKind::Done => open.retain(|k| *k != key),
+                JobKind::Sigterm => {
+                    busy.extend(open.iter().filter(|(pod, _)| *pod == e.pod).cloned())
+                }
+            }
+        }
+        busy
     }
 
     /// The latest `job done` timestamp among `ids`.
@@ -179,12 +200,17 @@ fn parse(pod: &str, text: &str) -> Vec<JobEvent> {
             let kind = match line.get("message").and_then(Value::as_str) {
                 Some("job started") => JobKind::Started,
                 Some("job done") => JobKind::Done,
+                Some("SIGTERM received") => JobKind::Sigterm,
                 _ => return None,
+            };
+            let id = match kind {
+                JobKind::Sigterm => String::new(),
+                _ => line.get("id")?.as_str()?.to_string(),
             };
             Some(JobEvent {
                 pod: pod.to_string(),
                 kind,
-                id: line.get("id")?.as_str()?.to_string(),
+                id,
                 redelivered: line.get("redelivered").and_then(Value::as_bool) == Some(true),
                 at: line
                     .get("timestamp")
@@ -214,6 +240,7 @@ mod tests {
                 r#"{"timestamp":"2025-01-01T00:00:00.000001Z","level":"INFO","message":"job started","id":"a","redelivered":false}"#,
                 r#"{"timestamp":"2025-01-01T00:00:01Z","level":"INFO","message":"job done","id":"a","redelivered":false,"duration_ms":1000}"#,
                 r#"{"timestamp":"2025-01-01T00:00:01Z","level":"INFO","message":"job started","id":"b","redelivered":false}"#,
+                r#"{"timestamp":"2025-01-01T00:00:02Z","level":"INFO","message":"SIGTERM received","target":"warren_telemetry"}"#,
                 "not json",
             ],
         );
@@ -224,10 +251,25 @@ mod tests {
                 r#"{"timestamp":"2025-01-01T00:00:03Z","message":"job started","id":"b","redelivered":true}"#,
                 r#"{"timestamp":"2025-01-01T00:00:04Z","message":"job done","id":"b","redelivered":true}"#,
                 r#"{"timestamp":"2025-01-01T00:00:05Z","message":"job started","id":"c","redelivered":false}"#,
+                r#"{"timestamp":"2025-01-01T00:00:04Z","message":"job done","id":"b","redelivered":true}"#,
+            ],
+        );
+        write(
+            dir.path(),
+            "w-2",
+            &[
+                r#"{"timestamp":"2025-01-01T00:00:01Z","message":"job started","id":"d0","redelivered":false}"#,
+                r#"{"timestamp":"2025-01-01T00:00:02Z","message":"job done","id":"d0","redelivered":false}"#,
+                r#"{"timestamp":"2025-01-01T00:00:03Z","message":"SIGTERM received"}"#,
             ],
         );
         let log = JobLog::read(dir.path());
-        assert_eq!(log.events.len(), 6);
+        assert_eq!(log.events.len(), 11);
+        assert_eq!(
+            log.busy_at_sigterm(),
+            vec![("w-0".to_string(), "b".to_string())],
+            "w-2 was idle when it got SIGTERM"
+        );
         let sent: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
         let exited = BTreeSet::from(["w-0".to_string()]);
         let report = log.report(&sent, &exited);
@@ -238,7 +280,7 @@ mod tests {
             report.interrupted,
             vec![("w-0".to_string(), "b".to_string())]
         );
-        assert!(report.duplicated.is_empty());
+        assert_eq!(report.duplicated, vec!["b".to_string()]);
         assert_eq!(
             log.in_hand(),
             vec![
