@@ -9,16 +9,21 @@
 //! scaler count N (default 1, 100, 1000), a vhost `bench-N` with N queues.
 //!
 //! A. In process: N scalers read their queue through the real
-//!    [`MetricsSource`] (Secret cache → [`QueueStatsHub`] → management API)
-//!    once per tick, concurrently, as N reconciles would. Prints management
-//!    requests per tick (`ManagementClient::requests_sent`), tick latency,
-//!    and this process's CPU time per tick and RSS.
+//!    [`MetricsSource`] (Secret cache → [`QueueStatsHub`] → management API,
+//!    and a passive declare per scaler on the pooled AMQP channel) once per
+//!    tick, concurrently, as N reconciles would. Prints management requests
+//!    per tick (`ManagementClient::requests_sent`), passive declares and
+//!    AMQP connections, tick latency, and this process's CPU time per tick
+//!    and RSS.
 //! B. The `warren-controller` binary against the fake Kubernetes API server
 //!    (KUBECONFIG) with N QueueScalers and N Deployments at 1 replica:
 //!    reconciles per second, broker requests per tick (from its /metrics),
 //!    Kubernetes API requests per tick, the controller's CPU time per tick
 //!    and RSS (from /proc/<pid>), and the time from a burst landing in a
-//!    queue to the scale patch.
+//!    queue to the scale patch over `--bursts` bursts (p50 / p95 / max),
+//!    each published at a different phase of the polling tick.
+//!    `--controller-bin` runs another build (e.g. an older one) for a
+//!    before/after comparison.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -69,6 +74,9 @@ struct Args {
     /// Run only part A.
     #[arg(long)]
     skip_binary: bool,
+    /// Bursts measured per scaler count in part B.
+    #[arg(long, default_value_t = 20)]
+    bursts: u32,
 }
 
 #[tokio::main]
@@ -106,10 +114,12 @@ async fn main() -> anyhow::Result<()> {
         "\n== A. Queue reads per tick, in process (MetricsSource -> QueueStatsHub -> management API) =="
     );
     println!(
-        "{:>8} {:>14} {:>18} {:>12} {:>12} {:>12} {:>10}",
+        "{:>8} {:>14} {:>18} {:>12} {:>11} {:>12} {:>12} {:>12} {:>10}",
         "scalers",
         "mgmt req/tick",
         "per-queue req/tick",
+        "peeks/tick",
+        "amqp conns",
         "tick p50 ms",
         "tick max ms",
         "cpu ms/tick",
@@ -126,8 +136,16 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
         println!(
-            "{:>8} {:>14.2} {:>18} {:>12.1} {:>12.1} {:>12.2} {:>10.1}",
-            n, row.requests_per_tick, n, row.p50_ms, row.max_ms, row.cpu_ms_per_tick, row.rss_mib
+            "{:>8} {:>14.2} {:>18} {:>12.2} {:>11} {:>12.1} {:>12.1} {:>12.2} {:>10.1}",
+            n,
+            row.requests_per_tick,
+            n,
+            row.peeks_per_tick,
+            row.connections,
+            row.p50_ms,
+            row.max_ms,
+            row.cpu_ms_per_tick,
+            row.rss_mib
         );
     }
 
@@ -136,16 +154,17 @@ async fn main() -> anyhow::Result<()> {
             "\n== B. warren-controller binary against the fake API server (pollingIntervalSeconds=1) =="
         );
         println!(
-            "{:>8} {:>10} {:>13} {:>13} {:>13} {:>12} {:>9} {:>10} {:>14} {:>14}",
+            "{:>8} {:>10} {:>13} {:>13} {:>11} {:>11} {:>12} {:>11} {:>8} {:>26} {:>13}",
             "scalers",
             "startup s",
             "reconciles/s",
             "mgmt req/tick",
             "peeks/tick",
+            "amqp conns",
             "k8s req/tick",
             "cpu ms/tick",
             "RSS MiB",
-            "burst->scale s",
+            "burst->scale s p50/p95/max",
             "mgmt shows s"
         );
         for (index, &n) in args.scalers.iter().enumerate() {
@@ -156,20 +175,28 @@ async fn main() -> anyhow::Result<()> {
                 n,
                 &bin,
                 Duration::from_secs(args.window_seconds),
+                args.bursts.max(1),
             )
             .await?;
+            let reaction = format!(
+                "{:.2}/{:.2}/{:.2}",
+                percentile(&row.burst_to_scale_s, 0.5),
+                percentile(&row.burst_to_scale_s, 0.95),
+                percentile(&row.burst_to_scale_s, 1.0)
+            );
             println!(
-                "{:>8} {:>10.1} {:>13.1} {:>13.2} {:>13.2} {:>12.2} {:>9.2} {:>10.1} {:>14.2} {:>14.2}",
+                "{:>8} {:>10.1} {:>13.1} {:>13.2} {:>11.2} {:>11} {:>12.2} {:>11.2} {:>8.1} {:>26} {:>13.2}",
                 n,
                 row.startup_s,
                 row.reconciles_per_s,
                 row.mgmt_per_tick,
                 row.peeks_per_tick,
+                row.amqp_connections,
                 row.k8s_per_tick,
                 row.cpu_ms_per_tick,
                 row.rss_mib,
-                row.burst_to_scale_s,
-                row.management_lag_s
+                reaction,
+                percentile(&row.management_lag_s, 0.5)
             );
         }
     }
@@ -180,7 +207,10 @@ async fn main() -> anyhow::Result<()> {
         "per-queue req/tick: what polling each queue's own endpoint would cost. ticks in B = reconciles / scalers."
     );
     println!(
-        "burst->scale: 50 messages published (confirmed) until the Deployment's replicas change; mgmt shows: until the management API reports them (statistics lag)."
+        "peeks/tick: AMQP passive declares per tick (one frame pair each, on one long-lived channel); amqp conns: AMQP connections opened (B: from the controller's /metrics, n/a for builds without it)."
+    );
+    println!(
+        "burst->scale: 50 messages published (confirmed) until the Deployment's replicas change, p50/p95/max (nearest rank) over the bursts; mgmt shows: median time until the management API reports them (statistics lag)."
     );
     Ok(())
 }
@@ -260,8 +290,21 @@ fn broker(node: &RabbitNode) -> BrokerRef {
     }
 }
 
+/// Nearest-rank percentile of `samples` (`q` in 0..=1); NaN when empty.
+fn percentile(samples: &[f64], q: f64) -> f64 {
+    let mut sorted: Vec<f64> = samples.iter().copied().filter(|v| !v.is_nan()).collect();
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
 struct RowA {
     requests_per_tick: f64,
+    peeks_per_tick: f64,
+    connections: u64,
     p50_ms: f64,
     max_ms: f64,
     cpu_ms_per_tick: f64,
@@ -311,6 +354,7 @@ async fn part_a(
     tokio::time::sleep(tick).await;
 
     let requests_before = hub.client().requests_sent();
+    let peeks_before = source.peeker().declares_sent();
     let cpu_before = cpu_seconds("self")?;
     let mut latencies = Vec::new();
     for _ in 0..ticks {
@@ -325,9 +369,12 @@ async fn part_a(
     }
     let cpu = cpu_seconds("self")? - cpu_before;
     let requests = hub.client().requests_sent() - requests_before;
+    let peeks = source.peeker().declares_sent() - peeks_before;
     latencies.sort_by(f64::total_cmp);
     Ok(RowA {
         requests_per_tick: requests as f64 / f64::from(ticks),
+        peeks_per_tick: peeks as f64 / f64::from(ticks),
+        connections: source.peeker().connections_opened(),
         p50_ms: latencies[latencies.len() / 2],
         max_ms: latencies.last().copied().unwrap_or_default(),
         cpu_ms_per_tick: cpu * 1000.0 / f64::from(ticks),
@@ -339,7 +386,7 @@ async fn part_a(
 async fn one_tick(source: &Arc<BrokerMetrics>, targets: &[BrokerTarget]) -> usize {
     let reads = targets.iter().map(|t| {
         let source = source.clone();
-        async move { source.observe(t, false).await }
+        async move { source.observe(t).await }
     });
     futures::future::join_all(reads)
         .await
@@ -353,11 +400,12 @@ struct RowB {
     reconciles_per_s: f64,
     mgmt_per_tick: f64,
     peeks_per_tick: f64,
+    amqp_connections: String,
     k8s_per_tick: f64,
     cpu_ms_per_tick: f64,
     rss_mib: f64,
-    burst_to_scale_s: f64,
-    management_lag_s: f64,
+    burst_to_scale_s: Vec<f64>,
+    management_lag_s: Vec<f64>,
 }
 
 async fn part_b(
@@ -366,6 +414,7 @@ async fn part_b(
     n: usize,
     bin: &PathBuf,
     window: Duration,
+    bursts: u32,
 ) -> anyhow::Result<RowB> {
     let server = FakeApiServer::start().await?;
     put_secret(&server)?;
@@ -392,7 +441,9 @@ async fn part_b(
                                 "queue": {"name": queue(i), "vhost": vhost},
                                 "broker": broker,
                                 "minReplicas": 1, "maxReplicas": 20, "messagesPerReplica": 5,
-                                "pollingIntervalSeconds": 1}}),
+                                "pollingIntervalSeconds": 1,
+                                // Back to 1 replica right after each burst is purged.
+                                "behavior": {"scaleDown": {"stabilizationWindowSeconds": 0}}}}),
             )
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
@@ -460,7 +511,20 @@ async fn part_b(
         Some("request=\"passive_declare\""),
     );
 
-    // Burst -> scale patch on the first scaler (its queue starts empty).
+    let amqp_connections = if after.contains("warren_controller_amqp_opens_total") {
+        format!(
+            "{}",
+            sum_metric(
+                &after,
+                "warren_controller_amqp_opens_total",
+                Some("what=\"connection\"")
+            )
+        )
+    } else {
+        "n/a".to_string()
+    };
+
+    // Bursts -> scale patch on the first scaler (its queue starts empty).
     let (_connection, channel) = connect(node, vhost).await?;
     channel
         .queue_purge(queue(0).as_str().into(), QueuePurgeOptions::default())
@@ -468,7 +532,6 @@ async fn part_b(
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    // Meanwhile, how long the management API takes to show the burst.
     let probe = ManagementClient::new(ManagementConfig::default())?;
     let endpoint = ManagementEndpoint {
         url: node.management_url(),
@@ -477,57 +540,97 @@ async fn part_b(
             password: "guest".into(),
         },
     };
-    let probe_vhost = vhost.to_string();
-    let burst_started = Instant::now();
-    let lag = tokio::spawn(async move {
-        loop {
-            if let Ok(queues) = probe.vhost_queues(&endpoint, &probe_vhost).await
-                && queues
-                    .get(&queue(0))
-                    .and_then(|q| q.messages_ready)
-                    .is_some_and(|ready| ready >= 50)
-            {
-                return burst_started.elapsed().as_secs_f64();
-            }
-            if burst_started.elapsed() > Duration::from_secs(60) {
-                return f64::NAN;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    });
-    for _ in 0..50 {
-        channel
-            .basic_publish(
-                "".into(),
-                queue(0).as_str().into(),
-                BasicPublishOptions::default(),
-                b"job",
-                BasicProperties::default(),
+    let mut burst_to_scale_s = Vec::new();
+    let mut management_lag_s = Vec::new();
+    for burst in 0..bursts {
+        // Start from 1 replica and an empty queue, as the management API
+        // sees it too (else the lag probe would see the last burst).
+        let reset = server
+            .wait_for_object(
+                &DEPLOYMENTS,
+                "default",
+                "w-00000",
+                Duration::from_secs(60),
+                |d: &Value| d.pointer("/spec/replicas").and_then(Value::as_i64) == Some(1),
             )
-            .await?
+            .await;
+        if reset.is_none() {
+            bail!("w-00000 never went back to 1 replica after burst {burst}");
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = probe
+                .vhost_queues(&endpoint, vhost)
+                .await
+                .ok()
+                .and_then(|q| q.get(&queue(0)).and_then(|q| q.messages_ready));
+            if ready == Some(0) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the management API never showed {} empty", queue(0));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // A different phase of the 1 s polling tick for each burst.
+        let phase = u64::from(burst) * 1000 / u64::from(bursts);
+        tokio::time::sleep(Duration::from_millis(phase)).await;
+
+        // Meanwhile, how long the management API takes to show the burst.
+        let lag_probe = probe.clone();
+        let lag_endpoint = endpoint.clone();
+        let probe_vhost = vhost.to_string();
+        let burst_started = Instant::now();
+        let lag = tokio::spawn(async move {
+            loop {
+                if let Ok(queues) = lag_probe.vhost_queues(&lag_endpoint, &probe_vhost).await
+                    && queues
+                        .get(&queue(0))
+                        .and_then(|q| q.messages_ready)
+                        .is_some_and(|ready| ready >= 50)
+                {
+                    return burst_started.elapsed().as_secs_f64();
+                }
+                if burst_started.elapsed() > Duration::from_secs(60) {
+                    return f64::NAN;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        for _ in 0..50 {
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue(0).as_str().into(),
+                    BasicPublishOptions::default(),
+                    b"job",
+                    BasicProperties::default(),
+                )
+                .await?
+                .await?;
+        }
+        let scaled = server
+            .wait_for_object(
+                &DEPLOYMENTS,
+                "default",
+                "w-00000",
+                Duration::from_secs(60),
+                |d: &Value| {
+                    d.pointer("/spec/replicas")
+                        .and_then(Value::as_i64)
+                        .is_some_and(|r| r > 1)
+                },
+            )
+            .await;
+        if scaled.is_none() {
+            bail!("burst {burst} never scaled w-00000");
+        }
+        burst_to_scale_s.push(burst_started.elapsed().as_secs_f64());
+        management_lag_s.push(lag.await.unwrap_or(f64::NAN));
+        channel
+            .queue_purge(queue(0).as_str().into(), QueuePurgeOptions::default())
             .await?;
     }
-    let scaled = server
-        .wait_for_object(
-            &DEPLOYMENTS,
-            "default",
-            "w-00000",
-            Duration::from_secs(60),
-            |d: &Value| {
-                d.pointer("/spec/replicas")
-                    .and_then(Value::as_i64)
-                    .is_some_and(|r| r > 1)
-            },
-        )
-        .await;
-    if scaled.is_none() {
-        bail!("the burst never scaled w-00000");
-    }
-    let burst_to_scale_s = burst_started.elapsed().as_secs_f64();
-    let management_lag_s = lag.await.unwrap_or(f64::NAN);
-    channel
-        .queue_purge(queue(0).as_str().into(), QueuePurgeOptions::default())
-        .await?;
 
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -539,6 +642,7 @@ async fn part_b(
         reconciles_per_s: reconciles / elapsed,
         mgmt_per_tick: mgmt / ticks,
         peeks_per_tick: peeks / ticks,
+        amqp_connections,
         k8s_per_tick: k8s_requests / ticks,
         cpu_ms_per_tick: cpu * 1000.0 / ticks,
         rss_mib: rss,

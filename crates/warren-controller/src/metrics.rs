@@ -38,6 +38,21 @@ pub struct BrokerErrorLabels {
     pub error: String,
 }
 
+/// What an AMQP open was for (`connection`, `shared_channel`, `private_channel`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AmqpOpenLabels {
+    pub what: String,
+}
+
+/// Where an observation's counts came from: `ready` is `passive_declare` or
+/// `management`; `unacked` is `management`, `last_known` (the management
+/// API failed this tick) or `assumed_zero` (failed, and nothing known yet).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ObservationLabels {
+    pub ready: String,
+    pub unacked: String,
+}
+
 /// Direction of a `/scale` patch (`up`, `down`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
@@ -60,6 +75,12 @@ pub struct ControllerMetrics {
     pub broker_requests: Family<BrokerRequestLabels, Counter>,
     pub broker_request_duration: HistogramFamily<BrokerRequestLabels>,
     pub broker_errors: Family<BrokerErrorLabels, Counter>,
+    /// AMQP passive declares by result (`ok` or the error label).
+    pub passive_declares: Family<ResultLabels, Counter>,
+    /// AMQP connections and channels opened by the queue peeker.
+    pub amqp_opens: Family<AmqpOpenLabels, Counter>,
+    /// Queue observations by the source of their counts.
+    pub observations: Family<ObservationLabels, Counter>,
     pub scale_patches: Family<DirectionLabels, Counter>,
     pub deletion_cost_patches: Counter,
     pub audit_events_dropped: Counter,
@@ -75,6 +96,9 @@ impl Default for ControllerMetrics {
             broker_requests: Family::default(),
             broker_request_duration: Family::new_with_constructor(duration_histogram),
             broker_errors: Family::default(),
+            passive_declares: Family::default(),
+            amqp_opens: Family::default(),
+            observations: Family::default(),
             scale_patches: Family::default(),
             deletion_cost_patches: Counter::default(),
             audit_events_dropped: Counter::default(),
@@ -119,6 +143,21 @@ impl ControllerMetrics {
             "broker_errors",
             "Failed requests to RabbitMQ by request and error",
             metrics.broker_errors.clone(),
+        );
+        r.register(
+            "passive_declares",
+            "AMQP passive queue.declare reads of a queue's ready and consumer counts, by result",
+            metrics.passive_declares.clone(),
+        );
+        r.register(
+            "amqp_opens",
+            "AMQP connections and channels opened for passive declares (what: connection, shared_channel, private_channel)",
+            metrics.amqp_opens.clone(),
+        );
+        r.register(
+            "observations",
+            "Queue observations by where ready (passive_declare, management) and unacked (management, last_known, assumed_zero) came from",
+            metrics.observations.clone(),
         );
         r.register(
             "scale_patches",

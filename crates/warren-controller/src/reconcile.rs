@@ -5,11 +5,20 @@
 //!    Event (once per distinct error) and a slow requeue — never a crash loop.
 //! 2. `GET /scale` of the target (Deployment or StatefulSet) for the current
 //!    replicas and the pod selector; a missing target is `Ready=False/TargetNotFound`.
-//! 3. Unless paused, the queue observation from the [`MetricsSource`]
-//!    (management API, plus an AMQP passive declare at zero replicas). A
+//! 3. Unless paused, the queue observation from the [`MetricsSource`]: the
+//!    ready count from an AMQP passive declare (exact, now) and the unacked
+//!    count and rates from the management API (see [`crate::source`]). A
 //!    failed read increments the scaler's consecutive failures (kept in
 //!    memory, seeded from and mirrored to `status.consecutiveFailures`).
+//!    When only the unacked count is unknown (the management API failed
+//!    but the passive declare worked), the last known unacked count stands
+//!    in for it (0 when none is known: first read, nothing in the status).
 //! 4. [`warren_scaling::decide`] with the scaler's in-memory [`History`].
+//!    With the unacked count unknown, a decision to scale a running target
+//!    to zero is replaced by holding its replicas
+//!    ([`hold_if_unacked_unknown`]): work may still be in flight, and a
+//!    worker that cancelled its consumer still holds its unacked message, so
+//!    not even "no consumers" proves the queue idle.
 //! 5. When the decision differs from the current replicas: before a
 //!    scale-in of a Deployment, pod-deletion-cost annotations on its pods
 //!    (busy pods expensive, idle ones cheap); then a merge patch of `/scale`,
@@ -40,12 +49,14 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use warren_crd::{QueueScaler, QueueScalerStatus, TargetKind};
-use warren_scaling::{DecisionInput, History, decide};
+use warren_scaling::{Decision, DecisionInput, History, Reason, decide};
 
 use crate::audit::{ScaleAudit, ScaleRecord};
 use crate::deletion_cost::{self, DELETION_COST_ANNOTATION, PodView};
 use crate::error::Error;
-use crate::metrics::{ControllerMetrics, DirectionLabels, ReasonLabels, ResultLabels};
+use crate::metrics::{
+    ControllerMetrics, DirectionLabels, ObservationLabels, ReasonLabels, ResultLabels,
+};
 use crate::source::{BrokerTarget, MetricsError, MetricsSource};
 use crate::status::{self, REASON_INVALID_SPEC, REASON_TARGET_NOT_FOUND, TickOutcome};
 
@@ -91,6 +102,18 @@ struct Memory {
     failures: u32,
     /// Failed reconciles in a row (error_policy backoff).
     error_streak: u32,
+    /// The last unacked count the management API reported.
+    last_unacked: Option<u64>,
+    /// Reads in a row without an unacked count.
+    unacked_unknown: u32,
+}
+
+/// What [`Context::recall`] gives back.
+struct Recalled {
+    history: History,
+    failures: u32,
+    last_unacked: Option<u64>,
+    unacked_unknown: u32,
 }
 
 type ScalerKey = (String, String);
@@ -136,25 +159,39 @@ impl Context {
         f(map.entry(key.clone()).or_default())
     }
 
-    /// The scaler's history and failure count, reset when the object was
-    /// recreated (new uid); failures start from the status after a restart.
-    fn recall(&self, key: &ScalerKey, scaler: &QueueScaler) -> (History, u32) {
+    /// The scaler's history, failure count and last known unacked count,
+    /// reset when the object was recreated (new uid); after a restart the
+    /// failures and the last unacked count start from the status.
+    fn recall(&self, key: &ScalerKey, scaler: &QueueScaler) -> Recalled {
         let uid = scaler.uid();
-        let status_failures = scaler
-            .status
-            .as_ref()
-            .map(|s| s.consecutive_failures)
-            .unwrap_or(0);
+        let status = scaler.status.as_ref();
+        let status_failures = status.map(|s| s.consecutive_failures).unwrap_or(0);
+        let status_unacked = status.and_then(|s| s.observation.as_ref().map(|o| o.unacked));
         self.with_memory(key, |m| {
             if m.uid != uid {
                 *m = Memory {
                     uid: uid.clone(),
                     failures: status_failures,
+                    last_unacked: status_unacked,
                     ..Memory::default()
                 };
             }
-            (m.history.clone(), m.failures)
+            Recalled {
+                history: m.history.clone(),
+                failures: m.failures,
+                last_unacked: m.last_unacked,
+                unacked_unknown: m.unacked_unknown,
+            }
         })
+    }
+
+    fn remember_unacked(&self, key: &ScalerKey, measured: Option<u64>, unknown_streak: u32) {
+        self.with_memory(key, |m| {
+            if measured.is_some() {
+                m.last_unacked = measured;
+            }
+            m.unacked_unknown = unknown_streak;
+        });
     }
 
     fn remember(&self, key: &ScalerKey, history: History, failures: u32) {
@@ -362,17 +399,49 @@ async fn reconcile_inner(scaler: &QueueScaler, ctx: &Context) -> Result<(Outcome
         broker: spec.broker.clone(),
         queue: spec.queue.clone(),
     };
-    let (mut history, previous_failures) = ctx.recall(&key, scaler);
+    let recalled = ctx.recall(&key, scaler);
+    let mut history = recalled.history;
+    let previous_failures = recalled.failures;
     let mut metrics_error: Option<MetricsError> = None;
     let mut observation = None;
+    // Reads in a row without an unacked count, when this one has none.
+    let mut unacked_unknown: Option<u32> = None;
     let (input, failures) = if spec.paused {
         (
             DecisionInput::unavailable(current, previous_failures),
             previous_failures,
         )
     } else {
-        match ctx.source.observe(&broker_target, current == 0).await {
-            Ok(observed) => {
+        match ctx.source.observe(&broker_target).await {
+            Ok(read) => {
+                let observed = read.observation(recalled.last_unacked);
+                let unacked_from = match (read.unacked, recalled.last_unacked) {
+                    (Some(_), _) => "management",
+                    (None, Some(_)) => "last_known",
+                    (None, None) => "assumed_zero",
+                };
+                ctx.metrics
+                    .observations
+                    .get_or_create(&ObservationLabels {
+                        ready: read.ready_source.label().to_string(),
+                        unacked: unacked_from.to_string(),
+                    })
+                    .inc();
+                let streak = match read.unacked {
+                    Some(_) => 0,
+                    None => recalled.unacked_unknown.saturating_add(1),
+                };
+                ctx.remember_unacked(&key, read.unacked, streak);
+                if read.unacked.is_none() {
+                    unacked_unknown = Some(streak);
+                    tracing::debug!(
+                        scaler = %format!("{namespace}/{name}"),
+                        unacked = observed.unacked,
+                        unacked_from,
+                        reads_in_a_row = streak,
+                        "unacked count unknown (management API unavailable)"
+                    );
+                }
                 observation = Some(observed.clone());
                 (DecisionInput::observed(current, observed), 0)
             }
@@ -391,7 +460,18 @@ async fn reconcile_inner(scaler: &QueueScaler, ctx: &Context) -> Result<(Outcome
     };
 
     // 4. The decision.
-    let decision = decide(spec, &input, &history, now);
+    let mut decision = decide(spec, &input, &history, now);
+    if let Some(unknown_reads) = unacked_unknown {
+        let decided = decision.replicas;
+        decision = hold_if_unacked_unknown(decision, current, spec.max_replicas, unknown_reads);
+        if decision.replicas != decided {
+            tracing::info!(
+                scaler = %format!("{namespace}/{name}"),
+                replicas = current,
+                "not scaling to zero: the unacked count is unknown"
+            );
+        }
+    }
     history.record(spec, &input, &decision, now);
     ctx.remember(&key, history.clone(), failures);
     ctx.metrics
@@ -481,6 +561,7 @@ async fn reconcile_inner(scaler: &QueueScaler, ctx: &Context) -> Result<(Outcome
             paused: spec.paused,
             scaled_at,
             queue: &spec.queue.name,
+            unacked_unknown: unacked_unknown.is_some(),
         },
     );
     write_status(ctx, &scalers, &namespace, &name, &previous, &next, now).await?;
@@ -495,6 +576,30 @@ async fn reconcile_inner(scaler: &QueueScaler, ctx: &Context) -> Result<(Outcome
         Outcome::Unchanged
     };
     Ok((outcome, polling))
+}
+
+/// With the unacked count unknown, replaces a decision to scale a running
+/// target (`current > 0`) to zero by holding its replicas (capped at
+/// `max_replicas`), as for missing metrics: messages may still be in
+/// flight. Any other decision stands (the last known unacked count already
+/// went into it). `unknown_reads`: reads in a row without an unacked count.
+pub fn hold_if_unacked_unknown(
+    decision: Decision,
+    current: i32,
+    max_replicas: i32,
+    unknown_reads: u32,
+) -> Decision {
+    if decision.replicas != 0 || current <= 0 {
+        return decision;
+    }
+    let held = current.min(max_replicas.max(1));
+    Decision {
+        replicas: held,
+        recommendation: held,
+        reason: Reason::MetricsUnavailable {
+            consecutive_failures: unknown_reads,
+        },
+    }
 }
 
 /// Merge-patches `/status` when [`status::needs_patch`] says so.
@@ -729,5 +834,45 @@ mod tests {
             .collect();
         assert_eq!(delays, vec![1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
         assert_eq!(backoff_delay(u32::MAX, min, max), max);
+    }
+
+    fn decision(replicas: i32, reason: Reason) -> Decision {
+        Decision {
+            replicas,
+            recommendation: replicas,
+            reason,
+        }
+    }
+
+    #[test]
+    fn unknown_unacked_never_takes_a_running_target_to_zero() {
+        let to_zero = || decision(0, Reason::QueueEmpty);
+        let held = hold_if_unacked_unknown(to_zero(), 3, 10, 2);
+        assert_eq!((held.replicas, held.recommendation), (3, 3));
+        assert_eq!(
+            held.reason,
+            Reason::MetricsUnavailable {
+                consecutive_failures: 2
+            }
+        );
+        // Held within maxReplicas.
+        assert_eq!(hold_if_unacked_unknown(to_zero(), 12, 10, 1).replicas, 10);
+        // Staying at zero, scaling down to one, scaling up: unchanged.
+        assert_eq!(hold_if_unacked_unknown(to_zero(), 0, 10, 1), to_zero());
+        let down = decision(
+            1,
+            Reason::CooldownPending {
+                remaining_seconds: 30,
+            },
+        );
+        assert_eq!(hold_if_unacked_unknown(down.clone(), 4, 10, 1), down);
+        let up = decision(
+            5,
+            Reason::Backlog {
+                messages: 25,
+                per_replica: 5,
+            },
+        );
+        assert_eq!(hold_if_unacked_unknown(up.clone(), 1, 10, 1), up);
     }
 }

@@ -1,23 +1,57 @@
 //! Where a reconcile gets its queue observation: the [`MetricsSource`] trait
 //! (I/O at the edge, faked in tests) and [`BrokerMetrics`], the real one.
 //!
-//! [`BrokerMetrics`] reads the credentials Secret (cached), the management
-//! API through the shared [`QueueStatsHub`] (one request per broker and vhost
-//! per tick, whatever the number of scalers) and, when the target sits at
-//! zero replicas or the management API has no counts yet for the queue, an
-//! AMQP passive declare for an instant ready count.
+//! # Every tick, two reads, combined
+//!
+//! For every scaler on every tick, [`BrokerMetrics`] reads the credentials
+//! Secret (cached) and then, concurrently:
+//! - an AMQP passive `queue.declare` ([`QueuePeeker`]): the **ready** and
+//!   **consumer** counts as of now — exact, no statistics lag;
+//! - the management API through the shared [`QueueStatsHub`]: **unacked**
+//!   count and the publish / ack **rates**, which only the management API
+//!   knows (ready and consumers too, as a fallback).
+//!
+//! | passive declare | management API     | observation                                                     |
+//! |-----------------|--------------------|-----------------------------------------------------------------|
+//! | ok              | row with counts    | ready, consumers: declare; unacked, rates: management           |
+//! | ok              | failed / no counts | ready, consumers: declare; unacked unknown, no rates            |
+//! | 404             | anything           | error `QueueNotFound` (the broker itself says so, now)          |
+//! | failed          | row with counts    | everything from management (as before: lagging but usable)      |
+//! | failed          | no row for queue   | error `QueueNotFound`                                           |
+//! | failed          | failed / no counts | error (the management error if it failed, else the declare's)   |
+//!
+//! An unknown unacked count is reported as `None` ([`QueueRead::unacked`]);
+//! the reconciler substitutes the last known count (0 if none is known) and
+//! never scales a running target to zero on it (see `crate::reconcile`).
+//!
+//! # Cost model
+//!
+//! - Management API: still ONE `GET /api/queues/{vhost}?columns=...` per
+//!   (broker, credentials, vhost) per tick, shared by every scaler on it
+//!   (coalesced by [`QueueStatsHub`]), independent of the number of scalers.
+//! - AMQP: one passive declare per scaler per tick, i.e. one
+//!   `queue.declare`/`declare-ok` frame pair (~100 bytes each way) on a
+//!   channel that stays open, over one long-lived connection per
+//!   (broker, credentials, vhost). No HTTP, no TCP or channel setup per
+//!   read, no statistics database query on the broker: the queue process
+//!   answers from its own state. 1000 scalers at a 1 s polling interval are
+//!   1000 small frames per second on one connection.
+//! - A declare that fails on the shared channel is retried once on a
+//!   private channel, and a queue known to be missing is declared on a
+//!   private channel each tick (channel open + declare + close): extra cost
+//!   only for broken scalers (see [`crate::queue_peek`]).
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use kube::ResourceExt;
 use warren_crd::{BrokerRef, Observation, QueueRef, QueueScaler};
 
 use crate::credentials::{CredentialsCache, CredentialsError, SecretKeys};
-use crate::queue_peek::{PeekError, QueuePeeker};
+use crate::queue_peek::{PeekError, QueuePeek, QueuePeeker};
 use crate::queue_stats::{
-    ConnectionUnacked, Credentials, ManagementEndpoint, QueueStatsHub, StatsError,
+    ConnectionUnacked, Credentials, ManagementEndpoint, QueueStats, QueueStatsHub, StatsError,
 };
 
 /// The broker-side identity of a scaler: which queue on which broker, and
@@ -100,18 +134,75 @@ impl From<CredentialsError> for MetricsError {
     }
 }
 
+/// Where a read's ready (and consumer) count came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadySource {
+    /// AMQP passive declare: exact, as of the read.
+    PassiveDeclare,
+    /// Management API: lags by up to the statistics interval.
+    Management,
+}
+
+impl ReadySource {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            ReadySource::PassiveDeclare => "passive_declare",
+            ReadySource::Management => "management",
+        }
+    }
+}
+
+/// One read of a queue. Unlike an [`Observation`], the unacked count may be
+/// unknown (the management API failed or has no counts for the queue yet).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueRead {
+    pub ready: u64,
+    /// `None`: unknown this tick.
+    pub unacked: Option<u64>,
+    pub consumers: u64,
+    pub publish_rate: Option<f64>,
+    pub ack_rate: Option<f64>,
+    pub ready_source: ReadySource,
+    pub observed_at: DateTime<Utc>,
+}
+
+impl QueueRead {
+    /// The observation for the decision and the status: an unknown unacked
+    /// count is replaced by `last_known_unacked`, or 0 when nothing is known.
+    pub fn observation(&self, last_known_unacked: Option<u64>) -> Observation {
+        Observation::new(
+            self.ready,
+            self.unacked.or(last_known_unacked).unwrap_or(0),
+            self.consumers,
+            self.publish_rate,
+            self.ack_rate,
+            self.observed_at,
+        )
+    }
+}
+
+impl From<Observation> for QueueRead {
+    /// A complete read (every count known), as from the management API.
+    fn from(o: Observation) -> Self {
+        QueueRead {
+            ready: o.ready,
+            unacked: Some(o.unacked),
+            consumers: o.consumers,
+            publish_rate: o.publish_rate,
+            ack_rate: o.ack_rate,
+            ready_source: ReadySource::Management,
+            observed_at: o.observed_at,
+        }
+    }
+}
+
 /// Reads a scaler's queue. Implementations must be cheap to call from many
 /// concurrent reconciles.
 #[async_trait]
 pub trait MetricsSource: Send + Sync {
-    /// The queue's depth, consumers and rates now. `instant_ready` asks for
-    /// an up-to-date ready count (the target is at zero replicas and the
-    /// management API's statistics lag).
-    async fn observe(
-        &self,
-        target: &BrokerTarget,
-        instant_ready: bool,
-    ) -> Result<Observation, MetricsError>;
+    /// The queue's depth, consumers and rates now.
+    async fn observe(&self, target: &BrokerTarget) -> Result<QueueRead, MetricsError>;
 
     /// Unacked messages per client-named connection (worker pod) of the
     /// target's vhost.
@@ -121,7 +212,7 @@ pub trait MetricsSource: Send + Sync {
     ) -> Result<ConnectionUnacked, MetricsError>;
 }
 
-/// The real [`MetricsSource`]: Secret → management API (+ passive declare).
+/// The real [`MetricsSource`]: Secret → passive declare + management API.
 pub struct BrokerMetrics {
     credentials: Arc<CredentialsCache>,
     hub: Arc<QueueStatsHub>,
@@ -146,6 +237,11 @@ impl BrokerMetrics {
         &self.hub
     }
 
+    /// The shared passive-declare reader (declare and connection counts).
+    pub fn peeker(&self) -> &QueuePeeker {
+        &self.peeker
+    }
+
     async fn endpoint(
         &self,
         target: &BrokerTarget,
@@ -159,110 +255,26 @@ impl BrokerMetrics {
             credentials,
         ))
     }
-
-    async fn peek(
-        &self,
-        target: &BrokerTarget,
-        credentials: &Credentials,
-    ) -> Result<crate::queue_peek::QueuePeek, MetricsError> {
-        self.peeker
-            .peek(
-                &target.broker.amqp_url,
-                credentials,
-                &target.queue.vhost,
-                &target.queue.name,
-            )
-            .await
-            .map_err(|e| match e {
-                PeekError::QueueNotFound { queue, vhost } => {
-                    MetricsError::QueueNotFound { queue, vhost }
-                }
-                other => MetricsError::Peek(Arc::new(other)),
-            })
-    }
 }
 
 #[async_trait]
 impl MetricsSource for BrokerMetrics {
-    async fn observe(
-        &self,
-        target: &BrokerTarget,
-        instant_ready: bool,
-    ) -> Result<Observation, MetricsError> {
+    async fn observe(&self, target: &BrokerTarget) -> Result<QueueRead, MetricsError> {
         let (endpoint, credentials) = self.endpoint(target).await?;
-        let listing = self
-            .hub
-            .vhost_queues(&endpoint, &target.queue.vhost)
-            .await
-            .map_err(MetricsError::Management);
-        let row = match &listing {
-            Ok(queues) => match queues.get(&target.queue.name) {
-                Some(row) => Some(row.clone()),
-                None => {
-                    return Err(MetricsError::QueueNotFound {
-                        queue: target.queue.name.clone(),
-                        vhost: target.queue.vhost.clone(),
-                    });
-                }
-            },
-            Err(_) => None,
-        };
-        let counted_row = row.filter(|r| r.has_counts());
-
-        match counted_row {
-            Some(row) => {
-                let mut ready = row.messages_ready.unwrap_or(0);
-                let mut consumers = row.consumers.unwrap_or(0);
-                if instant_ready {
-                    // Management counts lag; the queue itself knows now. A
-                    // failed declare is not fatal: the management row is
-                    // good enough.
-                    match self.peek(target, &credentials).await {
-                        Ok(peek) => {
-                            ready = peek.ready;
-                            consumers = peek.consumers;
-                        }
-                        Err(err) => tracing::debug!(
-                            queue = %target.queue.name,
-                            error = %err,
-                            "passive declare failed; using management counts"
-                        ),
-                    }
-                }
-                Ok(Observation::new(
-                    ready,
-                    row.messages_unacknowledged.unwrap_or(0),
-                    consumers,
-                    row.publish_rate(),
-                    row.ack_rate(),
-                    Utc::now(),
-                ))
-            }
-            None => {
-                // No usable management row: the API failed, or the broker has
-                // not collected statistics for a new queue yet. At zero
-                // replicas (or for a queue without stats) the passive declare
-                // alone is enough to decide activation; otherwise the read
-                // failed.
-                if let (false, Err(management_err)) = (instant_ready, &listing) {
-                    return Err(management_err.clone());
-                }
-                match self.peek(target, &credentials).await {
-                    Ok(peek) => Ok(Observation::new(
-                        peek.ready,
-                        0,
-                        peek.consumers,
-                        None,
-                        None,
-                        Utc::now(),
-                    )),
-                    Err(peek_err) => Err(match listing {
-                        Err(management_err) => management_err,
-                        Ok(_) => peek_err,
-                    }),
-                }
-            }
-        }
+        let (listing, peek) = tokio::join!(
+            self.hub.vhost_queues(&endpoint, &target.queue.vhost),
+            self.peeker.peek(
+                &target.broker.amqp_url,
+                &credentials,
+                &target.queue.vhost,
+                &target.queue.name,
+            ),
+        );
+        let row = listing
+            .as_ref()
+            .map(|queues| queues.get(&target.queue.name))
+            .map_err(|e| MetricsError::Management(e.clone()));
+        combine(&target.queue, row, peek, Utc::now())
     }
 
     async fn connection_unacked(
@@ -275,5 +287,166 @@ impl MetricsSource for BrokerMetrics {
             .await
             .map(|shared| (*shared).clone())
             .map_err(MetricsError::Management)
+    }
+}
+
+/// Combines the management row of the queue (`Ok(None)`: the listing has no
+/// such queue) and the passive declare into one read; see the table in the
+/// module documentation.
+pub fn combine(
+    queue: &QueueRef,
+    management: Result<Option<&QueueStats>, MetricsError>,
+    peek: Result<QueuePeek, PeekError>,
+    now: DateTime<Utc>,
+) -> Result<QueueRead, MetricsError> {
+    let not_found = || MetricsError::QueueNotFound {
+        queue: queue.name.clone(),
+        vhost: queue.vhost.clone(),
+    };
+    let counted = |row: &&QueueStats| row.has_counts();
+    match peek {
+        Ok(peek) => {
+            let row = management.ok().flatten().filter(counted);
+            Ok(QueueRead {
+                ready: peek.ready,
+                unacked: row.and_then(|r| r.messages_unacknowledged),
+                consumers: peek.consumers,
+                publish_rate: row.and_then(QueueStats::publish_rate),
+                ack_rate: row.and_then(QueueStats::ack_rate),
+                ready_source: ReadySource::PassiveDeclare,
+                observed_at: now,
+            })
+        }
+        Err(PeekError::QueueNotFound { .. }) => Err(not_found()),
+        Err(peek_err) => match management {
+            Ok(Some(row)) if row.has_counts() => {
+                tracing::debug!(
+                    queue = %queue.name,
+                    error = %peek_err,
+                    "passive declare failed; using the management API's counts"
+                );
+                Ok(QueueRead {
+                    ready: row.messages_ready.unwrap_or(0),
+                    unacked: row.messages_unacknowledged,
+                    consumers: row.consumers.unwrap_or(0),
+                    publish_rate: row.publish_rate(),
+                    ack_rate: row.ack_rate(),
+                    ready_source: ReadySource::Management,
+                    observed_at: now,
+                })
+            }
+            Ok(Some(_)) => Err(MetricsError::Peek(Arc::new(peek_err))),
+            Ok(None) => Err(not_found()),
+            Err(management_err) => Err(management_err),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue() -> QueueRef {
+        QueueRef {
+            name: "jobs".into(),
+            vhost: "/".into(),
+        }
+    }
+
+    fn row(ready: u64, unacked: u64, consumers: u64) -> QueueStats {
+        serde_json::from_value(serde_json::json!({
+            "name": "jobs", "messages_ready": ready, "messages_unacknowledged": unacked,
+            "consumers": consumers,
+            "message_stats": {"publish_details": {"rate": 2.0}, "ack_details": {"rate": 1.0}}
+        }))
+        .unwrap()
+    }
+
+    fn no_counts() -> QueueStats {
+        serde_json::from_value(serde_json::json!({"name": "jobs"})).unwrap()
+    }
+
+    fn peek(ready: u64, consumers: u64) -> Result<QueuePeek, PeekError> {
+        Ok(QueuePeek { ready, consumers })
+    }
+
+    fn peek_failed() -> Result<QueuePeek, PeekError> {
+        Err(PeekError::Timeout {
+            queue: "jobs".into(),
+            after: std::time::Duration::from_secs(5),
+        })
+    }
+
+    fn peek_404() -> Result<QueuePeek, PeekError> {
+        Err(PeekError::QueueNotFound {
+            queue: "jobs".into(),
+            vhost: "/".into(),
+        })
+    }
+
+    fn management_down() -> MetricsError {
+        MetricsError::Management(Arc::new(StatsError::Timeout {
+            url: "http://rabbit:15672/api/queues/%2F".into(),
+        }))
+    }
+
+    #[test]
+    fn ready_and_consumers_come_from_the_declare_unacked_and_rates_from_management() {
+        let stale = row(0, 3, 1);
+        let read = combine(&queue(), Ok(Some(&stale)), peek(50, 2), Utc::now()).unwrap();
+        assert_eq!(read.ready, 50);
+        assert_eq!(read.consumers, 2);
+        assert_eq!(read.unacked, Some(3));
+        assert_eq!(read.publish_rate, Some(2.0));
+        assert_eq!(read.ack_rate, Some(1.0));
+        assert_eq!(read.ready_source, ReadySource::PassiveDeclare);
+        let observation = read.observation(Some(99));
+        assert_eq!((observation.ready, observation.unacked), (50, 3));
+        assert_eq!(observation.per_replica_ack_rate, Some(0.5));
+    }
+
+    #[test]
+    fn management_down_still_observes_with_unacked_unknown() {
+        let read = combine(&queue(), Err(management_down()), peek(7, 1), Utc::now()).unwrap();
+        assert_eq!(read.ready, 7);
+        assert_eq!(read.unacked, None);
+        assert_eq!(read.publish_rate, None);
+        assert_eq!(read.observation(Some(4)).unacked, 4);
+        assert_eq!(read.observation(None).unacked, 0);
+
+        // A queue the management API has no counts (or no row) for yet.
+        let fresh = no_counts();
+        let read = combine(&queue(), Ok(Some(&fresh)), peek(2, 0), Utc::now()).unwrap();
+        assert_eq!((read.ready, read.unacked), (2, None));
+        let read = combine(&queue(), Ok(None), peek(2, 0), Utc::now()).unwrap();
+        assert_eq!((read.ready, read.unacked), (2, None));
+    }
+
+    #[test]
+    fn declare_down_falls_back_to_the_management_counts() {
+        let counts = row(12, 3, 2);
+        let read = combine(&queue(), Ok(Some(&counts)), peek_failed(), Utc::now()).unwrap();
+        assert_eq!((read.ready, read.unacked, read.consumers), (12, Some(3), 2));
+        assert_eq!(read.ready_source, ReadySource::Management);
+
+        let fresh = no_counts();
+        let err = combine(&queue(), Ok(Some(&fresh)), peek_failed(), Utc::now()).unwrap_err();
+        assert_eq!(err.metric_label(), "timeout");
+        let err = combine(&queue(), Ok(None), peek_failed(), Utc::now()).unwrap_err();
+        assert_eq!(err.condition_reason(), "QueueNotFound");
+        let err = combine(&queue(), Err(management_down()), peek_failed(), Utc::now()).unwrap_err();
+        assert!(matches!(err, MetricsError::Management(_)), "{err:?}");
+    }
+
+    #[test]
+    fn a_404_from_the_declare_is_queue_not_found_whatever_management_says() {
+        let stale = row(5, 0, 1);
+        for management in [Ok(Some(&stale)), Ok(None), Err(management_down())] {
+            let err = combine(&queue(), management, peek_404(), Utc::now()).unwrap_err();
+            assert!(
+                matches!(&err, MetricsError::QueueNotFound { queue, .. } if queue == "jobs"),
+                "{err:?}"
+            );
+        }
     }
 }

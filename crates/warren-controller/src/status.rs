@@ -40,6 +40,9 @@ pub struct TickOutcome<'a> {
     pub scaled_at: Option<DateTime<Utc>>,
     /// `queue` on `vhost`, for messages.
     pub queue: &'a str,
+    /// The read had no unacked count (the management API failed): the
+    /// observation carries the last known one.
+    pub unacked_unknown: bool,
 }
 
 fn condition(
@@ -105,6 +108,17 @@ pub fn after_tick(previous: &QueueScalerStatus, tick: &TickOutcome<'_>) -> Queue
             true,
             "Paused",
             "the spec is valid and the target exists; scaling is paused",
+            generation,
+            now,
+        ),
+        (None, false) if tick.unacked_unknown => condition(
+            condition_type::READY,
+            true,
+            "MetricsPartial",
+            format!(
+                "reading queue {:?}; its unacked count is unknown (management API unavailable): using the last known one and not scaling to zero",
+                tick.queue
+            ),
             generation,
             now,
         ),
@@ -290,6 +304,7 @@ mod tests {
             paused: false,
             scaled_at: None,
             queue: "jobs",
+            unacked_unknown: false,
         }
     }
 

@@ -1,5 +1,5 @@
 //! The broker readers against a private RabbitMQ node with the management
-//! plugin and a short statistics interval.
+//! plugin (a short statistics interval unless a test needs lagging stats).
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -12,12 +12,19 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::json;
+use warren_controller::credentials::CredentialsCache;
+use warren_controller::metrics::{ControllerMetrics, ResultLabels};
 use warren_controller::queue_peek::{PeekError, QueuePeeker};
 use warren_controller::queue_stats::{
     Credentials, ManagementClient, ManagementConfig, ManagementEndpoint, QueueStatsHub, StatsError,
     VhostQueues,
 };
-use warren_testkit::{RabbitNode, RabbitOptions};
+use warren_controller::source::{BrokerMetrics, BrokerTarget, MetricsSource, ReadySource};
+use warren_crd::{BrokerRef, CredentialsSecretRef, QueueRef};
+use warren_fakekube::FakeApiServer;
+use warren_fakekube::resources::SECRETS;
+use warren_testkit::{RabbitNode, RabbitOptions, unique_name};
 
 async fn node() -> RabbitNode {
     RabbitNode::start(RabbitOptions {
@@ -335,4 +342,322 @@ async fn wrong_password_unknown_vhost_and_refused_port_are_clear_errors() {
         .await
         .unwrap_err();
     assert_eq!(err.metric_label(), "connect", "{err:?}");
+}
+
+/// Credentials from a Secret served by the fake API server, as the
+/// controller reads them.
+async fn credentials_cache() -> (FakeApiServer, Arc<CredentialsCache>) {
+    let server = FakeApiServer::start().await.unwrap();
+    server
+        .put_object(
+            &SECRETS,
+            json!({"apiVersion": "v1", "kind": "Secret",
+                   "metadata": {"name": "warren-rabbitmq", "namespace": "default"},
+                   "data": {"username": "Z3Vlc3Q=", "password": "Z3Vlc3Q="}}),
+        )
+        .unwrap();
+    let client = server.client().await.unwrap();
+    (
+        server,
+        Arc::new(CredentialsCache::new(client, Duration::from_secs(600))),
+    )
+}
+
+fn target(management_url: String, amqp_port: u16, queue: &str) -> BrokerTarget {
+    BrokerTarget {
+        namespace: "default".into(),
+        broker: BrokerRef {
+            management_url,
+            amqp_url: format!("amqp://127.0.0.1:{amqp_port}"),
+            credentials_secret_ref: CredentialsSecretRef {
+                name: "warren-rabbitmq".into(),
+                username_key: "username".into(),
+                password_key: "password".into(),
+            },
+        },
+        queue: QueueRef {
+            name: queue.into(),
+            vhost: "/".into(),
+        },
+    }
+}
+
+#[tokio::test]
+async fn a_burst_is_observed_at_once_while_the_management_api_still_shows_the_old_count() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // RabbitMQ's default statistics interval: the management API lags.
+    let node = RabbitNode::start(RabbitOptions {
+        management: true,
+        stats_interval_ms: 5000,
+        ..RabbitOptions::default()
+    })
+    .await
+    .expect("a private RabbitMQ node with management must start (is rabbitmq-server installed?)");
+    let endpoint = guest(&node);
+    let conn = connect(&node, "publisher").await;
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let (_server, credentials) = credentials_cache().await;
+    let metrics = ControllerMetrics::default();
+    let management = ManagementClient::new(ManagementConfig::default())
+        .unwrap()
+        .with_metrics(metrics.clone());
+    let hub = Arc::new(QueueStatsHub::new(management, Duration::from_millis(100)));
+    let peeker = Arc::new(QueuePeeker::new(Duration::from_secs(5)).with_metrics(metrics.clone()));
+    let source = BrokerMetrics::new(credentials.clone(), hub.clone(), peeker.clone());
+    let probe = ManagementClient::new(ManagementConfig::default()).unwrap();
+
+    // A stats emission may land between the publish and the reads; a few
+    // fresh queues make sure the lag shows at least once. Every attempt
+    // must see the whole burst at once.
+    let mut stale_seen = 0;
+    for attempt in 0..3 {
+        let queue = unique_name("burst");
+        declare(&channel, &queue).await;
+        // The management API knows the (empty) queue with counts...
+        wait_for_stats(&probe, &endpoint, |s| {
+            s.get(&queue).is_some_and(|q| q.messages_ready == Some(0))
+        })
+        .await;
+        let target = target(node.management_url(), node.amqp_port(), &queue);
+        let before = source.observe(&target).await.unwrap();
+        assert_eq!((before.ready, before.unacked), (0, Some(0)));
+
+        // ...then 50 messages land.
+        publish(&channel, &queue, 50).await;
+        tokio::time::sleep(Duration::from_millis(150)).await; // past the hub's max_age
+        let read = source.observe(&target).await.unwrap();
+        let management_ready = probe
+            .vhost_queues(&endpoint, "/")
+            .await
+            .unwrap()
+            .get(&queue)
+            .and_then(|q| q.messages_ready);
+        assert_eq!(read.ready, 50, "attempt {attempt}: {read:?}");
+        assert_eq!(read.ready_source, ReadySource::PassiveDeclare);
+        assert_eq!(read.unacked, Some(0), "unacked comes from management");
+        assert_eq!(read.consumers, 0);
+        assert_eq!(read.observation(None).ready, 50);
+        if management_ready != Some(50) {
+            stale_seen += 1;
+            eprintln!(
+                "attempt {attempt}: management API said {management_ready:?}, the passive declare 50"
+            );
+        }
+    }
+    assert!(
+        stale_seen > 0,
+        "the management API was never behind: the test shows nothing"
+    );
+
+    // Management API down, AMQP up: still an observation, unacked unknown.
+    let refused = format!("http://127.0.0.1:{}", warren_testkit::free_port().unwrap());
+    let queue = unique_name("no-mgmt");
+    declare(&channel, &queue).await;
+    publish(&channel, &queue, 3).await;
+    let read = source
+        .observe(&target(refused.clone(), node.amqp_port(), &queue))
+        .await
+        .unwrap();
+    assert_eq!((read.ready, read.unacked), (3, None));
+    assert_eq!(read.observation(Some(2)).unacked, 2);
+
+    // Both down: an error.
+    let dead_amqp = warren_testkit::free_port().unwrap();
+    let err = source
+        .observe(&target(refused, dead_amqp, &queue))
+        .await
+        .unwrap_err();
+    assert_eq!(err.metric_label(), "unreachable", "{err:?}");
+
+    // One connection and one shared channel served every read of the node.
+    assert_eq!(
+        peeker.connections_opened(),
+        2,
+        "the node's and the dead port's"
+    );
+    assert_eq!(peeker.channels_opened(), 1);
+    let ok = metrics
+        .passive_declares
+        .get_or_create(&ResultLabels {
+            result: "ok".into(),
+        })
+        .get();
+    assert_eq!(ok, 3 * 2 + 1);
+}
+
+#[tokio::test]
+async fn a_missing_queue_fails_its_own_read_only_and_the_shared_channel_is_kept() {
+    let node = node().await;
+    let endpoint = guest(&node);
+    let conn = connect(&node, "setup").await;
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let queues: Vec<String> = (0..20).map(|i| format!("present-{i}")).collect();
+    for (i, queue) in queues.iter().enumerate() {
+        declare(&channel, queue).await;
+        publish(&channel, queue, i % 4).await;
+    }
+    let peeker = Arc::new(QueuePeeker::new(Duration::from_secs(5)));
+    let amqp = format!("amqp://127.0.0.1:{}", node.amqp_port());
+    let creds = endpoint.credentials.clone();
+
+    // Two rounds of concurrent declares, two missing queues among them. The
+    // broker closes the channel a missing queue is declared on, failing
+    // whatever else is pending there: only the missing ones may fail.
+    for round in 0..2 {
+        let mut names: Vec<String> = queues.clone();
+        names.insert(5, "missing-a".into());
+        names.insert(15, "missing-b".into());
+        let reads = names.iter().map(|queue| {
+            let peeker = peeker.clone();
+            let amqp = amqp.clone();
+            let creds = creds.clone();
+            let queue = queue.clone();
+            async move {
+                let result = peeker.peek(&amqp, &creds, "/", &queue).await;
+                (queue, result)
+            }
+        });
+        for (queue, result) in futures::future::join_all(reads).await {
+            match queue.strip_prefix("present-") {
+                Some(i) => {
+                    let i: usize = i.parse().unwrap();
+                    let peek = result.unwrap_or_else(|e| panic!("round {round}: {queue}: {e}"));
+                    assert_eq!(peek.ready, (i % 4) as u64, "round {round}: {queue}");
+                }
+                None => assert!(
+                    matches!(&result, Err(PeekError::QueueNotFound { queue: q, .. }) if *q == queue),
+                    "round {round}: {queue}: {result:?}"
+                ),
+            }
+        }
+        if round == 0 {
+            assert_eq!(peeker.connections_opened(), 1);
+        }
+    }
+    // Round 2 declared the missing queues on private channels only: the
+    // shared channel opened in round 1 (or reopened there) is still the one.
+    let shared_before = peeker.channels_opened() - peeker.private_channels_opened();
+    let private_before = peeker.private_channels_opened();
+    for queue in &queues {
+        peeker.peek(&amqp, &creds, "/", queue).await.unwrap();
+    }
+    assert_eq!(
+        peeker.channels_opened() - peeker.private_channels_opened(),
+        shared_before
+    );
+    assert_eq!(peeker.private_channels_opened(), private_before);
+    assert!(
+        matches!(
+            peeker.peek(&amqp, &creds, "/", "missing-a").await,
+            Err(PeekError::QueueNotFound { .. })
+        ),
+        "still missing"
+    );
+    assert_eq!(peeker.private_channels_opened(), private_before + 1);
+    assert_eq!(peeker.connections_opened(), 1);
+
+    // Once the queue exists it is read again (and back on the shared channel).
+    declare(&channel, "missing-a").await;
+    publish(&channel, "missing-a", 2).await;
+    assert_eq!(
+        peeker
+            .peek(&amqp, &creds, "/", "missing-a")
+            .await
+            .unwrap()
+            .ready,
+        2
+    );
+    let private_after = peeker.private_channels_opened();
+    assert_eq!(
+        peeker
+            .peek(&amqp, &creds, "/", "missing-a")
+            .await
+            .unwrap()
+            .ready,
+        2
+    );
+    assert_eq!(peeker.private_channels_opened(), private_after);
+
+    // The broker sees one connection named warren-controller.
+    let client = ManagementClient::new(ManagementConfig::default()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let named = client.connection_unacked(&endpoint, "/").await.unwrap();
+        if named.by_connection.contains_key("warren-controller") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no connection named warren-controller: {named:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_connection_is_reopened_after_a_broker_restart() {
+    let mut node = RabbitNode::start(RabbitOptions::default())
+        .await
+        .expect("a private RabbitMQ node must start (is rabbitmq-server installed?)");
+    let queue = unique_name("restart");
+    {
+        let conn = connect(&node, "setup").await;
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        declare(&channel, &queue).await;
+        publish(&channel, &queue, 4).await;
+        conn.close(200, "done".into()).await.unwrap();
+    }
+    let peeker = QueuePeeker::new(Duration::from_secs(5)).reconnect_backoff(Duration::ZERO);
+    let amqp = format!("amqp://127.0.0.1:{}", node.amqp_port());
+    let creds = Credentials {
+        username: "guest".into(),
+        password: "guest".into(),
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            peeker.peek(&amqp, &creds, "/", &queue).await.unwrap().ready,
+            4
+        );
+    }
+    assert_eq!(peeker.connections_opened(), 1);
+
+    node.stop().await.unwrap();
+    let err = peeker.peek(&amqp, &creds, "/", &queue).await.unwrap_err();
+    assert!(
+        matches!(err.metric_label(), "connect" | "channel" | "declare"),
+        "{err:?}"
+    );
+
+    node.start_again().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let peek = loop {
+        match peeker.peek(&amqp, &creds, "/", &queue).await {
+            Ok(peek) => break peek,
+            Err(err) => {
+                assert!(Instant::now() < deadline, "never reconnected: {err}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    // The queue is durable, its transient messages are gone.
+    assert_eq!(peek.ready, 0, "{peek:?}");
+    let opened = peeker.connections_opened();
+    assert!(opened >= 2, "{opened}");
+    // And it stays: no new connection per read.
+    for _ in 0..3 {
+        peeker.peek(&amqp, &creds, "/", &queue).await.unwrap();
+    }
+    assert_eq!(peeker.connections_opened(), opened);
 }

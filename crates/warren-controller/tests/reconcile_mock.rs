@@ -13,10 +13,14 @@ use kube::runtime::controller::Action;
 use kube::{Client, Resource};
 use serde_json::{Value, json};
 use warren_controller::audit::{ScaleAudit, ScaleRecord};
-use warren_controller::metrics::{ControllerMetrics, DirectionLabels, ResultLabels};
+use warren_controller::metrics::{
+    ControllerMetrics, DirectionLabels, ObservationLabels, ResultLabels,
+};
 use warren_controller::queue_stats::ConnectionUnacked;
 use warren_controller::reconcile::{Context, Settings, error_policy, reconcile};
-use warren_controller::source::{BrokerTarget, MetricsError, MetricsSource};
+use warren_controller::source::{
+    BrokerTarget, MetricsError, MetricsSource, QueueRead, ReadySource,
+};
 use warren_crd::{Observation, QueueScaler, QueueScalerSpec, QueueScalerStatus};
 
 const NS: &str = "ns";
@@ -31,33 +35,29 @@ const COST: &str = "controller.kubernetes.io/pod-deletion-cost";
 /// Queue reads served from a script; the last entry repeats.
 #[derive(Default)]
 struct FakeSource {
-    script: Mutex<VecDeque<Result<Observation, MetricsError>>>,
+    script: Mutex<VecDeque<Result<QueueRead, MetricsError>>>,
     unacked: Mutex<ConnectionUnacked>,
-    /// `instant_ready` of every observe call.
-    calls: Mutex<Vec<bool>>,
+    /// Observe calls so far.
+    calls: Mutex<usize>,
     unacked_calls: Mutex<u32>,
 }
 
 impl FakeSource {
-    fn with(reads: Vec<Result<Observation, MetricsError>>) -> Arc<Self> {
+    fn with(reads: Vec<Result<QueueRead, MetricsError>>) -> Arc<Self> {
         Arc::new(Self {
             script: Mutex::new(reads.into()),
             ..Self::default()
         })
     }
-    fn calls(&self) -> Vec<bool> {
-        self.calls.lock().unwrap().clone()
+    fn calls(&self) -> usize {
+        *self.calls.lock().unwrap()
     }
 }
 
 #[async_trait]
 impl MetricsSource for FakeSource {
-    async fn observe(
-        &self,
-        _target: &BrokerTarget,
-        instant_ready: bool,
-    ) -> Result<Observation, MetricsError> {
-        self.calls.lock().unwrap().push(instant_ready);
+    async fn observe(&self, _target: &BrokerTarget) -> Result<QueueRead, MetricsError> {
+        *self.calls.lock().unwrap() += 1;
         let mut script = self.script.lock().unwrap();
         if script.len() > 1 {
             script.pop_front().unwrap()
@@ -85,11 +85,31 @@ impl ScaleAudit for FakeAudit {
     }
 }
 
-fn observed(ready: u64, unacked: u64) -> Result<Observation, MetricsError> {
-    Ok(Observation::new(ready, unacked, 1, None, None, Utc::now()))
+fn observed(ready: u64, unacked: u64) -> Result<QueueRead, MetricsError> {
+    Ok(QueueRead::from(Observation::new(
+        ready,
+        unacked,
+        1,
+        None,
+        None,
+        Utc::now(),
+    )))
 }
 
-fn broker_down() -> Result<Observation, MetricsError> {
+/// The passive declare answered, the management API did not: no unacked count.
+fn unacked_unknown(ready: u64) -> Result<QueueRead, MetricsError> {
+    Ok(QueueRead {
+        ready,
+        unacked: None,
+        consumers: 1,
+        publish_rate: None,
+        ack_rate: None,
+        ready_source: ReadySource::PassiveDeclare,
+        observed_at: Utc::now(),
+    })
+}
+
+fn broker_down() -> Result<QueueRead, MetricsError> {
     Err(MetricsError::Other("connection refused".into()))
 }
 
@@ -399,8 +419,7 @@ async fn backlog_scales_up_with_scale_patch_event_audit_and_status_and_no_pod_pa
     assert_eq!(cond("Fallback").0, "False");
     assert_eq!(cond("Paused").0, "False");
 
-    // The target had replicas: the management counts are good enough.
-    assert_eq!(h.source.calls(), vec![false]);
+    assert_eq!(h.source.calls(), 1);
     assert_eq!(*h.source.unacked_calls.lock().unwrap(), 0);
     let audit = h.audit.0.lock().unwrap().clone();
     assert_eq!(audit.len(), 1);
@@ -566,7 +585,7 @@ async fn failures_continue_from_the_status_after_a_restart() {
 }
 
 #[tokio::test]
-async fn at_zero_replicas_the_instant_ready_count_is_asked_for_and_activates() {
+async fn at_zero_replicas_the_ready_count_activates() {
     let mut h = harness(FakeSource::with(vec![observed(3, 0)]));
     let qs = scaler(json!({"minReplicas": 0, "activationMessages": 2}));
     run(&mut h, &qs, async |api: &mut ApiServer| {
@@ -581,7 +600,101 @@ async fn at_zero_replicas_the_instant_ready_count_is_asked_for_and_activates() {
     })
     .await
     .unwrap();
-    assert_eq!(h.source.calls(), vec![true]);
+    assert_eq!(h.source.calls(), 1);
+}
+
+fn observations(ctx: &Context, ready: &str, unacked: &str) -> u64 {
+    ctx.metrics
+        .observations
+        .get_or_create(&ObservationLabels {
+            ready: ready.into(),
+            unacked: unacked.into(),
+        })
+        .get()
+}
+
+#[tokio::test]
+async fn unknown_unacked_never_scales_a_running_target_to_zero_but_a_measured_zero_does() {
+    // Same empty queue twice: first without an unacked count (management
+    // API down), then with a measured 0.
+    let mut h = harness(FakeSource::with(vec![unacked_unknown(0), observed(0, 0)]));
+    let qs = scaler(json!({"minReplicas": 0, "behavior": {"cooldownSeconds": 0}}));
+    let mut written = None;
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect_get_scale(1).await;
+        // No scale patch: held at 1.
+        written = Some(api.expect_status_patch(&qs).await);
+    })
+    .await
+    .unwrap();
+    let status = written.unwrap();
+    assert_eq!(status.desired_replicas, Some(1));
+    let decision = status.last_decision.clone().unwrap();
+    assert_eq!(
+        (decision.replicas, decision.reason.as_str()),
+        (1, "MetricsUnavailable")
+    );
+    let ready = status.condition("Ready").unwrap();
+    assert_eq!(
+        (format!("{:?}", ready.status), ready.reason.as_str()),
+        ("True".to_string(), "MetricsPartial")
+    );
+    assert_eq!(status.observation.as_ref().unwrap().unacked, 0);
+    assert_eq!(status.consecutive_failures, 0);
+    assert_eq!(observations(&h.ctx, "passive_declare", "assumed_zero"), 1);
+
+    let qs = with_status(qs, status);
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect_get_scale(1).await;
+        api.expect_pod_list(vec![pod("worker-a", None)]).await;
+        // No connection named worker-a: unknown to the broker, cheapest.
+        api.expect_pod_cost("worker-a", "-1000").await;
+        api.expect_scale_patch(0).await;
+        api.expect_event("Normal", "Scaled").await;
+        let status = api.expect_status_patch(&qs).await;
+        assert_eq!(status.last_decision.as_ref().unwrap().reason, "QueueEmpty");
+        assert_eq!(
+            status.condition("Ready").unwrap().reason,
+            "MetricsAvailable"
+        );
+    })
+    .await
+    .unwrap();
+    assert_eq!(scales(&h.ctx, "down"), 1);
+    assert_eq!(observations(&h.ctx, "management", "management"), 1);
+}
+
+#[tokio::test]
+async fn unknown_unacked_is_the_last_known_count_from_the_status() {
+    // A previous status saw 7 unacked; now the management API is down and
+    // the passive declare sees 3 ready: 3 + 7 counted at 5 per replica.
+    let mut h = harness(FakeSource::with(vec![unacked_unknown(3)]));
+    let qs = with_status(
+        scaler(json!({"messagesPerReplica": 5})),
+        QueueScalerStatus {
+            observation: Some(Observation::new(0, 7, 1, None, None, Utc::now())),
+            ..QueueScalerStatus::default()
+        },
+    );
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect_get_scale(1).await;
+        api.expect_scale_patch(2).await;
+        let event = api.expect_event("Normal", "Scaled").await;
+        assert!(
+            event["note"]
+                .as_str()
+                .unwrap()
+                .starts_with("from 1 to 2: 10 messages at 5 per replica"),
+            "{event}"
+        );
+        let status = api.expect_status_patch(&qs).await;
+        let observation = status.observation.as_ref().unwrap();
+        assert_eq!((observation.ready, observation.unacked), (3, 7));
+        assert_eq!(status.condition("Ready").unwrap().reason, "MetricsPartial");
+    })
+    .await
+    .unwrap();
+    assert_eq!(observations(&h.ctx, "passive_declare", "last_known"), 1);
 }
 
 #[tokio::test]
@@ -598,7 +711,7 @@ async fn paused_scaler_reads_nothing_and_scales_nothing() {
     })
     .await
     .unwrap();
-    assert!(h.source.calls().is_empty());
+    assert_eq!(h.source.calls(), 0);
     assert_eq!(count(&h.ctx, "paused"), 1);
 }
 
@@ -631,7 +744,7 @@ async fn invalid_spec_is_reported_once_and_requeued_slowly() {
     run(&mut h, &qs, async |_api: &mut ApiServer| {})
         .await
         .unwrap();
-    assert!(h.source.calls().is_empty());
+    assert_eq!(h.source.calls(), 0);
     assert_eq!(count(&h.ctx, "invalid_spec"), 2);
 }
 
@@ -662,7 +775,7 @@ async fn missing_target_is_reported_not_retried_fast() {
     .await
     .unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(5)));
-    assert!(h.source.calls().is_empty());
+    assert_eq!(h.source.calls(), 0);
 }
 
 #[tokio::test]
