@@ -682,7 +682,9 @@ async fn two_controllers_one_leader_scales_and_the_other_takes_over() {
     );
 
     let sent = Instant::now();
-    let burst = ok(h.send_burst(4, 30).await); // 4 jobs of 3 s: 4 replicas
+    // 8 jobs of 3 s: at least 6 wait whatever runs, so maxReplicas 4 is
+    // wanted from the instant count alone (the management API lags).
+    let burst = ok(h.send_burst(8, 30).await);
     ok(
         h.wait_change(sent, secs(15.0), "the new leader scaling up", |c| c.to == 4)
             .await,
