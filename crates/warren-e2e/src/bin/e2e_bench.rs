@@ -38,6 +38,7 @@ struct Options {
     scaler_counts: Vec<usize>,
     stats_ms: u64,
     window_secs: u64,
+    fleet_only: bool,
 }
 
 fn parse_options() -> anyhow::Result<Options> {
@@ -46,6 +47,7 @@ fn parse_options() -> anyhow::Result<Options> {
         scaler_counts: vec![1, 100, 1000],
         stats_ms: 5000,
         window_secs: 10,
+        fleet_only: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -60,6 +62,7 @@ fn parse_options() -> anyhow::Result<Options> {
             }
             "--stats-ms" => options.stats_ms = value("--stats-ms")?.parse()?,
             "--window" => options.window_secs = value("--window")?.parse()?,
+            "--fleet-only" => options.fleet_only = true,
             "--quick" => {
                 options.trials = 5;
                 options.scaler_counts = vec![1, 100];
@@ -67,7 +70,7 @@ fn parse_options() -> anyhow::Result<Options> {
             }
             "-h" | "--help" => {
                 println!(
-                    "e2e-bench [--trials N] [--scalers 1,100,1000] [--stats-ms 5000] [--window 10] [--quick]\n\
+                    "e2e-bench [--trials N] [--scalers 1,100,1000] [--stats-ms 5000] [--window 10] [--quick] [--fleet-only]\n\
                      Build the binaries first: cargo build --release --bins"
                 );
                 std::process::exit(0);
@@ -135,6 +138,31 @@ async fn main() -> anyhow::Result<()> {
         options.stats_ms
     );
 
+    if !options.fleet_only {
+        scaling(&options).await?;
+    }
+
+    println!("\n## Broker requests per tick as scalers grow (one vhost, 1 s polling)\n");
+    println!(
+        "| scalers | management HTTP / tick (proxy) | by path | AMQP passive declares / tick | all broker requests / tick (controller metrics) | API server requests / tick | controller RSS |\n|---|---|---|---|---|---|---|"
+    );
+    let node = RabbitNode::start(RabbitOptions {
+        management: true,
+        stats_interval_ms: options.stats_ms,
+        ..RabbitOptions::default()
+    })
+    .await?;
+    for &n in &options.scaler_counts {
+        match scaler_fleet(&binaries, &node, n, options.window_secs).await {
+            Ok(row) => println!("{row}"),
+            Err(err) => println!("| {n} | failed: {} | | | | | |", one_line(&err)),
+        }
+    }
+    Ok(())
+}
+
+/// Reaction, drain and memory against one scaler and real workers.
+async fn scaling(options: &Options) -> anyhow::Result<()> {
     let h = Harness::start(
         HarnessOptions {
             seconds_per_dot: 0.01,
@@ -190,22 +218,6 @@ async fn main() -> anyhow::Result<()> {
     }
     drop(h);
 
-    println!("\n## Broker requests per tick as scalers grow (one vhost, 1 s polling)\n");
-    println!(
-        "| scalers | management HTTP / tick (proxy) | by path | AMQP passive declares / tick | all broker requests / tick (controller metrics) | API server requests / tick | controller RSS |\n|---|---|---|---|---|---|---|"
-    );
-    let node = RabbitNode::start(RabbitOptions {
-        management: true,
-        stats_interval_ms: options.stats_ms,
-        ..RabbitOptions::default()
-    })
-    .await?;
-    for &n in &options.scaler_counts {
-        match scaler_fleet(&binaries, &node, n, options.window_secs).await {
-            Ok(row) => println!("{row}"),
-            Err(err) => println!("| {n} | failed: {} | | | | | |", one_line(&err)),
-        }
-    }
     Ok(())
 }
 
@@ -412,7 +424,17 @@ async fn scaler_fleet(
     api.clear_requests();
     tokio::time::sleep(Duration::from_secs(window_secs)).await;
     let metrics_after = controller.metrics().await?;
-    let api_requests = api.requests().len();
+    let recorded = api.requests();
+    let api_requests = recorded.len();
+    let mut api_kinds: Vec<(String, usize)> = Vec::new();
+    for r in &recorded {
+        let key = api_kind(&r.method, &r.path);
+        match api_kinds.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, n)) => *n += 1,
+            None => api_kinds.push((key, 1)),
+        }
+    }
+    api_kinds.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
     let counts = proxy.counts();
     let ticks = window_secs as f64;
 
@@ -429,7 +451,7 @@ async fn scaler_fleet(
         .join("; ");
     let memory = controller.memory();
     let row = format!(
-        "| {n} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {} (warm-up {:.1} s) |",
+        "| {n} | {:.1} | {} | {:.1} | {:.1} | {:.1} ({}) | {} (warm-up {:.1} s) |",
         proxy.total() as f64 / ticks,
         if by_path.is_empty() {
             "—".into()
@@ -439,6 +461,12 @@ async fn scaler_fleet(
         delta("passive_declare") / ticks,
         all_broker / ticks,
         api_requests as f64 / ticks,
+        api_kinds
+            .iter()
+            .take(3)
+            .map(|(k, v)| format!("{k}: {:.1}", *v as f64 / ticks))
+            .collect::<Vec<_>>()
+            .join("; "),
         memory.map(|m| mib(m.rss_kib)).unwrap_or_else(|| "?".into()),
         warm_up.as_secs_f64(),
     );
@@ -446,4 +474,20 @@ async fn scaler_fleet(
     controller.wait_exit(Duration::from_secs(10)).await;
     let _ = connection.close(200, "bench done".into()).await;
     Ok(row)
+}
+
+/// `PATCH queuescalers/status` for `/apis/warren.dev/v1alpha1/namespaces/default/queuescalers/x/status`.
+fn api_kind(method: &str, path: &str) -> String {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    let resource = match parts.iter().position(|p| *p == "namespaces") {
+        Some(i) => {
+            let plural = parts.get(i + 2).copied().unwrap_or("?");
+            match parts.get(i + 4) {
+                Some(sub) => format!("{plural}/{sub}"),
+                None => plural.to_string(),
+            }
+        }
+        None => parts.last().copied().unwrap_or("/").to_string(),
+    };
+    format!("{method} {resource}")
 }
