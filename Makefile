@@ -28,7 +28,8 @@ lint: ## rustfmt check and clippy with -D warnings
 fmt: ## format the workspace
 	$(CARGO) fmt --all
 
-rust-test: ## the Rust test suite (needs RabbitMQ on 127.0.0.1:5672 and rabbitmq-server installed)
+rust-test: ## the Rust test suite, end-to-end scenarios included (needs RabbitMQ on 127.0.0.1:5672 and rabbitmq-server installed)
+	$(CARGO) build --bins --workspace
 	$(TEST_CMD)
 
 crds: ## regenerate the QueueScaler CRD from the Rust types
@@ -56,3 +57,11 @@ bench-controller: ## controller: broker requests per tick, CPU, RSS, burst->scal
 
 bench-scaling: ## decisions per second of the pure scaling function
 	$(CARGO) run --release -q -p warren-scaling --example decide_bench
+
+e2e: ## end-to-end scenarios: real binaries, a private RabbitMQ, the fake Kubernetes API server
+	$(CARGO) build --bins -p warren-controller -p warren-worker -p warren-sender
+	$(CARGO) nextest run -p warren-e2e --no-fail-fast
+
+e2e-bench: ## reaction latency, drain time, interrupted jobs, controller RSS, broker requests per tick
+	$(CARGO) build --release --bins -p warren-controller -p warren-worker -p warren-sender -p warren-e2e
+	$(CARGO_TARGET_DIR)/release/e2e-bench $(BENCH_ARGS)

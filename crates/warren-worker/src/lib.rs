@@ -217,7 +217,30 @@ async fn serve(
             Some(Err(err)) => return SessionEnd::Lost(format!("consumer error: {err}")),
             Some(Ok(delivery)) => delivery,
         };
-        if let Err(reason) = handle(args, delivery, audit, metrics).await {
+        // The job in hand always runs to its ack. A SIGTERM meanwhile cancels
+        // the consumer at once, before the ack, so the broker has no chance
+        // to push this worker another job that would only come back
+        // redelivered when the channel closes.
+        let handling = handle(args, delivery, audit, metrics);
+        tokio::pin!(handling);
+        let finished = tokio::select! {
+            result = &mut handling => Some(result),
+            _ = shutdown.cancelled() => None,
+        };
+        let result = match finished {
+            Some(result) => result,
+            None => {
+                tracing::info!("SIGTERM: no more jobs; finishing the one in hand");
+                let _ = channel
+                    .basic_cancel(
+                        ShortString::from(args.pod_name.as_str()),
+                        BasicCancelOptions::default(),
+                    )
+                    .await;
+                handling.await
+            }
+        };
+        if let Err(reason) = result {
             return SessionEnd::Lost(reason);
         }
         if shutdown.is_cancelled() {

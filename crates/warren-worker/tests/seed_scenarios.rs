@@ -237,8 +237,9 @@ async fn every_accepted_job_is_processed_across_a_broker_crash() {
     .await;
 }
 
-/// SIGTERM mid-job: the job is finished and acked (processed exactly once)
-/// and the worker exits 0.
+/// SIGTERM mid-job with a backlog: the job in hand is finished and acked
+/// (processed exactly once), the worker exits 0, and it is handed no further
+/// job on its way out, so the backlog is never redelivered.
 #[tokio::test]
 async fn sigterm_finishes_the_job_in_hand_and_exits_zero() {
     let url = shared_amqp_url();
@@ -248,6 +249,10 @@ async fn sigterm_finishes_the_job_in_hand_and_exits_zero() {
 
     let id = send_ok(&sender, &dots(20)).await; // 1 s
     wait_busy(&[&a], Duration::from_secs(10)).await;
+    let waiting = vec![
+        send_ok(&sender, &dots(1)).await,
+        send_ok(&sender, &dots(1)).await,
+    ];
     a.signal(Signal::SIGTERM);
     let status = tokio::time::timeout(Duration::from_secs(30), a.child.wait())
         .await
@@ -259,15 +264,19 @@ async fn sigterm_finishes_the_job_in_hand_and_exits_zero() {
         vec![(id.clone(), false)],
         "finished before exiting"
     );
+    assert_eq!(a.started_ids(), vec![id], "took no new job after SIGTERM");
 
-    // Nothing left behind to be processed a second time.
+    // The backlog is intact and was never delivered to the leaving worker.
     let b = spawn_worker(&url, &queue, "worker-b", 0.05, &[]).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        b.started_ids().is_empty(),
-        "the job was delivered again: {:?}",
-        b.started_ids()
-    );
+    eventually(Duration::from_secs(30), "the backlog is processed", || {
+        b.done().len() == 2
+    })
+    .await;
+    let mut done = b.done();
+    done.sort();
+    let mut expected: Vec<(String, bool)> = waiting.into_iter().map(|id| (id, false)).collect();
+    expected.sort();
+    assert_eq!(done, expected, "no job redelivered because of the SIGTERM");
     assert_eq!(ready_count(&url, &queue).await.unwrap(), 0);
 }
 
