@@ -171,6 +171,7 @@ impl Context {
             if m.uid != uid {
                 *m = Memory {
                     uid: uid.clone(),
+                    history: inherited_history(status, Utc::now()),
                     failures: status_failures,
                     last_unacked: status_unacked,
                     ..Memory::default()
@@ -821,9 +822,56 @@ where
     }
 }
 
+/// The history a scaler starts with when this replica first sees it (a
+/// controller restart or a new leader): the replica count the status last
+/// reported counts as a recommendation made now. A new leader therefore
+/// waits a full scale-down stabilization window before scaling in, exactly
+/// as the previous leader would have, instead of acting on a history it
+/// never saw.
+fn inherited_history(
+    status: Option<&warren_crd::QueueScalerStatus>,
+    now: DateTime<Utc>,
+) -> History {
+    let mut history = History::new();
+    if let Some(current) = status.and_then(|s| s.current_replicas) {
+        history.push_recommendation(now, current);
+    }
+    history
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_leader_waits_out_the_scale_down_window() {
+        use warren_crd::{Observation, QueueScalerSpec, QueueScalerStatus};
+        let spec: QueueScalerSpec = serde_json::from_value(serde_json::json!({
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "w"},
+            "queue": {"name": "tasks"},
+            "broker": {"credentialsSecretRef": {"name": "s"}},
+            "minReplicas": 0,
+            "maxReplicas": 10,
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": 60}}
+        }))
+        .unwrap();
+        let status = QueueScalerStatus {
+            current_replicas: Some(4),
+            ..QueueScalerStatus::default()
+        };
+        let now = Utc::now();
+        let history = inherited_history(Some(&status), now);
+        // 5 messages want 1 replica; inside the window the new leader holds 4.
+        let observation = Observation::new(5, 0, 4, None, None, now);
+        let input = DecisionInput::observed(4, observation.clone());
+        assert_eq!(decide(&spec, &input, &history, now).replicas, 4);
+        // After the window it scales in, and without inherited history it
+        // would have done so at once.
+        let later = now + chrono::TimeDelta::seconds(61);
+        assert_eq!(decide(&spec, &input, &history, later).replicas, 1);
+        assert_eq!(decide(&spec, &input, &History::new(), now).replicas, 1);
+        assert!(inherited_history(None, now).recommendations().is_empty());
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {
