@@ -74,6 +74,9 @@ struct Args {
     /// Run only part A.
     #[arg(long)]
     skip_binary: bool,
+    /// Run only part B (e.g. to measure another build with --controller-bin).
+    #[arg(long)]
+    skip_in_process: bool,
     /// Bursts measured per scaler count in part B.
     #[arg(long, default_value_t = 20)]
     bursts: u32,
@@ -126,6 +129,10 @@ async fn main() -> anyhow::Result<()> {
         "RSS MiB"
     );
     for (index, &n) in args.scalers.iter().enumerate() {
+        if args.skip_in_process {
+            println!("(skipped)");
+            break;
+        }
         let vhost = vhost(index, n);
         let row = part_a(
             &node,

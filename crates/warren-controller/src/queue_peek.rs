@@ -29,10 +29,10 @@
 //! the channel with `404 NOT_FOUND`; lapin then fails every declare still
 //! pending on that channel with the same error, including those of queues
 //! that do exist. So:
-//! - a declare that fails on the shared channel (for whatever reason) is
-//!   retried once on a private, short-lived channel, whose answer is final
-//!   and concerns that queue only; the shared channel is reopened by the next
-//!   caller;
+//! - a declare that fails on the shared channel is retried once on a
+//!   private, short-lived channel, whose answer is final and concerns that
+//!   queue only (unless the broker's 404 names the queue itself); the shared
+//!   channel is reopened by the next caller;
 //! - a queue last seen missing is declared on a private channel only, so a
 //!   scaler pointing at a missing queue does not close the shared channel
 //!   under the other scalers every tick. A successful declare clears it.
@@ -232,6 +232,24 @@ impl QueuePeeker {
         self.counters.declares.load(Ordering::Relaxed)
     }
 
+    /// Whether the last declare of `queue` (with these URL, credentials and
+    /// vhost) said it does not exist.
+    pub fn is_known_missing(
+        &self,
+        amqp_url: &str,
+        credentials: &Credentials,
+        vhost: &str,
+        queue: &str,
+    ) -> bool {
+        let key = PeekKey {
+            url: amqp_url.to_string(),
+            credentials: credentials.clone(),
+            vhost: vhost.to_string(),
+        };
+        let link = lock(&self.links).get(&key).cloned();
+        link.is_some_and(|link| link.is_missing(queue))
+    }
+
     /// Ready and consumer counts of `queue` right now.
     pub async fn peek(
         &self,
@@ -287,8 +305,14 @@ impl QueuePeeker {
             return self.declare_privately(&link, queue).await;
         }
         let channel = self.shared_channel(&link).await?;
-        match self.declare(&channel, vhost, queue).await {
+        match self.declare(&channel, queue).await {
             Ok(peek) => Ok(peek),
+            // The broker's 404 names the queue: this one is missing (the
+            // other declares pending on the channel get the same error).
+            Err(source) if is_not_found(&source) && names_queue(&source, queue) => {
+                link.set_missing(queue, true);
+                Err(declare_error(vhost, queue, source))
+            }
             Err(error) => {
                 // Maybe another scaler's missing queue closed the shared
                 // channel, maybe the connection died: ask again where only
@@ -436,7 +460,10 @@ impl QueuePeeker {
             self.open_channel(&link.key, &mut session, &connection, "private_channel")
                 .await?
         };
-        let result = self.declare(&channel, &link.key.vhost, queue).await;
+        let result = self
+            .declare(&channel, queue)
+            .await
+            .map_err(|source| declare_error(&link.key.vhost, queue, source));
         match &result {
             Ok(_) => link.set_missing(queue, false),
             Err(PeekError::QueueNotFound { .. }) => link.set_missing(queue, true),
@@ -448,12 +475,7 @@ impl QueuePeeker {
         result
     }
 
-    async fn declare(
-        &self,
-        channel: &Channel,
-        vhost: &str,
-        queue: &str,
-    ) -> Result<QueuePeek, PeekError> {
+    async fn declare(&self, channel: &Channel, queue: &str) -> Result<QueuePeek, lapin::Error> {
         self.counters.declares.fetch_add(1, Ordering::Relaxed);
         let declared = channel
             .queue_declare(
@@ -464,21 +486,11 @@ impl QueuePeeker {
                 },
                 FieldTable::default(),
             )
-            .await;
-        match declared {
-            Ok(q) => Ok(QueuePeek {
-                ready: u64::from(q.message_count()),
-                consumers: u64::from(q.consumer_count()),
-            }),
-            Err(source) if is_not_found(&source) => Err(PeekError::QueueNotFound {
-                queue: queue.to_string(),
-                vhost: vhost.to_string(),
-            }),
-            Err(source) => Err(PeekError::Declare {
-                queue: queue.to_string(),
-                source,
-            }),
-        }
+            .await?;
+        Ok(QueuePeek {
+            ready: u64::from(declared.message_count()),
+            consumers: u64::from(declared.consumer_count()),
+        })
     }
 
     fn count_open(&self, counter: &AtomicU64, what: &'static str) {
@@ -491,6 +503,29 @@ impl QueuePeeker {
                 })
                 .inc();
         }
+    }
+}
+
+fn declare_error(vhost: &str, queue: &str, source: lapin::Error) -> PeekError {
+    if is_not_found(&source) {
+        PeekError::QueueNotFound {
+            queue: queue.to_string(),
+            vhost: vhost.to_string(),
+        }
+    } else {
+        PeekError::Declare {
+            queue: queue.to_string(),
+            source,
+        }
+    }
+}
+
+/// Whether the broker's error text names `queue` (RabbitMQ: "NOT_FOUND -
+/// no queue 'jobs' in vhost '/'"). Anything else counts as not ours.
+fn names_queue(error: &lapin::Error, queue: &str) -> bool {
+    match error.kind() {
+        ErrorKind::ProtocolError(e) => e.get_message().as_str().contains(&format!("'{queue}'")),
+        _ => false,
     }
 }
 
@@ -540,6 +575,26 @@ mod tests {
         assert_eq!(uri.authority.port, 5672);
         assert_eq!(uri.authority.userinfo.password, "p@ss/word");
         assert_eq!(uri.vhost, "/");
+    }
+
+    #[test]
+    fn a_404_is_ours_only_when_it_names_the_queue() {
+        let not_found = |text: &str| -> lapin::Error {
+            ErrorKind::ProtocolError(lapin::protocol::AMQPError::new(
+                AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND),
+                text.into(),
+            ))
+            .into()
+        };
+        let error = not_found("NOT_FOUND - no queue 'jobs' in vhost '/'");
+        assert!(is_not_found(&error));
+        assert!(names_queue(&error, "jobs"));
+        assert!(!names_queue(&error, "job"));
+        assert!(!names_queue(&error, "other"));
+        assert_eq!(
+            declare_error("/", "jobs", error).metric_label(),
+            "queue_not_found"
+        );
     }
 
     #[test]

@@ -37,9 +37,11 @@
 //!   answers from its own state. 1000 scalers at a 1 s polling interval are
 //!   1000 small frames per second on one connection.
 //! - A declare that fails on the shared channel is retried once on a
-//!   private channel, and a queue known to be missing is declared on a
-//!   private channel each tick (channel open + declare + close): extra cost
-//!   only for broken scalers (see [`crate::queue_peek`]).
+//!   private channel (see [`crate::queue_peek`]). A queue last seen missing
+//!   is not declared again while the management listing still lacks it;
+//!   once listed (or with the management API down) it is declared on a
+//!   private channel (open + declare + close). Extra cost only for broken
+//!   scalers.
 
 use std::sync::Arc;
 
@@ -261,6 +263,22 @@ impl BrokerMetrics {
 impl MetricsSource for BrokerMetrics {
     async fn observe(&self, target: &BrokerTarget) -> Result<QueueRead, MetricsError> {
         let (endpoint, credentials) = self.endpoint(target).await?;
+        let queue = &target.queue;
+        if self.peeker.is_known_missing(
+            &target.broker.amqp_url,
+            &credentials,
+            &queue.vhost,
+            &queue.name,
+        ) && let Ok(listing) = self.hub.vhost_queues(&endpoint, &queue.vhost).await
+            && listing.get(&queue.name).is_none()
+        {
+            // Still absent from the (shared, already paid for) listing, which
+            // shows a new queue at once: spare the broker a channel and a 404.
+            return Err(MetricsError::QueueNotFound {
+                queue: queue.name.clone(),
+                vhost: queue.vhost.clone(),
+            });
+        }
         let (listing, peek) = tokio::join!(
             self.hub.vhost_queues(&endpoint, &target.queue.vhost),
             self.peeker.peek(

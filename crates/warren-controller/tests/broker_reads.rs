@@ -538,6 +538,11 @@ async fn a_missing_queue_fails_its_own_read_only_and_the_shared_channel_is_kept(
                 ),
             }
         }
+        eprintln!(
+            "round {round}: {} channels opened, {} private (retries and known-missing queues)",
+            peeker.channels_opened(),
+            peeker.private_channels_opened()
+        );
         if round == 0 {
             assert_eq!(peeker.connections_opened(), 1);
         }
@@ -660,4 +665,51 @@ async fn the_connection_is_reopened_after_a_broker_restart() {
         peeker.peek(&amqp, &creds, "/", &queue).await.unwrap();
     }
     assert_eq!(peeker.connections_opened(), opened);
+}
+
+#[tokio::test]
+async fn a_scaler_on_a_missing_queue_gets_queue_not_found_without_a_declare_per_tick() {
+    let node = node().await;
+    let (_server, credentials) = credentials_cache().await;
+    let management = ManagementClient::new(ManagementConfig::default()).unwrap();
+    let hub = Arc::new(QueueStatsHub::new(management, Duration::from_millis(100)));
+    let peeker = Arc::new(QueuePeeker::new(Duration::from_secs(5)));
+    let source = BrokerMetrics::new(credentials, hub, peeker.clone());
+    let queue = unique_name("late");
+    let target = target(node.management_url(), node.amqp_port(), &queue);
+
+    // First read: the passive declare says 404.
+    let err = source.observe(&target).await.unwrap_err();
+    assert_eq!(err.condition_reason(), "QueueNotFound", "{err:?}");
+    assert_eq!(peeker.declares_sent(), 1);
+    // Later reads: the listing still lacks it, no declare.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let err = source.observe(&target).await.unwrap_err();
+        assert_eq!(err.condition_reason(), "QueueNotFound", "{err:?}");
+    }
+    assert_eq!(peeker.declares_sent(), 1);
+
+    // Once created, the queue is read at the next tick.
+    let conn = connect(&node, "setup").await;
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    declare(&channel, &queue).await;
+    publish(&channel, &queue, 6).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let read = source.observe(&target).await.unwrap();
+    assert_eq!(read.ready, 6);
+    assert_eq!(read.ready_source, ReadySource::PassiveDeclare);
+    assert!(!peeker.is_known_missing(
+        &target.broker.amqp_url,
+        &Credentials {
+            username: "guest".into(),
+            password: "guest".into(),
+        },
+        "/",
+        &queue
+    ));
 }
