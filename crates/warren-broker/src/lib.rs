@@ -8,12 +8,14 @@
 //! - [`audit`]: best-effort audit events on the `warren.events` exchange that
 //!   never block or fail a job.
 
+pub mod args;
 pub mod audit;
 pub mod connect;
 pub mod envelope;
 pub mod publisher;
 pub mod topology;
 
+pub use args::BrokerArgs;
 pub use audit::{AuditEvent, AuditSink};
 pub use connect::{ConnectError, connect};
 pub use envelope::{ENVELOPE_VERSION, Envelope, EnvelopeError};

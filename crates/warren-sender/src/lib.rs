@@ -26,7 +26,7 @@ use prometheus_client::registry::Registry;
 use serde_json::{Map, json};
 use tokio_util::sync::CancellationToken;
 use warren_broker::{
-    AuditEvent, AuditSink, Envelope, Publisher, PublisherConfig, QueueType, Topology,
+    AuditEvent, AuditSink, BrokerArgs, Envelope, Publisher, PublisherConfig, Topology,
 };
 use warren_telemetry::{LogArgs, Readiness};
 
@@ -41,22 +41,11 @@ use crate::validation::{DotRule, Rejection, parse_job};
     about = "HTTP API that accepts jobs and publishes them durably to RabbitMQ"
 )]
 pub struct Args {
-    /// RabbitMQ AMQP URL (vhost URL-encoded: %2f is "/").
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    pub amqp_url: String,
-    /// The queue `POST /send` publishes to.
-    #[arg(long, env = "WARREN_QUEUE", default_value = "tasks")]
-    pub queue: String,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
     /// More queues `POST /send/{queue}` may publish to (comma-separated, e.g. `sms,email`).
     #[arg(long, env = "WARREN_QUEUES", value_delimiter = ',')]
     pub queues: Vec<String>,
-    /// Type of the work queues declared at start.
-    #[arg(long, env = "WARREN_QUEUE_TYPE", value_enum, default_value_t = QueueType::Quorum)]
-    pub queue_type: QueueType,
     /// HTTP listen address (API, /healthz, /readyz, /metrics).
     #[arg(long, env = "WARREN_LISTEN_ADDR", default_value = "0.0.0.0:8080")]
     pub listen_addr: SocketAddr,
@@ -99,7 +88,7 @@ pub struct Args {
 impl Args {
     /// The queues this sender may publish to, default first, without duplicates.
     pub fn all_queues(&self) -> Vec<String> {
-        let mut queues = vec![self.queue.clone()];
+        let mut queues = vec![self.broker.queue.clone()];
         for queue in &self.queues {
             let queue = queue.trim();
             if !queue.is_empty() && !queues.iter().any(|q| q == queue) {
@@ -148,12 +137,12 @@ pub struct RunningSender {
 pub async fn start(args: &Args, shutdown: CancellationToken) -> anyhow::Result<RunningSender> {
     use anyhow::Context as _;
     let queues = args.all_queues();
-    let mut config = PublisherConfig::new(args.amqp_url.clone(), args.pod_name.clone());
+    let mut config = PublisherConfig::new(args.broker.amqp_url.clone(), args.pod_name.clone());
     config.channels = args.publish_channels.max(1);
     config.confirm_timeout = Duration::from_millis(args.confirm_timeout_ms.max(1));
     let publisher = Publisher::start(
         config,
-        Topology::new(queues.clone(), args.queue_type),
+        Topology::new(queues.clone(), args.broker.queue_type),
         shutdown.clone(),
     );
     let audit_source = publisher.clone();

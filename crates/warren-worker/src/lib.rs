@@ -27,7 +27,7 @@ use serde_json::{Map, json};
 use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 use warren_broker::connect::{Backoff, close_quietly, redact_url};
-use warren_broker::{AuditEvent, AuditSink, Envelope, QueueType, Topology, connect};
+use warren_broker::{AuditEvent, AuditSink, BrokerArgs, Envelope, Topology, connect};
 use warren_telemetry::{LogArgs, Readiness};
 
 use crate::metrics::WorkerMetrics;
@@ -40,19 +40,8 @@ use crate::metrics::WorkerMetrics;
     about = "Consumes warren jobs one at a time; acks after the work; never loses one"
 )]
 pub struct Args {
-    /// RabbitMQ AMQP URL (vhost URL-encoded: %2f is "/").
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    pub amqp_url: String,
-    /// The queue to consume.
-    #[arg(long, env = "WARREN_QUEUE", default_value = "tasks")]
-    pub queue: String,
-    /// Type of the work queue if this worker declares it first.
-    #[arg(long, env = "WARREN_QUEUE_TYPE", value_enum, default_value_t = QueueType::Quorum)]
-    pub queue_type: QueueType,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
     /// HTTP listen address for /healthz, /readyz and /metrics.
     #[arg(long, env = "WARREN_LISTEN_ADDR", default_value = "0.0.0.0:9090")]
     pub listen_addr: SocketAddr,
@@ -96,7 +85,7 @@ pub async fn run(
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let topology = Topology::new(vec![args.queue.clone()], args.queue_type);
+    let topology = Topology::new(vec![args.broker.queue.clone()], args.broker.queue_type);
     let audit_channel: Arc<Mutex<Option<Channel>>> = Arc::default();
     let audit_source = audit_channel.clone();
     let audit = AuditSink::spawn(1000, move || {
@@ -106,18 +95,18 @@ pub async fn run(
         Duration::from_millis(args.reconnect_min_ms.max(1)),
         Duration::from_millis(args.reconnect_max_ms.max(args.reconnect_min_ms).max(1)),
     );
-    let url = redact_url(&args.amqp_url);
+    let url = redact_url(&args.broker.amqp_url);
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
         }
         let connected = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            connected = connect(&args.amqp_url, &args.pod_name, Duration::from_secs(10)) => connected,
+            connected = connect(&args.broker.amqp_url, &args.pod_name, Duration::from_secs(10)) => connected,
         };
         let end = match connected {
             Ok(connection) => {
-                tracing::info!(url = %url, queue = %args.queue, prefetch = args.prefetch, "connected");
+                tracing::info!(url = %url, queue = %args.broker.queue, prefetch = args.prefetch, "connected");
                 let end = serve(
                     &args,
                     &connection,
@@ -179,7 +168,7 @@ async fn serve(
             .await?;
         let consumer = channel
             .basic_consume(
-                ShortString::from(args.queue.as_str()),
+                ShortString::from(args.broker.queue.as_str()),
                 ShortString::from(args.pod_name.as_str()),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -196,7 +185,7 @@ async fn serve(
         *guard = Some(events);
     }
     readiness.set(true);
-    tracing::info!(queue = %args.queue, consumer = %args.pod_name, "waiting for jobs");
+    tracing::info!(queue = %args.broker.queue, consumer = %args.pod_name, "waiting for jobs");
     loop {
         let next = tokio::select! {
             biased;
@@ -290,7 +279,7 @@ async fn handle(
             metrics.dead_lettered.inc();
             let mut fields = Map::new();
             fields.insert("worker".into(), json!(args.pod_name));
-            fields.insert("queue".into(), json!(args.queue));
+            fields.insert("queue".into(), json!(args.broker.queue));
             fields.insert("reason".into(), json!(err.to_string()));
             audit.emit(AuditEvent::job("message.dead_lettered", &id, fields));
             return Ok(());
@@ -313,7 +302,7 @@ async fn handle(
     tracing::info!(id = %id, job_message = %envelope.message, redelivered, duration_ms = elapsed.as_millis() as u64, "job done");
     let mut fields = Map::new();
     fields.insert("worker".into(), json!(args.pod_name));
-    fields.insert("queue".into(), json!(args.queue));
+    fields.insert("queue".into(), json!(args.broker.queue));
     fields.insert("redelivered".into(), json!(redelivered));
     fields.insert("duration_ms".into(), json!(elapsed.as_millis() as u64));
     audit.emit(AuditEvent::job("message.processed", &id, fields));
@@ -328,7 +317,7 @@ mod tests {
     #[test]
     fn defaults_match_the_contract() {
         let args = Args::try_parse_from(["warren-worker"]).unwrap();
-        assert_eq!(args.queue, "tasks");
+        assert_eq!(args.broker.queue, "tasks");
         assert_eq!(args.prefetch, 1);
         assert_eq!(args.listen_addr.port(), 9090);
         assert_eq!(args.work_duration(3), Duration::from_secs(3));
