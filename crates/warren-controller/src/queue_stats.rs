@@ -529,23 +529,8 @@ impl QueueStatsHub {
         vhost: &str,
     ) -> Shared<VhostQueues> {
         let slot = slot_for(&self.queues, endpoint, vhost);
-        let mut guard = slot.lock().await;
-        if let Some(cached) = guard.as_ref()
-            && cached.at.elapsed() < self.max_age
-        {
-            return cached.value.clone();
-        }
-        let value = self
-            .client
-            .vhost_queues(endpoint, vhost)
+        self.cached_or_fetch(slot, self.client.vhost_queues(endpoint, vhost))
             .await
-            .map(Arc::new)
-            .map_err(Arc::new);
-        *guard = Some(Cached {
-            at: Instant::now(),
-            value: value.clone(),
-        });
-        value
     }
 
     /// Unacked messages per named connection of the vhost, fresh within `max_age`.
@@ -555,18 +540,26 @@ impl QueueStatsHub {
         vhost: &str,
     ) -> Shared<ConnectionUnacked> {
         let slot = slot_for(&self.connections, endpoint, vhost);
+        self.cached_or_fetch(slot, self.client.connection_unacked(endpoint, vhost))
+            .await
+    }
+
+    /// The slot's answer if younger than `max_age`, else `fetch`'s (stored).
+    /// Holding the slot's lock while fetching makes concurrent callers wait
+    /// for the same answer instead of sending their own request; `fetch` is
+    /// lazy and only polled on a miss.
+    async fn cached_or_fetch<T>(
+        &self,
+        slot: Slot<T>,
+        fetch: impl std::future::Future<Output = Result<T, StatsError>>,
+    ) -> Shared<T> {
         let mut guard = slot.lock().await;
         if let Some(cached) = guard.as_ref()
             && cached.at.elapsed() < self.max_age
         {
             return cached.value.clone();
         }
-        let value = self
-            .client
-            .connection_unacked(endpoint, vhost)
-            .await
-            .map(Arc::new)
-            .map_err(Arc::new);
+        let value = fetch.await.map(Arc::new).map_err(Arc::new);
         *guard = Some(Cached {
             at: Instant::now(),
             value: value.clone(),

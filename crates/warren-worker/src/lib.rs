@@ -118,6 +118,11 @@ pub async fn run(
                     &shutdown,
                 )
                 .await;
+                // A session that got as far as consuming was healthy: the
+                // next reconnect starts from the shortest delay again.
+                if readiness.is_ready() {
+                    backoff.reset();
+                }
                 readiness.set(false);
                 if let Ok(mut guard) = audit_channel.lock() {
                     *guard = None;
@@ -141,10 +146,6 @@ pub async fn run(
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
-        }
-        // A session that got as far as consuming resets the backoff in serve().
-        if readiness.is_ready() {
-            backoff.reset();
         }
     }
 }
@@ -193,10 +194,8 @@ async fn serve(
                 // No job in hand: stop the consumer and leave. Anything the
                 // broker pushed meanwhile is unacked and goes back to the queue
                 // when the channel closes.
-                let _ = channel
-                    .basic_cancel(ShortString::from(args.pod_name.as_str()), BasicCancelOptions::default())
-                    .await;
-                let _ = tokio::time::timeout(Duration::from_secs(2), channel.close(200, "shutting down".into())).await;
+                stop_consuming(&channel, &args.pod_name).await;
+                close_channel(&channel).await;
                 return SessionEnd::Shutdown;
             }
             next = consumer.next() => next,
@@ -220,12 +219,7 @@ async fn serve(
             Some(result) => result,
             None => {
                 tracing::info!("SIGTERM: no more jobs; finishing the one in hand");
-                let _ = channel
-                    .basic_cancel(
-                        ShortString::from(args.pod_name.as_str()),
-                        BasicCancelOptions::default(),
-                    )
-                    .await;
+                stop_consuming(&channel, &args.pod_name).await;
                 handling.await
             }
         };
@@ -233,20 +227,30 @@ async fn serve(
             return SessionEnd::Lost(reason);
         }
         if shutdown.is_cancelled() {
-            let _ = channel
-                .basic_cancel(
-                    ShortString::from(args.pod_name.as_str()),
-                    BasicCancelOptions::default(),
-                )
-                .await;
-            let _ = tokio::time::timeout(
-                Duration::from_secs(2),
-                channel.close(200, "shutting down".into()),
-            )
-            .await;
+            stop_consuming(&channel, &args.pod_name).await;
+            close_channel(&channel).await;
             return SessionEnd::Shutdown;
         }
     }
+}
+
+/// Cancels the consumer (tag = pod name): the broker sends no more jobs.
+async fn stop_consuming(channel: &Channel, consumer_tag: &str) {
+    let _ = channel
+        .basic_cancel(
+            ShortString::from(consumer_tag),
+            BasicCancelOptions::default(),
+        )
+        .await;
+}
+
+/// Closes the channel; unacked deliveries go back to the queue.
+async fn close_channel(channel: &Channel) {
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        channel.close(200, "shutting down".into()),
+    )
+    .await;
 }
 
 /// Processes one delivery to the end: the work, then the ack (or the
