@@ -3,15 +3,23 @@
 #   docker build --target sender     -t warren-sender .
 #   docker build --target worker     -t warren-worker .
 #   docker build --target controller -t warren-controller .
-# (`make images` builds all three.)
+# (`make images` builds all three, passing the pinned base images from mk/versions.env.)
+#
+# Adding an image: add its package to BINARIES below (one package per binary, named
+# alike) and a target at the end like the ones there.
 #
 # Layer caching: the "skeleton" stage keeps only the manifests (Cargo.toml,
 # Cargo.lock) and replaces every target's source with an empty stub, so the
 # dependency build below is cached until a manifest or the lock file changes;
-# editing warren's own code rebuilds only warren's crates.
+# editing warren's own code rebuilds only warren's crates. Both cargo builds select the
+# same packages (`-p` for each of BINARIES): cargo resolves features per selection, so a
+# different selection in the second build (say `--bin`, which unifies features across the
+# whole workspace, test crates included) would rebuild most dependencies on every edit.
 
-ARG RUST_IMAGE=rust:1.95-slim-bookworm
-ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+# Pinned in mk/versions.env (tests keep these defaults equal to it). Builder and runtime
+# share one Debian release, so the binaries find the glibc they were linked against.
+ARG RUST_IMAGE=rust:1.95-slim-trixie
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian13:nonroot
 
 FROM ${RUST_IMAGE} AS skeleton
 WORKDIR /src
@@ -32,19 +40,21 @@ FROM ${RUST_IMAGE} AS builder
 WORKDIR /src
 ENV CARGO_TERM_COLOR=never \
     CARGO_INCREMENTAL=0
+# The binaries the images ship; each is the package of the same name.
+ARG BINARIES="warren-sender warren-worker warren-controller"
 COPY --from=skeleton /src ./
 # Dependencies only (warren's crates are stubs here): cached until a manifest changes.
-RUN cargo build --release --locked \
-        -p warren-sender -p warren-worker -p warren-controller \
+RUN set --; for bin in $BINARIES; do set -- "$@" -p "$bin"; done \
+ && cargo build --release --locked "$@" \
  && rm -rf crates
 COPY crates ./crates
 # COPY keeps the build context's modification times, which may be older than the
 # stub build: touch the sources so cargo rebuilds warren's crates for real.
-RUN find crates -name '*.rs' -exec touch {} + \
- && cargo build --release --locked \
-        --bin warren-sender --bin warren-worker --bin warren-controller \
+RUN set --; for bin in $BINARIES; do set -- "$@" -p "$bin"; done \
+ && find crates -name '*.rs' -exec touch {} + \
+ && cargo build --release --locked "$@" \
  && mkdir -p /out \
- && cp target/release/warren-sender target/release/warren-worker target/release/warren-controller /out/
+ && for bin in $BINARIES; do cp "target/release/$bin" /out/; done
 
 # Runtime: distroless glibc base (CA certificates, no shell, no package manager),
 # user nonroot (UID/GID 65532).

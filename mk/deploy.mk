@@ -4,6 +4,9 @@
 #   make kind-down   deletes the cluster
 #   make chart-test  the chart, image and manifest tests that need no cluster
 
+# Pinned versions (base images, kind and its node image): one place for all of them.
+include $(dir $(lastword $(MAKEFILE_LIST)))versions.env
+
 KIND_CLUSTER ?= warren
 KUBE_CONTEXT ?= kind-$(KIND_CLUSTER)
 NAMESPACE ?= default
@@ -26,8 +29,9 @@ IMAGES := sender worker controller
 IMAGE_PREFIX ?= warren-
 # Content-addressed tag: changes exactly when the image inputs change, so a second
 # `make kind-up` after an edit rolls the pods, and one without an edit does nothing.
-IMAGE_TAG ?= $(eval IMAGE_TAG := dev-$(shell cat Dockerfile Cargo.toml Cargo.lock \
-	$$(find crates -type f -not -path '*/target/*' | LC_ALL=C sort) 2>/dev/null | sha256sum | cut -c1-12))$(IMAGE_TAG)
+# Computed once, on first use; mk/image-tag.sh fails (and make stops) when no SHA-256
+# tool is present, instead of tagging every build alike.
+IMAGE_TAG ?= $(eval IMAGE_TAG := $(or $(shell bash mk/image-tag.sh),$(error cannot compute the image tag (mk/image-tag.sh failed, see above); or pass IMAGE_TAG=...)))$(IMAGE_TAG)
 
 KIND_FLOW := bash mk/kind-flow.sh
 SUBMAKE = $(MAKE) --no-print-directory -f $(firstword $(MAKEFILE_LIST))
@@ -50,8 +54,11 @@ kind-up: kind-prereqs ## create (or reuse) the kind cluster, build + load images
 	@if $(KIND) get clusters 2>/dev/null | grep -qx '$(KIND_CLUSTER)'; then \
 	  echo "kind cluster '$(KIND_CLUSTER)' exists: reusing it"; \
 	else \
-	  $(KIND) create cluster --name '$(KIND_CLUSTER)' --config kind-config.yaml --wait 180s; \
+	  $(KIND) create cluster --name '$(KIND_CLUSTER)' --config kind-config.yaml --image '$(KIND_NODE_IMAGE)' --wait 180s; \
 	fi
+	@# A reused cluster does not switch kubectl's context by itself: make it current, so the
+	@# README's plain `kubectl ...` commands reach this cluster.
+	$(KIND) export kubeconfig --name '$(KIND_CLUSTER)'
 	$(SUBMAKE) images IMAGE_TAG=$(IMAGE_TAG)
 	$(SUBMAKE) kind-load IMAGE_TAG=$(IMAGE_TAG)
 	$(SUBMAKE) install IMAGE_TAG=$(IMAGE_TAG)
@@ -59,10 +66,13 @@ kind-up: kind-prereqs ## create (or reuse) the kind cluster, build + load images
 kind-down: ## delete the kind cluster
 	$(KIND) delete cluster --name '$(KIND_CLUSTER)'
 
+# --provenance=false: with Docker's containerd image store, an image carrying a provenance
+# attestation makes `kind load docker-image` fail with "content digest ... not found".
 images: ## build the sender, worker and controller images (tag $(IMAGE_TAG))
 	@for target in $(IMAGES); do \
 	  echo "== image $(IMAGE_PREFIX)$$target:$(IMAGE_TAG)"; \
-	  $(DOCKER) build --target $$target -t $(IMAGE_PREFIX)$$target:$(IMAGE_TAG) . || exit 1; \
+	  $(DOCKER) build --provenance=false --target $$target -t $(IMAGE_PREFIX)$$target:$(IMAGE_TAG) \
+	    --build-arg RUST_IMAGE='$(RUST_IMAGE)' --build-arg RUNTIME_IMAGE='$(RUNTIME_IMAGE)' . || exit 1; \
 	done
 
 kind-load: ## load the images into the kind cluster

@@ -4,7 +4,13 @@
 #   mk/kind-flow.sh e2e    the same, asserted: scale-up, drain, nothing dead-lettered, scale-in
 # Settings (environment): KUBE_CONTEXT (kind-warren), NAMESPACE (default), RELEASE (warren),
 # KUBECTL, JOBS, DOTS, LOCAL_PORT, and the *_TIMEOUT values below (seconds).
-set -euo pipefail
+#
+# Every kubectl read goes through `try`: a transient API error is retried a few times and
+# then ends the run through `fail` (message + diagnostics), never as a silent `set -e` exit
+# from inside a command substitution. Anything else that fails unexpectedly gets the same
+# through the ERR trap (inherited by functions and substitutions: set -E). A `fail` inside a
+# substitution exits that subshell with REPORTED; the trap passes it up without reporting twice.
+set -Eeuo pipefail
 cd "$(dirname "$0")/.."
 
 KUBE_CONTEXT="${KUBE_CONTEXT:-kind-warren}"
@@ -22,9 +28,44 @@ SENDER="$RELEASE-sender"
 RABBIT_POD="$RELEASE-rabbitmq-0"
 QUEUE="${QUEUE:-tasks}"
 
+KUBECTL_ATTEMPTS="${KUBECTL_ATTEMPTS:-5}"
+
 k() { "$KUBECTL" --context "$KUBE_CONTEXT" -n "$NAMESPACE" "$@"; }
 log() { printf '\n== %s\n' "$*"; }
-fail() { printf 'FAIL: %s\n' "$*" >&2; diagnostics; exit 1; }
+REPORTED=86
+fail() {
+  trap - ERR
+  printf 'FAIL: %s\n' "$*" >&2
+  diagnostics
+  if [ "$BASH_SUBSHELL" -gt 0 ]; then exit "$REPORTED"; fi
+  exit 1
+}
+on_error() {
+  local rc="$1" line="$2"
+  if [ "$rc" = "$REPORTED" ]; then
+    trap - ERR
+    if [ "$BASH_SUBSHELL" -gt 0 ]; then exit "$REPORTED"; fi
+    exit 1
+  fi
+  fail "line $line: a command failed unexpectedly (exit $rc)"
+}
+trap 'on_error "$?" "$LINENO"' ERR
+
+# try WHAT CMD...: runs CMD, retrying a failure (say a transient API error) up to
+# KUBECTL_ATTEMPTS times; prints CMD's output on success, fails the run naming WHAT otherwise.
+try() {
+  local what="$1" out attempt
+  shift
+  for attempt in $(seq 1 "$KUBECTL_ATTEMPTS"); do
+    if out="$("$@")"; then
+      printf '%s' "$out"
+      return 0
+    fi
+    echo "($what: attempt $attempt of $KUBECTL_ATTEMPTS failed)" >&2
+    sleep 2
+  done
+  fail "$what failed $KUBECTL_ATTEMPTS times in a row"
+}
 
 diagnostics() {
   echo "--- diagnostics" >&2
@@ -61,12 +102,26 @@ send_burst() {
   echo "$accepted"
 }
 
-worker_replicas() { k get deploy "$WORKER" -o jsonpath='{.spec.replicas}'; }
+worker_replicas() {
+  try "reading deployment/$WORKER" k get deploy "$WORKER" -o jsonpath='{.spec.replicas}'
+}
 
 # Messages (ready + unacknowledged) in a queue, asked of RabbitMQ itself.
 queue_messages() {
-  k exec "$RABBIT_POD" -c rabbitmq -- rabbitmqctl list_queues --quiet --no-table-headers name messages \
-    | awk -v q="$1" '$1 == q { print $2; found = 1 } END { if (!found) print "absent" }'
+  local listing
+  listing="$(try "listing the queues in $RABBIT_POD" k exec "$RABBIT_POD" -c rabbitmq -- \
+    rabbitmqctl list_queues --quiet --no-table-headers name messages)"
+  awk -v q="$1" '$1 == q { print $2; found = 1 } END { if (!found) print "absent" }' <<<"$listing"
+}
+
+# The example QueueScaler names the objects of the release "warren" (warren-worker,
+# warren-rabbitmq); for another RELEASE the names are rewritten to "$RELEASE-...".
+scaler_manifest() {
+  if [ "$RELEASE" = warren ]; then
+    cat "$SCALER_MANIFEST"
+  else
+    sed -E "s/(^|[^[:alnum:]_.-])warren-(worker|rabbitmq)([^[:alnum:]_-]|$)/\1$RELEASE-\2\3/g" "$SCALER_MANIFEST"
+  fi
 }
 
 # The README's step: kubectl apply -f manifests/queuescaler.yaml. With the chart's own
@@ -75,13 +130,16 @@ apply_scaler() {
   if [ "$SCALER_MANIFEST" = none ]; then
     log "SCALER_MANIFEST=none: using the QueueScaler the chart created"
   elif [ -f "$SCALER_MANIFEST" ]; then
-    log "kubectl apply -f $SCALER_MANIFEST"
-    k apply -f "$SCALER_MANIFEST"
+    log "kubectl apply -f $SCALER_MANIFEST (release $RELEASE)"
+    scaler_manifest | try "applying $SCALER_MANIFEST" k apply -f -
+    echo
   else
     fail "$SCALER_MANIFEST not found"
   fi
-  [ -n "$(k get qs -o name)" ] || fail "no QueueScaler in namespace $NAMESPACE"
-  k get qs
+  local scalers
+  scalers="$(try "listing QueueScalers" k get qs -o name)"
+  [ -n "$scalers" ] || fail "no QueueScaler in namespace $NAMESPACE"
+  k get qs || true
 }
 
 demo() {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "warren"
 RELEASE = "warren"
 NAMESPACE = "warren-test"
-KUBE_VERSION = "1.33.0"
+# The Kubernetes version of the pinned kind node image (mk/versions.env): what `make kind-up` runs.
+KUBE_VERSION = re.search(r"^KIND_NODE_IMAGE=kindest/node:v(\d+\.\d+\.\d+)@", (REPO / "mk" / "versions.env").read_text(),
+                         re.MULTILINE).group(1)
 
 TOOL_DIRS = [
     Path(os.environ.get("WARREN_TOOLS_BIN", Path.home() / ".cache/warren-tools/bin")),

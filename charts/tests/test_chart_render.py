@@ -1,4 +1,4 @@
-"""helm lint, and every values variation rendered and validated against Kubernetes 1.33."""
+"""helm lint, and every values variation rendered and validated against the pinned kind node version."""
 
 from __future__ import annotations
 

@@ -62,8 +62,42 @@ def test_one_small_nonroot_target_per_binary(target, binary, port):
 
 def test_runtime_base_is_distroless_nonroot():
     text = DOCKERFILE.read_text()
-    assert re.search(r"ARG RUNTIME_IMAGE=gcr\.io/distroless/cc-debian12:nonroot", text)
-    assert re.search(r"ARG RUST_IMAGE=rust:1\.\d+-slim-bookworm", text)  # same Debian as the runtime
+    assert re.search(r"^ARG RUNTIME_IMAGE=gcr\.io/distroless/cc-debian\d+:nonroot$", text, re.MULTILINE)
+    assert re.search(r"^ARG RUST_IMAGE=rust:1\.\d+-slim-\w+$", text, re.MULTILINE)
+    # Same Debian release for both: charts/tests/test_versions.py
+
+
+def cargo_builds() -> list[str]:
+    return [line for line in stages()["builder"] if "cargo build" in line]
+
+
+def package_selection(build: str) -> str:
+    """The cargo target selection of one build line: everything from `set --` to `cargo build`
+    plus the cargo arguments, with the install/copy tail cut off."""
+    command = build[build.index("cargo build"):].split("&&")[0]
+    return build.split("&&")[0].removeprefix("RUN ").strip() + " | " + command.strip()
+
+
+def test_dependency_and_final_builds_select_the_same_packages():
+    """cargo resolves features per package selection: a final build with another selection
+    (say `--bin`, which unifies features across the whole workspace, test crates included)
+    than the cached dependency build recompiles most dependencies on every source edit."""
+    deps, final = cargo_builds()
+    assert package_selection(deps) == package_selection(final)
+    for build in (deps, final):
+        assert "--bin" not in build and "--workspace" not in build and "--all" not in build.split()
+        assert '-p "$bin"' in build and "--release --locked" in build
+    binaries = re.search(r'^ARG BINARIES="([^"]+)"$', "\n".join(stages()["builder"]), re.MULTILINE).group(1).split()
+    assert {"warren-sender", "warren-worker", "warren-controller"} <= set(binaries)
+    for binary in binaries:  # every package shipped has an image target that copies it
+        assert any(f"COPY --from=builder /out/{binary} " in line for lines in stages().values() for line in lines)
+
+
+def test_package_selection_check_catches_a_mismatch():
+    deps, final = cargo_builds()
+    changed = final.replace('cargo build --release --locked "$@"',
+                            "cargo build --release --locked --bin warren-sender")
+    assert package_selection(deps) != package_selection(changed)
 
 
 def test_dependencies_are_built_before_the_sources_arrive():
@@ -190,6 +224,43 @@ def test_image_tag_is_one_content_hash_stable_across_runs():
     assert image_tags() == first
 
 
+def tool_dir(tmp_path, tools: list[str]):
+    """A PATH directory holding only `tools` (links to the real ones)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for tool in tools:
+        real = subprocess.run(["bash", "-c", f"command -v {tool}"], capture_output=True, text=True).stdout.strip()
+        assert real, f"{tool} is not installed here"
+        (bin_dir / tool).symlink_to(real)
+    return bin_dir
+
+
+BASICS = ["bash", "make", "cat", "find", "sort", "dirname", "cut", "head"]
+
+
+def test_image_tag_fails_loudly_without_a_sha256_tool(tmp_path):
+    """Without sha256sum (macOS), the old recipe tagged every build `dev-`; now make stops."""
+    bin_dir = tool_dir(tmp_path, BASICS)
+    proc = subprocess.run(["make", "-s", "-f", "mk/deploy.mk", "-n", "images"], cwd=REPO,
+                          env={"PATH": str(bin_dir), "HOME": str(tmp_path)}, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0, proc.stdout
+    assert "no SHA-256 tool found" in proc.stderr
+    assert "cannot compute the image tag" in proc.stderr
+    assert "docker build" not in proc.stdout
+
+
+@pytest.mark.parametrize("tool", ["shasum", "openssl"])
+def test_image_tag_is_the_same_with_another_sha256_tool(tool, tmp_path):
+    if subprocess.run(["bash", "-c", f"command -v {tool}"], capture_output=True).returncode != 0:
+        pytest.fail(f"{tool} is not installed here (perl's shasum and openssl are in Debian's base)")
+    bin_dir = tool_dir(tmp_path, BASICS + [tool])
+    proc = subprocess.run(["bash", "mk/image-tag.sh"], cwd=REPO, env={"PATH": str(bin_dir)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert {proc.stdout.strip()} == image_tags()
+
+
 FAKE_TOOL = """#!/bin/sh
 echo "$(basename "$0") $*" >> "$FAKE_LOG"
 case "$(basename "$0") $1 $2" in
@@ -221,12 +292,25 @@ def test_kind_up_twice_creates_the_cluster_once(tmp_path):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         runs.append(log.read_text().splitlines())
     first, second = runs
-    assert "kind create cluster --name warren --config kind-config.yaml --wait 180s" in first
+    versions = dict(line.split("=", 1) for line in (REPO / "mk" / "versions.env").read_text().splitlines()
+                    if re.match(r"^[A-Z_]+=", line))
+    node_image = versions["KIND_NODE_IMAGE"]
+    assert (f"kind create cluster --name warren --config kind-config.yaml --image {node_image} --wait 180s"
+            in first)
     assert not any(c.startswith("kind create") for c in second)
     for calls in runs:
+        # kind-up makes the cluster's context current, reused or new (README: plain kubectl)
+        assert "kind export kubeconfig --name warren" in calls
+        assert calls.index("kind export kubeconfig --name warren") < min(
+            i for i, c in enumerate(calls) if c.startswith("helm "))
         builds = [c for c in calls if c.startswith("docker build")]
-        assert [c.split()[3] for c in builds] == ["sender", "worker", "controller"]
-        tags = {c.split()[5].split(":")[1] for c in builds}
+        # no provenance attestation: `kind load docker-image` cannot load such images
+        # from Docker's containerd image store
+        assert all(c.split()[2] == "--provenance=false" for c in builds), builds
+        assert [c.split()[4] for c in builds] == ["sender", "worker", "controller"]
+        assert all(f"--build-arg RUST_IMAGE={versions['RUST_IMAGE']}" in c for c in builds)
+        assert all(f"--build-arg RUNTIME_IMAGE={versions['RUNTIME_IMAGE']}" in c for c in builds)
+        tags = {c.split()[6].split(":")[1] for c in builds}
         assert len(tags) == 1
         (tag,) = tags
         loads = [c for c in calls if c.startswith("kind load docker-image")]

@@ -29,14 +29,20 @@ scenario = os.environ["FAKE_SCENARIO"]
 def save():
     json.dump(state, open(state_path, "w"))
 
+release = os.environ.get("RELEASE", "warren")
 drained = state["queues"] >= 4
 if args[:2] == ["apply", "-f"]:
+    assert args[2] == "-", args
+    with open(os.environ["FAKE_LOG"] + ".applied", "w") as applied:
+        applied.write(sys.stdin.read())
     print("queuescaler.warren.dev/warren-worker created")
 elif args == ["get", "qs", "-o", "name"]:
     print("queuescaler.warren.dev/warren-worker")
-elif args[:3] == ["get", "deploy", "warren-worker"] and "jsonpath={{.spec.replicas}}" in args[-1]:
+elif args[:3] == ["get", "deploy", release + "-worker"] and "jsonpath={{.spec.replicas}}" in args[-1]:
     state["replicas"] += 1
     save()
+    if scenario == "api-down" or (scenario == "flaky" and state["replicas"] % 3 == 0):
+        sys.exit("Error from server (InternalError): etcdserver: request timed out")
     if scenario == "never-scales":
         print(1, end="")
     elif drained and scenario != "never-scales-in":
@@ -44,9 +50,9 @@ elif args[:3] == ["get", "deploy", "warren-worker"] and "jsonpath={{.spec.replic
     else:
         print(3 if state["replicas"] >= 3 else 1, end="")
 elif args[:1] == ["port-forward"]:
-    assert args[1:] == ["svc/warren-sender", "18080:80"], args
+    assert args[1:] == ["svc/" + release + "-sender", "18080:80"], args
     time.sleep(600)
-elif args[:2] == ["exec", "warren-rabbitmq-0"]:
+elif args[:2] == ["exec", release + "-rabbitmq-0"]:
     assert args[2:7] == ["-c", "rabbitmq", "--", "rabbitmqctl", "list_queues"], args
     state["queues"] += 1
     save()
@@ -80,7 +86,7 @@ def cluster(tmp_path):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     scaler = tmp_path / "queuescaler.yaml"
-    scaler.write_text("kind: QueueScaler\n")
+    scaler.write_text((REPO / "manifests" / "queuescaler.yaml").read_text())
     log = tmp_path / "calls.log"
 
     def run(mode: str, scenario: str = "good", **extra: str) -> tuple[subprocess.CompletedProcess, list[str]]:
@@ -95,14 +101,15 @@ def cluster(tmp_path):
     return run
 
 
-def test_e2e_passes_on_scale_up_drain_and_scale_in(cluster):
+def test_e2e_passes_on_scale_up_drain_and_scale_in(cluster, tmp_path):
     proc, calls = cluster("e2e")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "scaled up to 3 workers" in proc.stdout
     assert "queue tasks drained" in proc.stdout
     assert "scaled in to 1 workers" in proc.stdout
     assert "e2e passed: 5 jobs accepted" in proc.stdout
-    assert any(" apply -f " in c and c.endswith("queuescaler.yaml") for c in calls)
+    assert any(c.endswith(" apply -f -") for c in calls)
+    assert (tmp_path / "calls.log.applied").read_text() == (tmp_path / "queuescaler.yaml").read_text()
     sends = [c for c in calls if c.startswith("curl") and "/send" in c]
     assert len(sends) == 5
     assert all("-X POST http://127.0.0.1:18080/send" in c and "Content-Type: application/json" in c for c in sends)
@@ -119,6 +126,43 @@ def test_e2e_fails_loudly(scenario, code, message, cluster):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"FAIL: {message}" in proc.stderr
     assert "--- diagnostics" in proc.stderr
+    assert proc.stderr.count("FAIL:") == 1, proc.stderr  # reported once, by the script itself
+
+
+def test_e2e_rides_out_transient_kubectl_errors(cluster):
+    """A kubectl read that fails now and then is retried; the run still passes."""
+    proc, _ = cluster("e2e", "flaky")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "reading deployment/warren-worker: attempt 1 of 5 failed" in proc.stderr
+    assert "e2e passed" in proc.stdout
+
+
+def test_e2e_names_a_kubectl_that_keeps_failing(cluster):
+    """Before: `start="$(worker_replicas)"` under set -e exited silently on the first error.
+    Now the run fails with the script's own message and diagnostics, once."""
+    proc, _ = cluster("e2e", "api-down")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAIL: reading deployment/warren-worker failed 5 times in a row" in proc.stderr
+    assert proc.stderr.count("FAIL:") == 1, proc.stderr
+    assert proc.stderr.count("--- diagnostics") == 1, proc.stderr
+
+
+def test_an_unexpected_failure_still_gets_diagnostics(cluster, tmp_path):
+    """A command outside `try` that fails is reported by the ERR trap, not a silent exit."""
+    proc, _ = cluster("e2e", SCALER_MANIFEST=str(tmp_path))  # a directory: sed cannot read it
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAIL:" in proc.stderr and "--- diagnostics" in proc.stderr
+
+
+def test_another_release_name_is_applied_to_the_example_scaler(cluster, tmp_path):
+    proc, calls = cluster("e2e", RELEASE="shop")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    applied = (tmp_path / "calls.log.applied").read_text()
+    assert "name: shop-worker" in applied  # scaleTargetRef
+    assert "managementUrl: http://shop-rabbitmq:15672" in applied
+    assert "name: shop-rabbitmq" in applied  # the credentials Secret
+    assert "warren-worker" not in applied.replace("name: warren-worker\nspec", "")  # only the scaler's own name
+    assert "apiVersion: warren.dev/v1alpha1" in applied
 
 
 def test_e2e_refuses_a_missing_scaler_manifest(cluster, tmp_path):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+import subprocess
 
+import pytest
 import yaml
 
-from conftest import REPO, run
+from conftest import REPO, find_tool, run
 
-SHELL_SCRIPTS = ["mk/kind-flow.sh", ".ci/install-tools.sh"]
 YAML_FILES = [".github/workflows/e2e-kind.yaml", "kind-config.yaml", "charts/warren/Chart.yaml",
               "charts/warren/values.yaml"]
 YAMLLINT_CONFIG = ("{extends: default, rules: {line-length: {max: 120}, document-start: disable, "
@@ -16,9 +17,85 @@ YAMLLINT_CONFIG = ("{extends: default, rules: {line-length: {max: 120}, document
 WORKFLOW = REPO / ".github" / "workflows" / "e2e-kind.yaml"
 
 
-def test_shell_scripts_pass_shellcheck(shellcheck):
-    proc = run([shellcheck, "--severity=style", *[str(REPO / s) for s in SHELL_SCRIPTS]])
+def shell_scripts() -> list[str]:
+    """Every tracked file that is a shell script: *.sh, or a sh/bash shebang."""
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    scripts = []
+    for name in files:
+        path = REPO / name
+        if not path.is_file():
+            continue
+        with path.open("rb") as f:
+            first = f.readline()
+        if name.endswith(".sh") or re.match(rb"#!\s*(/usr)?/bin/(env\s+)?(ba)?sh\b", first):
+            scripts.append(name)
+    return scripts
+
+
+def test_every_shell_script_passes_shellcheck(shellcheck):
+    scripts = shell_scripts()
+    assert {"mk/kind-flow.sh", "mk/image-tag.sh", ".ci/install-tools.sh", ".ci/run"} <= set(scripts)
+    proc = run([shellcheck, "-x", "--severity=style", *scripts], cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def actionlint() -> str:
+    return find_tool("actionlint")
+
+
+def workflow_files() -> list:
+    return sorted((REPO / ".github" / "workflows").glob("*.y*ml"))
+
+
+def run_actionlint(actionlint, shellcheck, files):
+    # actionlint also runs shellcheck over every `run:` script when it finds it on PATH.
+    env = {"PATH": f"{REPO / 'bin'}:{shellcheck.rsplit('/', 1)[0]}:/usr/bin:/bin"}
+    return subprocess.run([actionlint, "-no-color", *map(str, files)], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_workflows_pass_actionlint(actionlint, shellcheck):
+    files = workflow_files()
+    assert files
+    proc = run_actionlint(actionlint, shellcheck, files)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_actionlint_catches_a_bad_workflow(actionlint, shellcheck, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("on: push\njobs:\n  a:\n    runs-on: ubuntu-24.04\n    steps:\n"
+                   "      - run: echo ${{ matrix.nope }}\n      - run: rm -rf $DIR/*\n")
+    proc = run_actionlint(actionlint, shellcheck, [bad])
+    assert proc.returncode != 0
+    assert "matrix" in proc.stdout and "SC2086" in proc.stdout, proc.stdout
+
+
+# A write into these system directories needs root, which a hosted runner's user is not.
+ROOT_OWNED = re.compile(r"(?<![\w$./-])/(usr|opt|etc|bin|sbin|lib)(/|\b)")
+WRITERS = re.compile(r"\b(curl|wget|cp|mv|install|chmod|chown|tee|ln|mkdir|rm|tar|unzip)\b|>")
+
+
+def unprivileged_system_writes(script: str) -> list[str]:
+    bad = []
+    for line in script.splitlines():
+        stripped = line.strip()
+        if ROOT_OWNED.search(stripped) and WRITERS.search(stripped) and not stripped.startswith("sudo "):
+            bad.append(stripped)
+    return bad
+
+
+def test_workflow_writes_system_directories_only_with_sudo():
+    """The hosted runner already has a root-owned /usr/local/bin/kind: `curl -o` there
+    without sudo exits 23 before anything else runs."""
+    for path in workflow_files():
+        data = yaml.safe_load(path.read_text())
+        for job in data["jobs"].values():
+            for step in job["steps"]:
+                assert unprivileged_system_writes(step.get("run", "")) == [], (path.name, step.get("name"))
+    old_step = 'curl -fsSLo /usr/local/bin/kind "https://kind.sigs.k8s.io/dl/v0.29.0/kind-linux-amd64"\n' \
+               "chmod +x /usr/local/bin/kind\nkind version\n"
+    assert len(unprivileged_system_writes(old_step)) == 2  # the check catches the old step
 
 
 def test_helm_test_script_passes_shellcheck_as_posix_sh(shellcheck, defaults, tmp_path):
@@ -75,7 +152,7 @@ def test_workflow_runs_the_real_flow_on_kind():
     job = wf["jobs"]["e2e-kind"]
     assert job["runs-on"].startswith("ubuntu-")
     steps = steps_of(job)
-    order = ["bash .ci/install-tools.sh", "kind-linux-amd64", "make kind-up", "helm test warren",
+    order = ["mk/versions.env", "bash .ci/install-tools.sh", "kind-linux-amd64", "make kind-up", "helm test warren",
              "make kind-e2e", "make kind-down"]
     positions = [next(i for i, s in enumerate(steps) if needle in s) for needle in order]
     assert positions == sorted(positions), steps
@@ -83,7 +160,12 @@ def test_workflow_runs_the_real_flow_on_kind():
     assert sum(1 for s in steps if s.strip() == "make kind-up") == 2
     teardown = job["steps"][positions[-1]]
     assert teardown["if"] == "always()"
-    assert re.fullmatch(r"v\d+\.\d+\.\d+", job["env"]["KIND_VERSION"])
+    kind_step = next(s for s in steps if "kind-linux-amd64" in s)
+    assert '"${KIND_VERSION}"' in kind_step or "${KIND_VERSION}" in kind_step
+    assert 'sudo install -m 0755 "$RUNNER_TEMP/kind" /usr/local/bin/kind' in kind_step
+    assert 'grep -F "kind ${KIND_VERSION} "' in kind_step  # the pinned kind, not the runner's
+    # `helm test --logs` reads the test pod's log after it passed: the pod must survive it.
+    assert any(re.search(r"helm test warren .*--logs", s) for s in steps)
     # Images must land in Docker's image store for `kind load docker-image`.
     assert not any("setup-buildx-action" in s for s in steps)
     # helm/kubectl from install-tools come first on PATH (the runner has its own helm 3).

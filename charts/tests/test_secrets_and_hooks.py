@@ -51,6 +51,16 @@ def test_helm_test_pod_posts_a_job_and_expects_202(defaults):
     assert "exit 1" in script  # anything else fails the test
 
 
+def test_helm_test_pod_survives_a_pass_for_helm_test_logs(defaults):
+    """With hook-succeeded, Helm 3 deletes the passed pod before `helm test --logs` reads
+    it and the command errors (fixed only in Helm 4.1). before-hook-creation alone keeps
+    the pod until the next `helm test` replaces it, on Helm 3 and 4 alike."""
+    (pod,) = defaults.kinds("Pod")
+    policies = pod["metadata"]["annotations"]["helm.sh/hook-delete-policy"].split(",")
+    assert "hook-succeeded" not in policies
+    assert "before-hook-creation" in policies  # a second `helm test` does not collide
+
+
 class _Sender:
     """A stand-in sender on 127.0.0.1 that answers POST /send with a chosen status list."""
 

@@ -181,13 +181,19 @@ def test_rabbitmq_image_is_4x(defaults):
     assert re.fullmatch(r"rabbitmq:4\.\d+(\.\d+)?-management", image), image
 
 
-def test_rabbitmq_readiness_is_tcp_on_5672(defaults):
+def test_rabbitmq_probes_are_exec_probes(defaults):
+    """No TCP/HTTP probe: kindnet dropped kubelet probes behind a NetworkPolicy (kind issue
+    3875), and `make local-up`'s node agent runs exec probes as the same commands.
+    charts/tests/test_rabbitmq_probes.py runs these commands against a real node."""
     c = container(rabbit(defaults))
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports["amqp"] == 5672
-    assert c["readinessProbe"]["tcpSocket"] == {"port": "amqp"}
-    assert c["startupProbe"]["tcpSocket"] == {"port": "amqp"}
-    assert "livenessProbe" in c
+    assert c["startupProbe"]["exec"]["command"] == ["rabbitmq-diagnostics", "-q", "check_running"]
+    assert c["readinessProbe"]["exec"]["command"] == ["rabbitmq-diagnostics", "-q", "check_port_connectivity"]
+    assert c["livenessProbe"]["exec"]["command"][0] == "rabbitmq-diagnostics"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert set(c[probe]) & {"tcpSocket", "httpGet", "grpc"} == set(), probe
+        assert c[probe]["timeoutSeconds"] >= 10, probe  # the CLI boots an Erlang VM
 
 
 def test_rabbitmq_data_on_a_pvc(render):
