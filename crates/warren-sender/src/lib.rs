@@ -7,6 +7,7 @@
 //! unreachable the answer is `503` with `Retry-After`, within the confirm
 //! timeout at the latest.
 
+pub mod auth;
 pub mod metrics;
 pub mod validation;
 
@@ -30,6 +31,7 @@ use warren_broker::{
 };
 use warren_telemetry::{LogArgs, Readiness};
 
+use crate::auth::{Auth, AuthArgs};
 use crate::metrics::{PublishErrorLabels, ResponseLabels, SenderMetrics};
 use crate::validation::{DotRule, Rejection, parse_job};
 
@@ -82,6 +84,8 @@ pub struct Args {
     #[arg(long, env = "POD_NAME", default_value = "warren-sender")]
     pub pod_name: String,
     #[command(flatten)]
+    pub auth: AuthArgs,
+    #[command(flatten)]
     pub log: LogArgs,
 }
 
@@ -122,6 +126,7 @@ struct AppInner {
     max_body_bytes: usize,
     retry_after: HeaderValue,
     metrics: SenderMetrics,
+    auth: Auth,
 }
 
 /// A running sender: its address and the token that stops it.
@@ -148,6 +153,7 @@ pub async fn start(args: &Args, shutdown: CancellationToken) -> anyhow::Result<R
     let audit_source = publisher.clone();
     let audit = AuditSink::spawn(10_000, move || audit_source.audit_channel());
 
+    let auth = Auth::start(&args.auth).context("starting the token gate")?;
     let mut registry = Registry::default();
     let metrics = SenderMetrics::register(&mut registry);
     let readiness = Readiness::default();
@@ -169,6 +175,7 @@ pub async fn start(args: &Args, shutdown: CancellationToken) -> anyhow::Result<R
             max_body_bytes: args.max_body_bytes,
             retry_after: HeaderValue::from(args.retry_after_seconds),
             metrics,
+            auth: auth.clone(),
         }),
     };
     let app = router(state).merge(warren_telemetry::ops_router(Arc::new(registry), readiness));
@@ -178,9 +185,12 @@ pub async fn start(args: &Args, shutdown: CancellationToken) -> anyhow::Result<R
     let addr = listener.local_addr().context("reading the bound address")?;
     let stop = shutdown.clone();
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
+        let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
+            .await;
+        // Spent uses written back, unspent leases returned to other replicas.
+        auth.close().await;
+        served
     });
     Ok(RunningSender {
         addr,
@@ -250,6 +260,10 @@ async fn send_to_queue(
 
 async fn send(state: &AppState, queue: &str, headers: &HeaderMap, body: Body) -> Response {
     let inner = &state.inner;
+    let admission = match inner.auth.check(headers, queue).await {
+        Ok(admission) => admission,
+        Err(refusal) => return state.refuse(&refusal),
+    };
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
@@ -260,6 +274,11 @@ async fn send(state: &AppState, queue: &str, headers: &HeaderMap, body: Body) ->
     let job = match parse_job(content_type, &bytes, &inner.dot_rule) {
         Ok(job) => job,
         Err(rejection) => return state.reject(rejection, false),
+    };
+    // Taken after validation: a bad body spends nothing; dropped on a failed publish.
+    let ticket = match auth::reserve(admission).await {
+        Ok(ticket) => ticket,
+        Err(refusal) => return state.refuse(&refusal),
     };
     let envelope = Envelope::new(job.message, job.extra);
     let id = envelope.id.to_string();
@@ -276,6 +295,9 @@ async fn send(state: &AppState, queue: &str, headers: &HeaderMap, body: Body) ->
         .await;
     match published {
         Ok(()) => {
+            if let Some(ticket) = ticket {
+                ticket.commit();
+            }
             inner
                 .metrics
                 .publish_seconds

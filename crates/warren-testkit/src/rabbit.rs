@@ -41,6 +41,8 @@ pub enum TestkitError {
         waited: Duration,
         log: String,
     },
+    #[error("{0}")]
+    Postgres(String),
     #[error("cannot signal RabbitMQ node {node}: {reason}")]
     Signal { node: String, reason: String },
 }
@@ -212,18 +214,7 @@ impl RabbitNode {
     /// and waits until an AMQP connection succeeds.
     pub async fn start_again(&mut self) -> Result<(), TestkitError> {
         let log_path = self.base().join("server.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|source| TestkitError::Dir {
-                path: log_path.clone(),
-                source,
-            })?;
-        let log_err = log.try_clone().map_err(|source| TestkitError::Dir {
-            path: log_path.clone(),
-            source,
-        })?;
+        let (log, log_err) = crate::log_file(&log_path)?;
         let child = self
             .command("rabbitmq-server")
             .stdin(Stdio::null())
