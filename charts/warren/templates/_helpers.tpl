@@ -134,3 +134,18 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{/*
+The Prometheus that scrapes warren (metrics.prometheus), as one NetworkPolicy
+`from` peer. Any NetworkPolicy guarding a metrics port includes it.
+*/}}
+{{- define "warren.prometheusPeer" -}}
+- namespaceSelector:
+    matchLabels:
+      kubernetes.io/metadata.name: {{ .Values.metrics.prometheus.namespace | quote }}
+  {{- with .Values.metrics.prometheus.podSelector }}
+  podSelector:
+    matchLabels:
+      {{- toYaml . | nindent 6 }}
+  {{- end }}
+{{- end -}}
