@@ -1,0 +1,106 @@
+// Command localcluster runs a single-node Kubernetes cluster on this machine:
+// embedded etcd, kube-apiserver, kube-controller-manager and kube-scheduler
+// from the upstream Go modules, plus a node agent that runs pods as local
+// processes. See `localcluster help`.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"k8s.io/component-base/version"
+	"k8s.io/klog/v2"
+
+	"warren.dev/localcluster/internal/controlplane"
+)
+
+const usage = `localcluster runs a local Kubernetes control plane (etcd, kube-apiserver,
+kube-controller-manager, kube-scheduler) and a node agent in one process.
+
+Usage:
+  localcluster up [--state-dir DIR] [--control-plane-only]   run until SIGTERM/SIGINT
+  localcluster certs [--state-dir DIR]                      only write certificates and kubeconfigs
+  localcluster version                                      print the Kubernetes version built in
+
+The admin kubeconfig is DIR/admin.kubeconfig; the apiserver listens on https://127.0.0.1:6443.
+`
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprint(os.Stderr, usage)
+		os.Exit(2)
+	}
+	var err error
+	switch os.Args[1] {
+	case "up":
+		err = up(os.Args[2:])
+	case "certs":
+		err = certs(os.Args[2:])
+	case "version":
+		fmt.Println(version.Get().GitVersion)
+	case "help", "-h", "--help":
+		fmt.Print(usage)
+	default:
+		fmt.Fprintf(os.Stderr, "unknown command %q\n\n%s", os.Args[1], usage)
+		os.Exit(2)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "localcluster %s: %v\n", os.Args[1], err)
+		os.Exit(1)
+	}
+}
+
+type upFlags struct {
+	stateDir         string
+	controlPlaneOnly bool
+	imageMap         string
+}
+
+func parse(name string, args []string) (upFlags, error) {
+	var f upFlags
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.StringVar(&f.stateDir, "state-dir", envOr("LOCALCLUSTER_STATE_DIR", ".local/cluster"), "state directory (etcd data, certificates, kubeconfigs, logs) [env LOCALCLUSTER_STATE_DIR]")
+	fs.BoolVar(&f.controlPlaneOnly, "control-plane-only", false, "do not start the node agent")
+	fs.StringVar(&f.imageMap, "image-map", envOr("LOCALCLUSTER_IMAGE_MAP", "localcluster/images.yaml"), "image -> local program mapping for the node agent [env LOCALCLUSTER_IMAGE_MAP]")
+	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
+	klog.InitFlags(klogFlags)
+	fs.Var(klogFlags.Lookup("v").Value, "v", "log verbosity of the Kubernetes components")
+	if err := fs.Parse(args); err != nil {
+		return f, err
+	}
+	return f, nil
+}
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}
+
+func certs(args []string) error {
+	f, err := parse("certs", args)
+	if err != nil {
+		return err
+	}
+	return controlplane.Prepare(controlplane.DefaultConfig(f.stateDir))
+}
+
+func up(args []string) error {
+	f, err := parse("up", args)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	cfg := controlplane.DefaultConfig(f.stateDir)
+	if !f.controlPlaneOnly {
+		cfg.NodeAgent = nodeAgent(cfg, f)
+	}
+	klog.InfoS("starting local cluster", "version", version.Get().GitVersion, "stateDir", f.stateDir)
+	return controlplane.Run(ctx, cfg)
+}
