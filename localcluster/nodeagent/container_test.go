@@ -1,0 +1,182 @@
+package nodeagent
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestContainerProcessNamespacesAndMounts starts a real container process through the init
+// helper: a volume bind-mounted at an absolute path that does not exist on the host side of the
+// mount namespace, its own hostname, a non-root user, a read-only root, and exec into it.
+func TestContainerProcessNamespacesAndMounts(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("this test starts processes in new mount/UTS namespaces and needs root")
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmp := t.TempDir()
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	vol := filepath.Join(tmp, "vol")
+	if err := os.MkdirAll(vol, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(vol, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(vol, "conf"), []byte("from-volume"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	hosts := filepath.Join(tmp, "hosts")
+	if err := os.WriteFile(hosts, []byte("10.9.9.9\tpod-under-test\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	mountRoot := "/run/localcluster-test-" + filepath.Base(tmp)
+	target := mountRoot + "/etc/app"
+	// The empty mountpoint is created on the host (there is no per-container root file system).
+	t.Cleanup(func() { _ = os.RemoveAll(mountRoot) })
+	script := strings.Join([]string{
+		"cat " + target + "/conf; echo",
+		"hostname",
+		"id -u",
+		"grep -c pod-under-test /etc/hosts",
+		"touch /localcluster-ro-test 2>/dev/null && echo root-writable || echo root-read-only",
+		"echo written > " + target + "/out",
+		"echo $GREETING",
+		"exec sleep 30",
+	}, "; ")
+	spec := launchSpec{
+		Hostname: "pod-under-test",
+		Mounts: []bindMount{
+			{Source: vol, Target: target},
+			{Source: hosts, Target: "/etc/hosts", ReadOnly: true},
+		},
+		ReadOnlyRoot: true,
+		UID:          65534, GID: 65534,
+		Argv: []string{"sh", "-c", script},
+		Env:  []string{"PATH=" + defaultPath, "GREETING=hello-env"},
+	}
+	logPath := filepath.Join(tmp, "logs", "0.log")
+	p, err := startProcess(self, spec, logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.stop(time.Second)
+	deadline := time.Now().Add(20 * time.Second)
+	var out string
+	for time.Now().Before(deadline) {
+		b, _ := os.ReadFile(logPath)
+		out = string(b)
+		if strings.Contains(out, "hello-env") {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	for _, want := range []string{"from-volume\n", "pod-under-test\n", "65534\n", "1\n", "root-read-only\n", "hello-env\n"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("container output lacks %q:\n%s", want, out)
+		}
+	}
+	if b, err := os.ReadFile(filepath.Join(vol, "out")); err != nil || string(b) != "written\n" {
+		t.Errorf("write through the volume: %q %v", b, err)
+	}
+	if _, err := os.Stat(filepath.Join("/localcluster-ro-test")); err == nil {
+		t.Error("the container wrote to the host's root")
+	}
+	// The host never sees the container's mount.
+	if _, err := os.Stat(filepath.Join(target, "conf")); err == nil {
+		t.Error("the volume mount leaked into the host's mount namespace")
+	}
+	var stdout strings.Builder
+	code, err := execInContainer(context.Background(), p.pid, 65534, 65534, spec.Env, "", []string{"sh", "-c", "cat " + target + "/conf; echo; hostname; id -u"}, nil, &stdout, &stdout)
+	if err != nil || code != 0 {
+		t.Fatalf("exec: code %d err %v out %q", code, err, stdout.String())
+	}
+	if got := stdout.String(); got != "from-volume\npod-under-test\n65534\n" {
+		t.Errorf("exec output %q", got)
+	}
+	code, err = execInContainer(context.Background(), p.pid, 65534, 65534, spec.Env, "", []string{"sh", "-c", "exit 3"}, nil, nil, nil)
+	if err != nil || code != 3 {
+		t.Errorf("exec exit code %d (%v), want 3", code, err)
+	}
+	start := time.Now()
+	p.stop(10 * time.Second)
+	if p.exitCode != 128+15 {
+		t.Errorf("exit code after SIGTERM %d, want 143", p.exitCode)
+	}
+	if time.Since(start) > 5*time.Second {
+		t.Errorf("SIGTERM took %s: sleep should have died at once", time.Since(start))
+	}
+}
+
+func TestStopEscalatesToSIGKILL(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("this test starts processes in new namespaces and needs root")
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmp := t.TempDir()
+	logPath := filepath.Join(tmp, "0.log")
+	p, err := startProcess(self, launchSpec{Argv: []string{"sh", "-c", "trap '' TERM; echo ready; while :; do sleep 1; done"}, Env: []string{"PATH=" + defaultPath}}, logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 100; i++ {
+		if b, _ := os.ReadFile(logPath); strings.Contains(string(b), "ready") {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	start := time.Now()
+	p.stop(time.Second)
+	if p.exitCode != 128+9 {
+		t.Errorf("exit code %d, want 137 (SIGKILL after the grace period)", p.exitCode)
+	}
+	if el := time.Since(start); el < time.Second {
+		t.Errorf("stopped after %s, before the grace period", el)
+	}
+}
+
+func TestSeekTail(t *testing.T) {
+	f, err := os.CreateTemp(t.TempDir(), "log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var b strings.Builder
+	for i := 0; i < 5000; i++ {
+		b.WriteString("line ")
+		b.WriteString(strings.Repeat("x", i%7))
+		b.WriteString("\n")
+	}
+	if _, err := f.WriteString(b.String()); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []int{1, 3, 4999, 5000, 7000} {
+		if err := seekTail(f, n); err != nil {
+			t.Fatal(err)
+		}
+		rest, err := os.ReadFile(f.Name())
+		if err != nil {
+			t.Fatal(err)
+		}
+		pos, _ := f.Seek(0, 1)
+		got := strings.Count(string(rest[pos:]), "\n")
+		want := n
+		if want > 5000 {
+			want = 5000
+		}
+		if got != want {
+			t.Errorf("tail %d: %d lines", n, got)
+		}
+	}
+}

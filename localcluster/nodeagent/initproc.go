@@ -1,0 +1,194 @@
+package nodeagent
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// The container process is started as this binary re-executed under initArgv0, in fresh mount and
+// UTS namespaces (clone flags). Before anything else it reads its launchSpec from fd 3, joins the
+// pod's network namespace, makes its mounts private, bind-mounts the volumes at their mountPaths
+// (plus the pod's /etc/hosts and /etc/resolv.conf), makes / read-only when asked, sets the
+// hostname, drops to the container's user and execs the program: the process the node agent
+// supervises is then the program itself.
+const initArgv0 = "localcluster-container-init"
+
+type bindMount struct {
+	Source   string `json:"source"`
+	Target   string `json:"target"`
+	ReadOnly bool   `json:"readOnly"`
+}
+
+type launchSpec struct {
+	Netns          string      `json:"netns"`
+	Hostname       string      `json:"hostname"`
+	Mounts         []bindMount `json:"mounts"`
+	ReadOnlyRoot   bool        `json:"readOnlyRoot"`
+	WorkingDir     string      `json:"workingDir"`
+	UID            int64       `json:"uid"`
+	GID            int64       `json:"gid"`
+	Groups         []int64     `json:"groups"`
+	Argv           []string    `json:"argv"`
+	Env            []string    `json:"env"`
+	ParentDeathSig bool        `json:"parentDeathSig"`
+}
+
+func init() {
+	if len(os.Args) > 0 && os.Args[0] == initArgv0 {
+		runtime.LockOSThread()
+		err := containerInit()
+		fmt.Fprintf(os.Stderr, "localcluster: starting the container failed: %v\n", err)
+		os.Exit(127)
+	}
+}
+
+func containerInit() error {
+	f := os.NewFile(3, "spec")
+	var spec launchSpec
+	if err := json.NewDecoder(f).Decode(&spec); err != nil {
+		return fmt.Errorf("reading the launch spec: %w", err)
+	}
+	_ = f.Close()
+	if spec.Netns != "" {
+		ns, err := os.Open(spec.Netns)
+		if err != nil {
+			return fmt.Errorf("opening netns: %w", err)
+		}
+		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
+			return fmt.Errorf("joining netns %s: %w", spec.Netns, err)
+		}
+		_ = ns.Close()
+	}
+	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		return fmt.Errorf("making mounts private: %w", err)
+	}
+	mounts := append([]bindMount{}, spec.Mounts...)
+	// Parents before children (a volume at /var/lib/rabbitmq, another at /var/lib/rabbitmq/mnesia).
+	sort.SliceStable(mounts, func(i, j int) bool {
+		return strings.Count(filepath.Clean(mounts[i].Target), "/") < strings.Count(filepath.Clean(mounts[j].Target), "/")
+	})
+	for _, m := range mounts {
+		if err := bindOne(m); err != nil {
+			return err
+		}
+	}
+	if spec.ReadOnlyRoot {
+		if err := unix.Mount("", "/", "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY, ""); err != nil {
+			return fmt.Errorf("read-only root: %w", err)
+		}
+	}
+	if spec.Hostname != "" {
+		if err := unix.Sethostname([]byte(spec.Hostname)); err != nil {
+			return fmt.Errorf("sethostname: %w", err)
+		}
+	}
+	wd := spec.WorkingDir
+	if wd == "" {
+		wd = "/"
+	}
+	if err := os.Chdir(wd); err != nil {
+		return fmt.Errorf("working directory %s: %w", wd, err)
+	}
+	groups := make([]int, 0, len(spec.Groups))
+	for _, g := range spec.Groups {
+		groups = append(groups, int(g))
+	}
+	if err := syscall.Setgroups(groups); err != nil {
+		return fmt.Errorf("setgroups: %w", err)
+	}
+	if err := syscall.Setgid(int(spec.GID)); err != nil {
+		return fmt.Errorf("setgid %d: %w", spec.GID, err)
+	}
+	if err := syscall.Setuid(int(spec.UID)); err != nil {
+		return fmt.Errorf("setuid %d: %w", spec.UID, err)
+	}
+	if spec.ParentDeathSig {
+		// Changing credentials cleared it; the parent is the node agent.
+		if err := unix.Prctl(unix.PR_SET_PDEATHSIG, uintptr(unix.SIGKILL), 0, 0, 0); err != nil {
+			return fmt.Errorf("pdeathsig: %w", err)
+		}
+	}
+	if len(spec.Argv) == 0 {
+		return fmt.Errorf("empty command")
+	}
+	path, err := lookPath(spec.Argv[0], envValue(spec.Env, "PATH"))
+	if err != nil {
+		return err
+	}
+	return syscall.Exec(path, spec.Argv, spec.Env)
+}
+
+func bindOne(m bindMount) error {
+	st, err := os.Stat(m.Source)
+	if err != nil {
+		return fmt.Errorf("volume source %s: %w", m.Source, err)
+	}
+	if err := ensureMountpoint(m.Target, st.IsDir()); err != nil {
+		return err
+	}
+	if err := unix.Mount(m.Source, m.Target, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+		return fmt.Errorf("bind %s at %s: %w", m.Source, m.Target, err)
+	}
+	if m.ReadOnly {
+		if err := unix.Mount("", m.Target, "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY, ""); err != nil {
+			return fmt.Errorf("read-only %s: %w", m.Target, err)
+		}
+	}
+	return nil
+}
+
+// ensureMountpoint creates a missing mountpoint (an empty directory or file on the host file
+// system: there is no per-container root file system here).
+func ensureMountpoint(target string, dir bool) error {
+	if _, err := os.Stat(target); err == nil {
+		return nil
+	}
+	if dir {
+		if err := os.MkdirAll(target, 0o755); err != nil {
+			return fmt.Errorf("mountpoint %s: %w", target, err)
+		}
+		return nil
+	}
+	if err := os.MkdirAll(filepath.Dir(target), 0o755); err != nil {
+		return fmt.Errorf("mountpoint %s: %w", target, err)
+	}
+	f, err := os.OpenFile(target, os.O_CREATE|os.O_WRONLY, 0o644)
+	if err != nil {
+		return fmt.Errorf("mountpoint %s: %w", target, err)
+	}
+	return f.Close()
+}
+
+func envValue(env []string, key string) string {
+	for i := len(env) - 1; i >= 0; i-- {
+		if strings.HasPrefix(env[i], key+"=") {
+			return env[i][len(key)+1:]
+		}
+	}
+	return ""
+}
+
+// lookPath resolves a command against the container's PATH (not the node agent's).
+func lookPath(name, pathEnv string) (string, error) {
+	if strings.Contains(name, "/") {
+		return name, nil
+	}
+	if pathEnv == "" {
+		pathEnv = defaultPath
+	}
+	for _, dir := range filepath.SplitList(pathEnv) {
+		p := filepath.Join(dir, name)
+		if st, err := os.Stat(p); err == nil && !st.IsDir() && st.Mode()&0o111 != 0 {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("%q: executable file not found in $PATH (%s)", name, pathEnv)
+}
