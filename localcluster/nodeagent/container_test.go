@@ -34,6 +34,10 @@ func TestContainerProcessNamespacesAndMounts(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(vol, "conf"), []byte("from-volume"), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	privateTmp := filepath.Join(tmp, "private-tmp")
+	if err := os.MkdirAll(privateTmp, 0o777); err != nil {
+		t.Fatal(err)
+	}
 	hosts := filepath.Join(tmp, "hosts")
 	if err := os.WriteFile(hosts, []byte("10.9.9.9\tpod-under-test\n"), 0o644); err != nil {
 		t.Fatal(err)
@@ -57,6 +61,8 @@ func TestContainerProcessNamespacesAndMounts(t *testing.T) {
 		Mounts: []bindMount{
 			{Source: vol, Target: target},
 			{Source: hosts, Target: "/etc/hosts", ReadOnly: true},
+			// Mounted first (shallower) and hiding the other sources, which live under /tmp.
+			{Source: privateTmp, Target: os.TempDir()},
 		},
 		ReadOnlyRoot: true,
 		UID:          65534, GID: 65534,

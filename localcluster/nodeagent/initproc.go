@@ -75,10 +75,21 @@ func containerInit() error {
 	sort.SliceStable(mounts, func(i, j int) bool {
 		return strings.Count(filepath.Clean(mounts[i].Target), "/") < strings.Count(filepath.Clean(mounts[j].Target), "/")
 	})
-	for _, m := range mounts {
-		if err := bindOne(m); err != nil {
+	// Open every source before mounting anything: a volume mounted at /tmp must not hide a
+	// source that lives under /tmp (the state dir may).
+	sources := make([]*os.File, len(mounts))
+	for i, m := range mounts {
+		fd, err := unix.Open(m.Source, unix.O_PATH|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("volume source %s: %w", m.Source, err)
+		}
+		sources[i] = os.NewFile(uintptr(fd), m.Source)
+	}
+	for i, m := range mounts {
+		if err := bindOne(m, sources[i]); err != nil {
 			return err
 		}
+		_ = sources[i].Close()
 	}
 	if spec.ReadOnlyRoot {
 		if err := unix.Mount("", "/", "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY, ""); err != nil {
@@ -126,15 +137,16 @@ func containerInit() error {
 	return syscall.Exec(path, spec.Argv, spec.Env)
 }
 
-func bindOne(m bindMount) error {
-	st, err := os.Stat(m.Source)
-	if err != nil {
+func bindOne(m bindMount, src *os.File) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(src.Fd()), &st); err != nil {
 		return fmt.Errorf("volume source %s: %w", m.Source, err)
 	}
-	if err := ensureMountpoint(m.Target, st.IsDir()); err != nil {
+	if err := ensureMountpoint(m.Target, st.Mode&unix.S_IFMT == unix.S_IFDIR); err != nil {
 		return err
 	}
-	if err := unix.Mount(m.Source, m.Target, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+	procPath := fmt.Sprintf("/proc/self/fd/%d", src.Fd())
+	if err := unix.Mount(procPath, m.Target, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
 		return fmt.Errorf("bind %s at %s: %w", m.Source, m.Target, err)
 	}
 	if m.ReadOnly {
