@@ -143,6 +143,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := nw.setup(ctx); err != nil {
 		return fmt.Errorf("pod network: %w", err)
 	}
+	defer nw.teardown()
 	if err := nw.addHostAddr(ctx, netip.MustParseAddr(cfg.ClusterDNS)); err != nil {
 		return fmt.Errorf("cluster DNS address: %w", err)
 	}

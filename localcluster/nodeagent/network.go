@@ -93,6 +93,13 @@ func (n *network) hasAddr(a netip.Addr) bool {
 	return false
 }
 
+// teardown removes the bridge (with the service addresses on it) when the agent stops.
+func (n *network) teardown() {
+	if _, err := net.InterfaceByName(n.bridge); err == nil {
+		_ = ipCmd(context.Background(), "link", "del", n.bridge)
+	}
+}
+
 // addHostAddr puts a service address on the bridge.
 func (n *network) addHostAddr(ctx context.Context, a netip.Addr) error {
 	if n.hasAddr(a) {
