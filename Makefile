@@ -19,7 +19,7 @@ endif
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-test: lint rust-test chart-test ## everything this repository can test without a cluster
+test: lint rust-test chart-test local-go-test local-e2e ## every test, the README flow on a local cluster (make local-e2e) included
 
 lint: ## rustfmt check and clippy with -D warnings
 	$(CARGO) fmt --all -- --check

@@ -38,7 +38,7 @@ local-go-build: ## build the localcluster binary (kube-apiserver, controller-man
 	@mkdir -p $(LOCAL_BIN_DIR)
 	@echo "== go build localcluster (Kubernetes $(K8S_VERSION); caches in $(GOCACHE))"
 	@start=$$(date +%s); cd localcluster && \
-	  $(GO) build -v -trimpath -ldflags '$(K8S_LDFLAGS)' -o $(LOCAL_BIN) ./cmd/localcluster 2>&1 \
+	  $(GO) build -v -ldflags '$(K8S_LDFLAGS)' -o $(LOCAL_BIN) ./cmd/localcluster 2>&1 \
 	  | awk '/^(#|[a-z].*\.go:)/ { print; next } { n++; if (n % 200 == 0) printf "   ... %d packages compiled\n", n; fflush() }'; \
 	  rc=$${PIPESTATUS[0]}; [ $$rc = 0 ] || exit $$rc; \
 	  echo "== localcluster built in $$(( $$(date +%s) - start ))s: $(LOCAL_BIN)"

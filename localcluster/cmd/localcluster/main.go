@@ -58,6 +58,7 @@ type upFlags struct {
 	stateDir         string
 	controlPlaneOnly bool
 	imageMap         string
+	portOffset       int
 }
 
 func parse(name string, args []string) (upFlags, error) {
@@ -66,6 +67,7 @@ func parse(name string, args []string) (upFlags, error) {
 	fs.StringVar(&f.stateDir, "state-dir", envOr("LOCALCLUSTER_STATE_DIR", ".local/cluster"), "state directory (etcd data, certificates, kubeconfigs, logs) [env LOCALCLUSTER_STATE_DIR]")
 	fs.BoolVar(&f.controlPlaneOnly, "control-plane-only", false, "do not start the node agent")
 	fs.StringVar(&f.imageMap, "image-map", envOr("LOCALCLUSTER_IMAGE_MAP", "localcluster/images.yaml"), "image -> local program mapping for the node agent [env LOCALCLUSTER_IMAGE_MAP]")
+	fs.IntVar(&f.portOffset, "port-offset", 0, "added to every control-plane port (apiserver 6443, etcd 23790/23800, controller-manager 10257, scheduler 10259), to run a second cluster beside one")
 	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
 	klog.InitFlags(klogFlags)
 	fs.Var(klogFlags.Lookup("v").Value, "v", "log verbosity of the Kubernetes components")
@@ -73,6 +75,16 @@ func parse(name string, args []string) (upFlags, error) {
 		return f, err
 	}
 	return f, nil
+}
+
+func (f upFlags) config() controlplane.Config {
+	c := controlplane.DefaultConfig(f.stateDir)
+	c.APIServerPort += f.portOffset
+	c.EtcdPort += f.portOffset
+	c.EtcdPeerPort += f.portOffset
+	c.ControllerManagerPort += f.portOffset
+	c.SchedulerPort += f.portOffset
+	return c
 }
 
 func envOr(k, def string) string {
@@ -87,7 +99,7 @@ func certs(args []string) error {
 	if err != nil {
 		return err
 	}
-	return controlplane.Prepare(controlplane.DefaultConfig(f.stateDir))
+	return controlplane.Prepare(f.config())
 }
 
 func up(args []string) error {
@@ -97,7 +109,7 @@ func up(args []string) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	cfg := controlplane.DefaultConfig(f.stateDir)
+	cfg := f.config()
 	if !f.controlPlaneOnly {
 		cfg.NodeAgent = nodeAgent(cfg, f)
 	}

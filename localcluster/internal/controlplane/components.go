@@ -15,15 +15,21 @@ import (
 	scheduleroptions "k8s.io/kubernetes/cmd/kube-scheduler/app/options"
 )
 
-// runAPIServer builds kube-apiserver from its upstream option types
-// (NewServerRunOptions -> flags -> Complete -> Validate -> Run) and serves until ctx ends.
-func runAPIServer(ctx context.Context, c Config) error {
+// runner starts a prepared component and serves until ctx ends.
+type runner func(ctx context.Context) error
+
+// prepareAPIServer builds kube-apiserver from its upstream option types
+// (NewServerRunOptions -> flags -> Complete -> Validate -> Run).
+func prepareAPIServer(c Config) (runner, error) {
 	s := apiserveroptions.NewServerRunOptions()
 	p := c.PKI
 	flags := map[string]string{
-		"etcd-servers":                       fmt.Sprintf("http://127.0.0.1:%d", c.EtcdPort),
-		"bind-address":                       "127.0.0.1",
-		"advertise-address":                  "127.0.0.1",
+		"etcd-servers": fmt.Sprintf("http://127.0.0.1:%d", c.EtcdPort),
+		"bind-address": "127.0.0.1",
+		// Endpoints may not be loopback: the `kubernetes` Service points at the
+		// node bridge, and the node agent's service proxy forwards that endpoint
+		// to the loopback listener (the apiserver stays bound to 127.0.0.1).
+		"advertise-address":                  NodeBridgeIP,
 		"secure-port":                        strconv.Itoa(c.APIServerPort),
 		"tls-cert-file":                      p.APIServerCert,
 		"tls-private-key-file":               p.APIServerKey,
@@ -57,29 +63,34 @@ func runAPIServer(ctx context.Context, c Config) error {
 		"audit-log-maxbackup":       "1",
 	}
 	if err := applyFlags("kube-apiserver", s.Flags(), flags); err != nil {
-		return err
+		return nil, err
 	}
-	if err := s.GenericServerRunOptions.ComponentGlobalsRegistry.Set(); err != nil {
-		return fmt.Errorf("kube-apiserver feature gates: %w", err)
-	}
-	rest.SetDefaultWarningHandler(rest.NoWarnings{})
-	completed, err := s.Complete(ctx)
-	if err != nil {
-		return fmt.Errorf("kube-apiserver options: %w", err)
-	}
-	if errs := completed.Validate(); len(errs) != 0 {
-		return fmt.Errorf("kube-apiserver options: %w", utilerrors.NewAggregate(errs))
-	}
-	return apiserverapp.Run(ctx, completed)
+	return func(ctx context.Context) error {
+		if err := s.GenericServerRunOptions.ComponentGlobalsRegistry.Set(); err != nil {
+			return fmt.Errorf("kube-apiserver feature gates: %w", err)
+		}
+		rest.SetDefaultWarningHandler(rest.NoWarnings{})
+		completed, err := s.Complete(ctx)
+		if err != nil {
+			return fmt.Errorf("kube-apiserver options: %w", err)
+		}
+		if errs := completed.Validate(); len(errs) != 0 {
+			return fmt.Errorf("kube-apiserver options: %w", utilerrors.NewAggregate(errs))
+		}
+		return apiserverapp.Run(ctx, completed)
+	}, nil
 }
 
-// runControllerManager runs kube-controller-manager with its default
+// prepareControllerManager sets up kube-controller-manager with its default
 // controllers (deployment, replicaset, statefulset, garbage collector,
 // namespace, service account + token, endpointslice, job, PV binder, HPA, ...).
-func runControllerManager(ctx context.Context, c Config) error {
+// It must run before the other components add the shared feature gates to a
+// flag set: its Flags() turns client-go's WatchListClient on, as the upstream
+// binary does, which is refused once the gates are frozen into a flag set.
+func prepareControllerManager(c Config) (runner, error) {
 	s, err := kcmoptions.NewKubeControllerManagerOptions()
 	if err != nil {
-		return fmt.Errorf("kube-controller-manager options: %w", err)
+		return nil, fmt.Errorf("kube-controller-manager options: %w", err)
 	}
 	p := c.PKI
 	kubeconfig := c.path("controller-manager.kubeconfig")
@@ -106,20 +117,22 @@ func runControllerManager(ctx context.Context, c Config) error {
 	nfs := s.Flags(kcmapp.KnownControllers(), kcmapp.ControllersDisabledByDefault(), kcmapp.ControllerAliases())
 	s.ParsedFlags = &nfs
 	if err := applyFlags("kube-controller-manager", nfs, flags); err != nil {
-		return err
+		return nil, err
 	}
-	if err := s.ComponentGlobalsRegistry.Set(); err != nil {
-		return fmt.Errorf("kube-controller-manager feature gates: %w", err)
-	}
-	cfg, err := s.Config(ctx, kcmapp.KnownControllers(), kcmapp.ControllersDisabledByDefault(), kcmapp.ControllerAliases())
-	if err != nil {
-		return fmt.Errorf("kube-controller-manager config: %w", err)
-	}
-	return kcmapp.Run(ctx, cfg.Complete())
+	return func(ctx context.Context) error {
+		if err := s.ComponentGlobalsRegistry.Set(); err != nil {
+			return fmt.Errorf("kube-controller-manager feature gates: %w", err)
+		}
+		cfg, err := s.Config(ctx, kcmapp.KnownControllers(), kcmapp.ControllersDisabledByDefault(), kcmapp.ControllerAliases())
+		if err != nil {
+			return fmt.Errorf("kube-controller-manager config: %w", err)
+		}
+		return kcmapp.Run(ctx, cfg.Complete())
+	}, nil
 }
 
-// runScheduler runs kube-scheduler with its default profile.
-func runScheduler(ctx context.Context, c Config) error {
+// prepareScheduler sets up kube-scheduler with its default profile.
+func prepareScheduler(c Config) (runner, error) {
 	opts := scheduleroptions.NewOptions()
 	kubeconfig := c.path("scheduler.kubeconfig")
 	flags := map[string]string{
@@ -132,14 +145,16 @@ func runScheduler(ctx context.Context, c Config) error {
 		"profiling":                 "false",
 	}
 	if err := applyFlags("kube-scheduler", *opts.Flags, flags); err != nil {
-		return err
+		return nil, err
 	}
-	if err := opts.ComponentGlobalsRegistry.Set(); err != nil {
-		return fmt.Errorf("kube-scheduler feature gates: %w", err)
-	}
-	cc, sched, err := schedulerapp.Setup(ctx, opts)
-	if err != nil {
-		return fmt.Errorf("kube-scheduler setup: %w", err)
-	}
-	return schedulerapp.Run(ctx, cc, sched)
+	return func(ctx context.Context) error {
+		if err := opts.ComponentGlobalsRegistry.Set(); err != nil {
+			return fmt.Errorf("kube-scheduler feature gates: %w", err)
+		}
+		cc, sched, err := schedulerapp.Setup(ctx, opts)
+		if err != nil {
+			return fmt.Errorf("kube-scheduler setup: %w", err)
+		}
+		return schedulerapp.Run(ctx, cc, sched)
+	}, nil
 }

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"k8s.io/client-go/kubernetes"
@@ -32,6 +33,8 @@ const (
 	AdminKubecfg   = "admin.kubeconfig"
 	NodeKubecfg    = "node.kubeconfig"
 	defaultAPIPort = 6443
+	// shutdownTimeout bounds the wait for components (pods' grace periods included).
+	shutdownTimeout = 90 * time.Second
 )
 
 const auditPolicyFile = "audit-policy.yaml"
@@ -169,12 +172,43 @@ func Run(ctx context.Context, c Config) error {
 	defer etcd.Close()
 	klog.InfoS("etcd ready", "url", fmt.Sprintf("http://127.0.0.1:%d", c.EtcdPort))
 
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	// Order matters: the controller-manager's options first (see prepareControllerManager).
+	kcm, err := prepareControllerManager(c)
+	if err != nil {
+		return err
+	}
+	scheduler, err := prepareScheduler(c)
+	if err != nil {
+		return err
+	}
+	apiserver, err := prepareAPIServer(c)
+	if err != nil {
+		return err
+	}
+
+	parent := ctx
+	ctx, cancel := context.WithCancel(context.WithoutCancel(parent))
+	nodeCtx, nodeCancel := context.WithCancel(ctx)
+	var controlPlane, node sync.WaitGroup
+	// On the way out: first the node agent (it terminates its pods with their
+	// grace periods and needs the apiserver for that), then the control plane,
+	// then etcd (deferred above).
+	defer func() {
+		nodeCancel()
+		waitBounded(&node, "node agent")
+		cancel()
+		waitBounded(&controlPlane, "control plane")
+	}()
 	errs := make(chan error, 4)
-	start := func(name string, f func(context.Context, Config) error) {
+	start := func(name string, f runner) {
+		wg, runCtx := &controlPlane, ctx
+		if name == nodeAgentName {
+			wg, runCtx = &node, nodeCtx
+		}
+		wg.Add(1)
 		go func() {
-			err := f(ctx, c)
+			defer wg.Done()
+			err := f(runCtx)
 			if err == nil && ctx.Err() == nil {
 				err = errors.New("exited")
 			}
@@ -184,27 +218,40 @@ func Run(ctx context.Context, c Config) error {
 			errs <- err
 		}()
 	}
-	start("kube-apiserver", runAPIServer)
-	client, err := waitReady(ctx, c, errs)
+	start("kube-apiserver", apiserver)
+	client, err := waitReady(parent, c, errs)
 	if err != nil {
 		return err
 	}
 	klog.InfoS("kube-apiserver ready", "server", c.Server())
-	if err := bootstrap(ctx, client); err != nil {
+	if err := bootstrap(parent, client); err != nil {
 		return err
 	}
-	start("kube-controller-manager", runControllerManager)
-	start("kube-scheduler", runScheduler)
+	start("kube-controller-manager", kcm)
+	start("kube-scheduler", scheduler)
 	if c.NodeAgent != nil {
-		start("node agent", func(ctx context.Context, _ Config) error { return c.NodeAgent(ctx) })
+		start(nodeAgentName, c.NodeAgent)
 	}
 	select {
-	case <-ctx.Done():
+	case <-parent.Done():
+		klog.InfoS("stopping local cluster")
 		return nil
 	case err := <-errs:
 		return err
 	case <-etcd.Err():
 		return errors.New("etcd stopped")
+	}
+}
+
+const nodeAgentName = "node agent"
+
+func waitBounded(wg *sync.WaitGroup, what string) {
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(shutdownTimeout):
+		klog.InfoS("still stopping; going on", "component", what, "after", shutdownTimeout)
 	}
 }
 
