@@ -6,7 +6,7 @@ set -eu
 : "${PGDATA:=/var/lib/postgresql/data}"
 if [ "${1:-postgres}" = postgres ] && [ ! -s "$PGDATA/PG_VERSION" ]; then
   mkdir -p "$PGDATA"
-  chmod 0700 "$PGDATA"
+  chmod 0700 "$PGDATA" 2>/dev/null || :   # as the image: a volume root owned by root stays as it is
   pwfile=$(mktemp)
   printf '%s\n' "${POSTGRES_PASSWORD:?POSTGRES_PASSWORD must be set}" > "$pwfile"
   initdb -D "$PGDATA" --username="${POSTGRES_USER:-postgres}" --pwfile="$pwfile" --auth-host=scram-sha-256 --auth-local=trust >/dev/null
@@ -22,6 +22,6 @@ SQL
 fi
 if [ "${1:-}" = postgres ]; then
   shift
-  exec postgres -D "$PGDATA" -k /tmp "$@"
+  exec postgres -D "$PGDATA" "$@"
 fi
 exec "$@"
