@@ -75,7 +75,7 @@ func TestContainerProcessNamespacesAndMounts(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer p.stop(time.Second)
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(30 * time.Second)
 	var out string
 	for time.Now().Before(deadline) {
 		b, _ := os.ReadFile(logPath)
@@ -136,9 +136,15 @@ func TestStopEscalatesToSIGKILL(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for i := 0; i < 100; i++ {
+	// The trap must be in place before SIGTERM is sent.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
 		if b, _ := os.ReadFile(logPath); strings.Contains(string(b), "ready") {
 			break
+		}
+		if time.Now().After(deadline) {
+			p.stop(0)
+			t.Fatal("the container never printed ready")
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
