@@ -26,10 +26,13 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	discoverylisters "k8s.io/client-go/listers/discovery/v1"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/client-go/tools/record"
 	"k8s.io/klog/v2"
 )
 
@@ -67,6 +70,8 @@ type agent struct {
 	sliceLister discoverylisters.EndpointSliceLister
 	pvcLister   corelisters.PersistentVolumeClaimLister
 	pvLister    corelisters.PersistentVolumeLister
+
+	recorder record.EventRecorder
 
 	mu   sync.Mutex
 	pods map[types.UID]*podRuntime
@@ -134,6 +139,10 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := os.MkdirAll(a.podsDir, 0o755); err != nil {
 		return err
 	}
+	events := record.NewBroadcaster(record.WithContext(ctx))
+	events.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: client.CoreV1().Events("")})
+	defer events.Shutdown()
+	a.recorder = events.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "kubelet", Host: cfg.NodeName})
 	// Pod directories of a previous run hold nothing alive (processes die with the agent).
 	if entries, err := os.ReadDir(a.podsDir); err == nil {
 		for _, e := range entries {

@@ -95,6 +95,23 @@ func (r *podRuntime) logf(format string, args ...any) {
 	klog.InfoS(fmt.Sprintf(format, args...), "pod", klog.KObj(r.pod))
 }
 
+// event records a Kubernetes Event on the pod (what `kubectl describe pod` shows) and logs it.
+func (r *podRuntime) event(warning bool, reason, format string, args ...any) {
+	msg := fmt.Sprintf(format, args...)
+	r.logf("%s: %s", reason, msg)
+	if r.a.recorder == nil {
+		return
+	}
+	typ := corev1.EventTypeNormal
+	if warning {
+		typ = corev1.EventTypeWarning
+	}
+	r.mu.Lock()
+	pod := r.pod
+	r.mu.Unlock()
+	r.a.recorder.Event(pod, typ, reason, msg)
+}
+
 func (r *podRuntime) notify() {
 	select {
 	case r.dirty <- struct{}{}:
@@ -161,7 +178,7 @@ func (r *podRuntime) prepare() bool {
 		r.sandboxErr = err.Error()
 		r.mu.Unlock()
 		r.notify()
-		r.logf("preparing pod: %v (retrying)", err)
+		r.event(true, "FailedMount", "preparing the pod: %v (retrying)", err)
 		select {
 		case <-r.ctx.Done():
 			return false
@@ -366,6 +383,7 @@ func (r *podRuntime) startInstance(c *containerRuntime) (*process, error) {
 	c.status.State = corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: metav1.NewTime(p.started)}}
 	r.mu.Unlock()
 	r.notify()
+	r.event(false, "Started", "Started container %s (%s, pid %d)", c.spec.Name, spec.Argv[0], p.pid)
 	return p, nil
 }
 
@@ -419,7 +437,7 @@ func (r *podRuntime) runInit(c *containerRuntime) bool {
 	for {
 		p, err := r.startInstance(c)
 		if err != nil {
-			r.logf("init container %s: %v", c.spec.Name, err)
+			r.event(true, "Failed", "init container %s: %v", c.spec.Name, err)
 			backoff = nextBackoff(backoff)
 			if !r.waitBackoff(c, backoff, "CreateContainerError", err.Error()) {
 				return false
@@ -475,7 +493,7 @@ func (r *podRuntime) supervise(c *containerRuntime) {
 	for {
 		p, err := r.startInstance(c)
 		if err != nil {
-			r.logf("container %s: %v", c.spec.Name, err)
+			r.event(true, "Failed", "container %s: %v", c.spec.Name, err)
 			backoff = nextBackoff(backoff)
 			if !r.waitBackoff(c, backoff, "CreateContainerError", err.Error()) {
 				return
@@ -509,6 +527,7 @@ func (r *podRuntime) supervise(c *containerRuntime) {
 			backoff = 0
 		}
 		backoff = nextBackoff(backoff)
+		r.event(true, "BackOff", "Back-off %s restarting failed container %s (exit code %d)", backoff, c.spec.Name, code)
 		if !r.waitBackoff(c, backoff, "CrashLoopBackOff", fmt.Sprintf("back-off %s restarting failed container=%s pod=%s", backoff, c.spec.Name, r.pod.Name)) {
 			return
 		}
@@ -533,7 +552,7 @@ func (r *podRuntime) terminate(pod *corev1.Pod) {
 	r.terminating = true
 	r.mu.Unlock()
 	if !already {
-		r.logf("terminating (grace %s)", r.grace())
+		r.event(false, "Killing", "Stopping the pod's containers (grace period %s)", r.grace())
 		r.cancel()
 	}
 }

@@ -197,7 +197,7 @@ func (r *podRuntime) probe(ctx context.Context, c *containerRuntime, p *process)
 				break
 			}
 			if !res && changed {
-				r.logf("startup probe of %s failed: %s; restarting it", spec.Name, msg)
+				r.event(true, "Unhealthy", "Startup probe of %s failed: %s; restarting it", spec.Name, msg)
 				select {
 				case c.kill <- struct{}{}:
 				default:
@@ -228,7 +228,7 @@ func (r *podRuntime) probe(ctx context.Context, c *containerRuntime, p *process)
 					return
 				}
 				if res, changed := pr.observe(ok); !res && changed {
-					r.logf("liveness probe of %s failed: %s; restarting it", spec.Name, msg)
+					r.event(true, "Unhealthy", "Liveness probe of %s failed: %s; restarting it", spec.Name, msg)
 					select {
 					case c.kill <- struct{}{}:
 					default:
@@ -257,7 +257,7 @@ func (r *podRuntime) probe(ctx context.Context, c *containerRuntime, p *process)
 				r.mu.Unlock()
 				r.notify()
 				if !res {
-					r.logf("readiness probe of %s failed: %s", spec.Name, msg)
+					r.event(true, "Unhealthy", "Readiness probe of %s failed: %s", spec.Name, msg)
 				}
 			}
 			if !sleep(period(rp)) {
