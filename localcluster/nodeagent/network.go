@@ -68,6 +68,8 @@ func (n *network) setup(ctx context.Context) error {
 	entries, _ := os.ReadDir("/run/netns")
 	for _, e := range entries {
 		if strings.HasPrefix(e.Name(), nsPrefix) {
+			// An agent killed hard leaves daemons (epmd) holding its pods' namespaces.
+			killNetnsProcesses(filepath.Join("/run/netns", e.Name()))
 			_ = ipCmd(ctx, "netns", "del", e.Name())
 		}
 	}
