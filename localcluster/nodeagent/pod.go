@@ -520,7 +520,8 @@ func (r *podRuntime) supervise(c *containerRuntime) {
 			return
 		}
 		policy := r.pod.Spec.RestartPolicy
-		if !killed && (policy == corev1.RestartPolicyNever || (policy == corev1.RestartPolicyOnFailure && code == 0)) {
+		// A container killed by a failing liveness probe counts as failed.
+		if policy == corev1.RestartPolicyNever || (policy == corev1.RestartPolicyOnFailure && code == 0 && !killed) {
 			return
 		}
 		if time.Since(p.started) > 10*time.Minute {
