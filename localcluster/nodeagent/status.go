@@ -16,6 +16,8 @@ func (r *podRuntime) computeStatus(now time.Time) corev1.PodStatus {
 		HostIPs:   []corev1.HostIP{{IP: r.a.cfg.NodeIP}},
 		StartTime: &r.startTime,
 		QOSClass:  r.pod.Status.QOSClass,
+		// What the kubelet reports with PodObservedGenerationTracking (on by default in 1.34).
+		ObservedGeneration: r.pod.Generation,
 	}
 	if r.ip.IsValid() {
 		st.PodIP = r.ip.String()
