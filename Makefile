@@ -19,7 +19,7 @@ endif
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-test: lint rust-test chart-test local-go-test local-e2e ## every test, the README flow on a local cluster (make local-e2e) included
+test: lint rust-test chart-test local-go-test ## every test this repository runs on one machine
 
 lint: ## rustfmt check and clippy with -D warnings
 	$(CARGO) fmt --all -- --check

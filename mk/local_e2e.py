@@ -151,7 +151,8 @@ def check_crd_validation():
         p = k("apply", "--dry-run=server", "-f", "-", input=doc, check=False)
         if p.returncode == 0 or expected not in p.stderr:
             fail(f"apiserver accepted an invalid QueueScaler ({what}): rc={p.returncode} {p.stderr.strip()}")
-        log(f"2. apiserver rejected {what}: {p.stderr.strip().splitlines()[-1][:160]}")
+        line = next(ln for ln in p.stderr.splitlines() if expected in ln)
+        log(f"2. apiserver rejected {what}: {line.strip()[:200]}")
     k("apply", "-f", "manifests/queuescaler.yaml")
     log("2. apiserver accepted manifests/queuescaler.yaml")
 
@@ -161,14 +162,14 @@ def worker_replicas():
 
 
 def check_rbac():
-    yes = [("patch", "deployments.apps/scale"), ("get", "queuescalers.warren.dev")]
-    no = [("create", "clusterrolebindings"), ("delete", "nodes"), ("get", "secrets", "-n", "kube-system")]
-    for verb, res, *extra in yes + no:
-        p = subprocess.run([KUBECTL, "auth", "can-i", verb, res, "--as", CONTROLLER_SA, *(extra or ["-n", NS])],
-                           capture_output=True, text=True)
+    yes = [("patch", "deployments.apps", "--subresource=scale", "-n", NS), ("get", "queuescalers.warren.dev", "-n", NS)]
+    no = [("create", "clusterrolebindings"), ("delete", "nodes"), ("get", "secrets", "-n", "kube-system"),
+          ("patch", "deployments.apps", "-n", NS)]
+    for check in yes + no:
+        p = subprocess.run([KUBECTL, "auth", "can-i", *check, "--as", CONTROLLER_SA], capture_output=True, text=True)
         allowed = p.stdout.strip() == "yes"
-        if allowed != ((verb, res, *extra) in yes):
-            fail(f"{CONTROLLER_SA} can-i {verb} {res}: {p.stdout.strip()}")
+        if allowed != (check in yes):
+            fail(f"{CONTROLLER_SA} can-i {' '.join(check)}: {p.stdout.strip()}")
     pod = kjson("get", "pods", "-l", "app.kubernetes.io/component=controller")["items"][0]
     if pod["spec"].get("serviceAccountName") != f"{RELEASE}-controller":
         fail(f"controller pod runs as {pod['spec'].get('serviceAccountName')}")
