@@ -64,8 +64,11 @@ up() {
   wait_for 120 "node Ready" node_ready
   log "node $(k get nodes -o jsonpath='{.items[0].metadata.name}') Ready after $((SECONDS - t0))s"
   log "helm upgrade --install $RELEASE $CHART_DIR --wait"
+  local -a extra=()
+  # HELM_ARGS: extra flags, split on spaces (e.g. HELM_ARGS='--set queue.type=classic').
+  read -r -a extra <<<"${HELM_ARGS:-}"
   "$HELM" upgrade --install "$RELEASE" "$CHART_DIR" --namespace "$NAMESPACE" --create-namespace \
-    --wait --timeout "$LOCAL_HELM_TIMEOUT" ${HELM_ARGS:-}
+    --wait --timeout "$LOCAL_HELM_TIMEOUT" "${extra[@]}"
   k -n "$NAMESPACE" get pods -o wide
   log "chart Ready $((SECONDS - t0))s after make local-up started the cluster step"
   cat <<NEXT
