@@ -3,6 +3,7 @@
 #   docker build --target sender     -t warren-sender .
 #   docker build --target worker     -t warren-worker .
 #   docker build --target controller -t warren-controller .
+#   docker build --target admin      -t warren-admin .
 # (`make images` builds all three, passing the pinned base images from mk/versions.env.)
 #
 # Adding an image: add its package to BINARIES below (one package per binary, named
@@ -41,7 +42,7 @@ WORKDIR /src
 ENV CARGO_TERM_COLOR=never \
     CARGO_INCREMENTAL=0
 # The binaries the images ship; each is the package of the same name.
-ARG BINARIES="warren-sender warren-worker warren-controller"
+ARG BINARIES="warren-sender warren-worker warren-controller warren-admin"
 COPY --from=skeleton /src ./
 # Dependencies only (warren's crates are stubs here): cached until a manifest changes.
 RUN set --; for bin in $BINARIES; do set -- "$@" -p "$bin"; done \
@@ -76,3 +77,9 @@ FROM runtime AS controller
 COPY --from=builder /out/warren-controller /usr/local/bin/warren-controller
 EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/warren-controller"]
+
+FROM runtime AS admin
+COPY --from=builder /out/warren-admin /usr/local/bin/warren-admin
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/warren-admin"]
+CMD ["serve"]

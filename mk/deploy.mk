@@ -25,7 +25,7 @@ KUBECTL ?= $(firstword $(shell command -v kubectl 2>/dev/null) $(wildcard $(WARR
 DOCKER ?= docker
 KIND ?= kind
 
-IMAGES := sender worker controller
+IMAGES := sender worker controller admin
 IMAGE_PREFIX ?= warren-
 # Content-addressed tag: changes exactly when the image inputs change, so a second
 # `make kind-up` after an edit rolls the pods, and one without an edit does nothing.
@@ -68,7 +68,7 @@ kind-down: ## delete the kind cluster
 
 # --provenance=false: with Docker's containerd image store, an image carrying a provenance
 # attestation makes `kind load docker-image` fail with "content digest ... not found".
-images: ## build the sender, worker and controller images (tag $(IMAGE_TAG))
+images: ## build the sender, worker, controller and admin images (tag $(IMAGE_TAG))
 	@for target in $(IMAGES); do \
 	  echo "== image $(IMAGE_PREFIX)$$target:$(IMAGE_TAG)"; \
 	  $(DOCKER) build --provenance=false --target $$target -t $(IMAGE_PREFIX)$$target:$(IMAGE_TAG) \

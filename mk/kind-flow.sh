@@ -89,12 +89,24 @@ start_port_forward() {
   fail "port-forward to svc/$SENDER did not come up on 127.0.0.1:$LOCAL_PORT"
 }
 
+# Tokens are on by default (auth.enabled): send with a token created through warren-admin
+# (none when the release runs without it).
+send_auth=()
+send_token() {
+  local token
+  k get deploy "$RELEASE-admin" >/dev/null 2>&1 || return 0
+  k exec "deploy/$RELEASE-admin" -- warren-admin applications create kind-flow >/dev/null 2>&1 || true
+  token="$(k exec "deploy/$RELEASE-admin" -- warren-admin tokens create --application kind-flow --secret-only 2>/dev/null || true)"
+  if [ -n "$token" ]; then send_auth=(-H "Authorization: Bearer $token"); fi
+}
+
 # send_burst N DOTS: POST N jobs of DOTS dots (one second of work per dot); prints the 202 count.
 send_burst() {
   local n="$1" dots="$2" accepted=0 code i suffix
   suffix="$(printf '%*s' "$dots" '' | tr ' ' '.')"
+  send_token
   for i in $(seq 1 "$n"); do
-    code="$(curl -sS -o /dev/null -w '%{http_code}' --max-time 15 \
+    code="$(curl -sS -o /dev/null -w '%{http_code}' --max-time 15 "${send_auth[@]}" \
       -X POST "http://127.0.0.1:$LOCAL_PORT/send" -H 'Content-Type: application/json' \
       -d "{\"message\": \"burst job $i$suffix\"}" || echo 000)"
     if [ "$code" = 202 ]; then accepted=$((accepted + 1)); else echo "job $i: HTTP $code" >&2; fi

@@ -62,6 +62,15 @@ VARIATIONS: dict[str, list[str]] = {
         "--set", "image.registry=ghcr.io/acme",
         "--set", "image.tag=1.2.3",
         "--set", "rabbitmq.readOnlyRootFilesystem=false",
+        "--set", "postgres.persistence.enabled=false",
+    ],
+    # Tokens off: no warren-admin, no PostgreSQL, the sender runs WARREN_AUTH=off.
+    "no-auth": ["--set", "auth.enabled=false"],
+    # Tokens against an external PostgreSQL named by an existing Secret.
+    "external-db": [
+        "--set", "auth.database.existingSecret=tokens-db",
+        "--set", "auth.database.urlKey=DATABASE_URL",
+        "--set", "auth.adminToken=a-given-admin-token-1234",
     ],
     "long-jobs": [
         "--set", "queueScaler.enabled=true",

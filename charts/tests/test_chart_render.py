@@ -23,6 +23,14 @@ EXPECTED_DEFAULT_OBJECTS = {
     ("RoleBinding", "warren-controller"),
     ("NetworkPolicy", "warren-rabbitmq"),
     ("Pod", "warren-test-send-job"),
+    # Bearer tokens (auth.enabled: true by default)
+    ("Secret", "warren-admin"),
+    ("Deployment", "warren-admin"),
+    ("Service", "warren-admin"),
+    ("Secret", "warren-postgres"),
+    ("Service", "warren-postgres"),
+    ("StatefulSet", "warren-postgres"),
+    ("NetworkPolicy", "warren-postgres"),
 }
 
 

@@ -47,7 +47,8 @@ def test_hadolint_catches_a_bad_dockerfile(hadolint, tmp_path):
 
 @pytest.mark.parametrize("target,binary,port", [("sender", "warren-sender", "8080"),
                                                 ("worker", "warren-worker", "9090"),
-                                                ("controller", "warren-controller", "8080")])
+                                                ("controller", "warren-controller", "8080"),
+                                                ("admin", "warren-admin", "8080")])
 def test_one_small_nonroot_target_per_binary(target, binary, port):
     all_stages = stages()
     lines = all_stages[target]
@@ -88,7 +89,7 @@ def test_dependency_and_final_builds_select_the_same_packages():
         assert "--bin" not in build and "--workspace" not in build and "--all" not in build.split()
         assert '-p "$bin"' in build and "--release --locked" in build
     binaries = re.search(r'^ARG BINARIES="([^"]+)"$', "\n".join(stages()["builder"]), re.MULTILINE).group(1).split()
-    assert {"warren-sender", "warren-worker", "warren-controller"} <= set(binaries)
+    assert {"warren-sender", "warren-worker", "warren-controller", "warren-admin"} <= set(binaries)
     for binary in binaries:  # every package shipped has an image target that copies it
         assert any(f"COPY --from=builder /out/{binary} " in line for lines in stages().values() for line in lines)
 
@@ -307,14 +308,14 @@ def test_kind_up_twice_creates_the_cluster_once(tmp_path):
         # no provenance attestation: `kind load docker-image` cannot load such images
         # from Docker's containerd image store
         assert all(c.split()[2] == "--provenance=false" for c in builds), builds
-        assert [c.split()[4] for c in builds] == ["sender", "worker", "controller"]
+        assert [c.split()[4] for c in builds] == ["sender", "worker", "controller", "admin"]
         assert all(f"--build-arg RUST_IMAGE={versions['RUST_IMAGE']}" in c for c in builds)
         assert all(f"--build-arg RUNTIME_IMAGE={versions['RUNTIME_IMAGE']}" in c for c in builds)
         tags = {c.split()[6].split(":")[1] for c in builds}
         assert len(tags) == 1
         (tag,) = tags
         loads = [c for c in calls if c.startswith("kind load docker-image")]
-        assert len(loads) == 3 and all(c.endswith(f":{tag}") for c in loads)
+        assert len(loads) == 4 and all(c.endswith(f":{tag}") for c in loads)
         (install,) = [c for c in calls if c.startswith("helm upgrade --install warren charts/warren")]
         assert f"--set image.tag={tag}" in install and "--wait" in install
         assert "--kube-context kind-warren" in install

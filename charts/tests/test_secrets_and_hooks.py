@@ -42,8 +42,11 @@ def test_helm_test_pod_posts_a_job_and_expects_202(defaults):
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     assert pod["spec"]["restartPolicy"] == "Never"
     (c,) = pod["spec"]["containers"]
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["SENDER_URL"] == "http://warren-sender:80/send"
+    assert env["ADMIN_URL"] == "http://warren-admin:80"  # auth is on by default
+    (admin_token,) = [e for e in c["env"] if e["name"] == "ADMIN_TOKEN"]
+    assert admin_token["valueFrom"]["secretKeyRef"] == {"name": "warren-admin", "key": "token"}
     script = c["command"][-1]
     assert '-X POST "$SENDER_URL"' in script
     assert "Content-Type: application/json" in script
@@ -277,3 +280,54 @@ def test_a_given_password_wins_over_the_stored_one(helm, tmp_path):
 def test_a_stored_secret_without_a_password_gets_one(helm, tmp_path):
     secrets = render_against(helm, tmp_path, {"warren-rabbitmq": {"username": "warren"}})
     assert len(decoded(secrets["warren-rabbitmq"], "password")) == 32
+
+
+def _env(doc: dict) -> dict:
+    (c,) = [c for c in doc["spec"]["template"]["spec"]["containers"]]
+    return {e["name"]: e for e in c["env"]}
+
+
+def test_tokens_are_on_by_default_with_the_database_url_from_the_secret(defaults):
+    sender = _env(defaults.one("Deployment", "warren-sender"))
+    assert sender["WARREN_AUTH"]["value"] == "required"
+    assert sender["WARREN_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "warren-postgres", "key": "url"}
+    admin = _env(defaults.one("Deployment", "warren-admin"))
+    assert admin["WARREN_DATABASE_URL"] == sender["WARREN_DATABASE_URL"]
+    assert admin["WARREN_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "warren-admin", "key": "token"}
+    for name in ("warren-admin", "warren-postgres"):
+        assert defaults.one("Secret", name)["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    import base64
+    url = base64.b64decode(defaults.one("Secret", "warren-postgres")["data"]["url"]).decode()
+    password = base64.b64decode(defaults.one("Secret", "warren-postgres")["data"]["password"]).decode()
+    assert url == f"postgres://warren:{password}@warren-postgres:5432/warren" and len(password) == 32
+    assert len(base64.b64decode(defaults.one("Secret", "warren-admin")["data"]["token"])) == 40
+
+
+def test_postgres_is_reached_only_by_the_sender_and_admin(defaults):
+    policy = defaults.one("NetworkPolicy", "warren-postgres")
+    (rule,) = policy["spec"]["ingress"]
+    (source,) = rule["from"]
+    assert source["podSelector"]["matchExpressions"][0]["values"] == ["sender", "admin"]
+    assert rule["ports"] == [{"port": "postgres", "protocol": "TCP"}]
+    sts = defaults.one("StatefulSet", "warren-postgres")
+    assert sts["spec"]["template"]["spec"]["containers"][0]["image"].startswith("postgres:")
+    assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+
+
+def test_no_auth_renders_no_database_and_an_open_sender(render):
+    rendered = render("no-auth")
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in rendered.docs}
+    assert not any("postgres" in name or name == "warren-admin" for _, name in kinds)
+    sender = _env(rendered.one("Deployment", "warren-sender"))
+    assert sender["WARREN_AUTH"]["value"] == "off" and "WARREN_DATABASE_URL" not in sender
+
+
+def test_external_database_comes_from_the_existing_secret(render):
+    rendered = render("external-db")
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in rendered.docs}
+    assert not any("postgres" in name for _, name in kinds)
+    sender = _env(rendered.one("Deployment", "warren-sender"))
+    assert sender["WARREN_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "tokens-db", "key": "DATABASE_URL"}
+    import base64
+    token = base64.b64decode(rendered.one("Secret", "warren-admin")["data"]["token"]).decode()
+    assert token == "a-given-admin-token-1234"

@@ -9,6 +9,8 @@
 {{- define "warren.rabbitmq.cookieSecret" -}}{{ include "warren.fullname" . }}-rabbitmq-erlang-cookie{{- end -}}
 {{- define "warren.sender.fullname" -}}{{ include "warren.fullname" . }}-sender{{- end -}}
 {{- define "warren.worker.fullname" -}}{{ include "warren.fullname" . }}-worker{{- end -}}
+{{- define "warren.admin.fullname" -}}{{ include "warren.fullname" . }}-admin{{- end -}}
+{{- define "warren.postgres.fullname" -}}{{ include "warren.fullname" . }}-postgres{{- end -}}
 {{- define "warren.controller.fullname" -}}{{ include "warren.fullname" . }}-controller{{- end -}}
 {{- define "warren.queueScaler.name" -}}{{ default (include "warren.worker.fullname" .) .Values.queueScaler.name }}{{- end -}}
 
@@ -148,4 +150,23 @@ The Prometheus that scrapes warren (metrics.prometheus), as one NetworkPolicy
     matchLabels:
       {{- toYaml . | nindent 6 }}
   {{- end }}
+{{- end -}}
+
+{{/* Whether the chart runs its own PostgreSQL (auth on, no external database). */}}
+{{- define "warren.postgres.enabled" -}}
+{{- if and .Values.auth.enabled (not .Values.auth.database.existingSecret) -}}true{{- end -}}
+{{- end -}}
+
+{{/* WARREN_DATABASE_URL from the chart's PostgreSQL Secret or the external one. */}}
+{{- define "warren.databaseEnv" -}}
+- name: WARREN_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      {{- if .Values.auth.database.existingSecret }}
+      name: {{ .Values.auth.database.existingSecret }}
+      key: {{ .Values.auth.database.urlKey }}
+      {{- else }}
+      name: {{ include "warren.postgres.fullname" . }}
+      key: url
+      {{- end }}
 {{- end -}}
