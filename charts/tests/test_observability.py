@@ -50,14 +50,15 @@ def alerts_of(spec: dict) -> dict[str, dict]:
 def test_off_by_default(defaults):
     assert not [d for d in defaults.docs if d["kind"] in MONITOR_KINDS]
     assert not [d for d in defaults.kinds("ConfigMap") if "grafana_dashboard" in d["metadata"].get("labels", {})]
-    (policy,) = defaults.kinds("NetworkPolicy")
+    policy = defaults.one("NetworkPolicy", "warren-rabbitmq")
     peers = [p for rule in policy["spec"]["ingress"] for p in rule.get("from", [])]
     assert not [p for p in peers if "namespaceSelector" in p]
 
 
 def test_pod_monitors_scrape_every_component_on_a_named_port(observability):
     monitors = {m["metadata"]["name"]: m for m in observability.kinds("PodMonitor")}
-    assert set(monitors) == {"warren-sender", "warren-worker", "warren-controller", "warren-rabbitmq"}
+    # warren-admin too: tokens (auth.enabled) are on by default
+    assert set(monitors) == {"warren-sender", "warren-worker", "warren-controller", "warren-admin", "warren-rabbitmq"}
     pods = {w["metadata"]["labels"]["app.kubernetes.io/component"]: w["spec"]["template"]
             for w in observability.workloads()}
     for name, monitor in monitors.items():
@@ -106,7 +107,7 @@ def test_networkpolicy_lets_the_prometheus_namespace_scrape_rabbitmq(render):
         "--set", "metrics.prometheus.namespace=observability",
         "--set", "metrics.prometheus.podSelector.app\\.kubernetes\\.io/name=prometheus",
     ])
-    (policy,) = rendered.kinds("NetworkPolicy")
+    policy = rendered.one("NetworkPolicy", "warren-rabbitmq")
     rules = [r for r in policy["spec"]["ingress"]
              if any("namespaceSelector" in p for p in r.get("from", []))]
     assert len(rules) == 1
@@ -297,7 +298,7 @@ def test_own_prometheus_finds_every_component_and_passes_promtool(render, promto
     assert container["resources"]["limits"]["memory"]
     assert rendered.one("Service", "warren-prometheus")["spec"]["ports"][0]["port"] == 9090
     # Its pod may reach RabbitMQ's metrics port through the NetworkPolicy.
-    (policy,) = rendered.kinds("NetworkPolicy")
+    policy = rendered.one("NetworkPolicy", "warren-rabbitmq")
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     allowed = [r for r in policy["spec"]["ingress"]
                for p in r.get("from", [])
