@@ -14,7 +14,7 @@ else
 TEST_CMD = $(CARGO) test --workspace --no-fail-fast
 endif
 
-.PHONY: help test lint fmt rust-test crds bench bench-controller bench-scaling e2e e2e-bench
+.PHONY: help test lint fmt rust-test crds bench bench-hostile fuzz bench-controller bench-scaling e2e e2e-bench
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -50,6 +50,21 @@ bench: ## pipeline figures: warren-sender vs raw lapin vs Flask+pika, worker job
 	  --worker-bin $(CARGO_TARGET_DIR)/release/warren-worker \
 	  --python $(BENCH_VENV)/bin/python --flask-script bench/flask_sender.py \
 	  --wrk $$(command -v wrk) $(BENCH_ARGS)
+
+bench-hostile: ## the sender under 3,000 stalled connections and 10x overload: p99 ratio, response mix, longest wait, RSS
+	$(CARGO) build --release -p warren-sender -p warren-bench
+	$(CARGO_TARGET_DIR)/release/hostile-bench --sender-bin $(CARGO_TARGET_DIR)/release/warren-sender $(BENCH_ARGS)
+
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := send_request envelope_decode
+fuzz: ## fuzz request validation and envelope decoding, FUZZ_SECONDS per target (nightly toolchain; installs cargo-fuzz)
+	@rustup run nightly rustc --version >/dev/null 2>&1 || { echo "make fuzz needs a nightly toolchain (rustup toolchain list): libFuzzer instrumentation is nightly-only"; exit 1; }
+	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install --locked cargo-fuzz
+	cd crates/warren-sender/fuzz && for target in $(FUZZ_TARGETS); do \
+	  mkdir -p $(CARGO_TARGET_DIR)/fuzz-corpus/$$target && \
+	  CARGO_TARGET_DIR=$(CARGO_TARGET_DIR)/fuzz $(CARGO) +nightly fuzz run $$target \
+	    $(CARGO_TARGET_DIR)/fuzz-corpus/$$target corpus/$$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 
 bench-controller: ## controller: broker requests per tick, CPU, RSS, burst->scale with 1/100/1000 QueueScalers
 	$(CARGO) build --release -p warren-controller --bins --examples

@@ -5,11 +5,13 @@
 //! - [`connect`]: opening a named connection with a bounded wait.
 //! - [`publisher`]: a self-healing pool of confirm-mode channels; a publish
 //!   resolves only when the broker has confirmed it.
+//! - [`blocked`]: RabbitMQ's `connection.blocked`/`unblocked` (resource alarms).
 //! - [`audit`]: best-effort audit events on the `warren.events` exchange that
 //!   never block or fail a job.
 
 pub mod args;
 pub mod audit;
+pub mod blocked;
 pub mod connect;
 pub mod envelope;
 pub mod publisher;
@@ -17,6 +19,7 @@ pub mod topology;
 
 pub use args::BrokerArgs;
 pub use audit::{AuditEvent, AuditSink};
+pub use blocked::blocked_transition;
 pub use connect::{ConnectError, connect};
 pub use envelope::{ENVELOPE_VERSION, Envelope, EnvelopeError};
 pub use publisher::{PublishError, Publisher, PublisherConfig};

@@ -13,6 +13,12 @@
 //! declares the [`Topology`], opens the channels, and when the connection or
 //! a channel dies it drops the session and reconnects. Publishes that were in
 //! flight fail with an error; nothing is replayed behind the caller's back.
+//!
+//! The supervisor also follows RabbitMQ's `connection.blocked` /
+//! `connection.unblocked` ([`Publisher::is_blocked`]): while a resource
+//! alarm blocks the connection, nothing written to it is read, so callers
+//! should refuse work at once instead of waiting for a confirm that cannot
+//! come.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -74,6 +80,10 @@ pub enum PublishError {
     Nacked,
     #[error("the message could not be routed to a queue: {0}")]
     Unroutable(String),
+    /// RabbitMQ blocked the connection (resource alarm) before confirming:
+    /// the message may still be stored once the alarm clears.
+    #[error("RabbitMQ blocked the connection (memory or disk alarm)")]
+    Blocked,
 }
 
 impl PublishError {
@@ -85,6 +95,7 @@ impl PublishError {
             PublishError::Timeout(_) => "timeout",
             PublishError::Nacked => "nacked",
             PublishError::Unroutable(_) => "unroutable",
+            PublishError::Blocked => "blocked",
         }
     }
 }
@@ -102,6 +113,7 @@ struct Session {
 #[derive(Clone)]
 pub struct Publisher {
     session: watch::Receiver<Option<Arc<Session>>>,
+    blocked: watch::Receiver<bool>,
     next_channel: Arc<AtomicUsize>,
     confirm_timeout: Duration,
     connects: Arc<AtomicUsize>,
@@ -113,11 +125,23 @@ impl Publisher {
     /// The supervisor stops and closes the connection when `shutdown` fires.
     pub fn start(config: PublisherConfig, topology: Topology, shutdown: CancellationToken) -> Self {
         let (tx, rx) = watch::channel(None);
+        let (blocked_tx, blocked) = watch::channel(false);
         let connects = Arc::new(AtomicUsize::new(0));
         let confirm_timeout = config.confirm_timeout;
-        tokio::spawn(supervise(config, topology, tx, shutdown, connects.clone()));
+        let states = SessionStates {
+            session: tx,
+            blocked: blocked_tx,
+        };
+        tokio::spawn(supervise(
+            config,
+            topology,
+            states,
+            shutdown,
+            connects.clone(),
+        ));
         Self {
             session: rx,
+            blocked,
             next_channel: Arc::new(AtomicUsize::new(0)),
             confirm_timeout,
             connects,
@@ -127,6 +151,17 @@ impl Publisher {
     /// True while a connection with its channels is up.
     pub fn is_connected(&self) -> bool {
         self.session.borrow().is_some()
+    }
+
+    /// True while RabbitMQ blocks the connection (`connection.blocked`: a
+    /// memory or disk alarm). Publishing now would wait for nothing.
+    pub fn is_blocked(&self) -> bool {
+        *self.blocked.borrow()
+    }
+
+    /// A watch on the blocked state (see [`Publisher::is_blocked`]).
+    pub fn blocked_watch(&self) -> watch::Receiver<bool> {
+        self.blocked.clone()
     }
 
     /// How many times a session was established (1 after the first connect).
@@ -188,17 +223,25 @@ impl Publisher {
                 .await?
                 .await
         };
-        let confirmation =
-            match tokio::time::timeout(self.confirm_timeout, publish_and_confirm).await {
-                Err(_) => return Err(PublishError::Timeout(self.confirm_timeout)),
-                Ok(Err(err)) => {
-                    // A failed publish means the channel or connection is gone:
-                    // have the supervisor rebuild the session.
-                    session.broken.notify_one();
-                    return Err(PublishError::Broker(err));
-                }
-                Ok(Ok(confirmation)) => confirmation,
-            };
+        // RabbitMQ blocks a connection on the first publish after an alarm
+        // and then reads nothing more from it: a confirm waited for on a
+        // blocked connection would only end in a timeout.
+        let mut blocked = self.blocked.clone();
+        let until_blocked = blocked.wait_for(|blocked| *blocked);
+        let confirmed = tokio::select! {
+            confirmed = tokio::time::timeout(self.confirm_timeout, publish_and_confirm) => confirmed,
+            Ok(_) = until_blocked => return Err(PublishError::Blocked),
+        };
+        let confirmation = match confirmed {
+            Err(_) => return Err(PublishError::Timeout(self.confirm_timeout)),
+            Ok(Err(err)) => {
+                // A failed publish means the channel or connection is gone:
+                // have the supervisor rebuild the session.
+                session.broken.notify_one();
+                return Err(PublishError::Broker(err));
+            }
+            Ok(Ok(confirmation)) => confirmation,
+        };
         match confirmation {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(returned)) => Err(PublishError::Unroutable(format!(
@@ -226,10 +269,16 @@ impl ConnectionWatch {
     }
 }
 
+/// What the supervisor publishes to the handles.
+struct SessionStates {
+    session: watch::Sender<Option<Arc<Session>>>,
+    blocked: watch::Sender<bool>,
+}
+
 async fn supervise(
     config: PublisherConfig,
     topology: Topology,
-    state: watch::Sender<Option<Arc<Session>>>,
+    state: SessionStates,
     shutdown: CancellationToken,
     connects: Arc<AtomicUsize>,
 ) {
@@ -248,15 +297,17 @@ async fn supervise(
                 connects.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(url = %url, channels = config.channels, "publisher connected");
                 let session = Arc::new(session);
-                state.send_replace(Some(session.clone()));
+                state.blocked.send_replace(false);
+                state.session.send_replace(Some(session.clone()));
                 let stop = tokio::select! {
                     _ = shutdown.cancelled() => true,
-                    reason = wait_until_broken(&session) => {
+                    reason = wait_until_broken(&session, &state.blocked) => {
                         tracing::warn!(url = %url, reason = %reason, "publisher lost its connection; reconnecting");
                         false
                     }
                 };
-                state.send_replace(None);
+                state.session.send_replace(None);
+                state.blocked.send_replace(false);
                 close_quietly(&session.connection).await;
                 if stop {
                     return;
@@ -272,7 +323,7 @@ async fn supervise(
             }
         }
     }
-    state.send_replace(None);
+    state.session.send_replace(None);
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -337,15 +388,20 @@ async fn open_session(
     }
 }
 
-/// Resolves, with a reason, when the session can no longer publish.
-async fn wait_until_broken(session: &Session) -> String {
+/// Resolves, with a reason, when the session can no longer publish;
+/// meanwhile follows the connection's blocked state.
+async fn wait_until_broken(session: &Session, blocked: &watch::Sender<bool>) -> String {
     let mut events = session.connection.events_listener();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
             event = events.next() => match event {
                 Some(lapin::Event::Error(err)) => return format!("connection error: {err}"),
-                Some(_) => {}
+                Some(event) => {
+                    if let Some(now) = crate::blocked::blocked_transition(&event, "publisher") {
+                        blocked.send_replace(now);
+                    }
+                }
                 None => return "connection closed".to_string(),
             },
             _ = session.broken.notified() => return "a publish failed".to_string(),
@@ -356,6 +412,10 @@ async fn wait_until_broken(session: &Session) -> String {
                 if session.confirm_channels.iter().any(|c| !c.status().connected()) {
                     return "a channel closed".to_string();
                 }
+                // The events above are the fast path; the status is the truth
+                // (an event sent before this listener existed is not replayed).
+                let now = session.connection.status().blocked();
+                blocked.send_if_modified(|was| std::mem::replace(was, now) != now);
             }
         }
     }

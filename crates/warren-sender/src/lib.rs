@@ -6,9 +6,17 @@
 //! `202 {"id": ...}` only after RabbitMQ confirmed it. When the broker is
 //! unreachable the answer is `503` with `Retry-After`, within the confirm
 //! timeout at the latest.
+//!
+//! Under hostile or excessive load ([`server`] for the connection level):
+//! a body that does not arrive within the body timeout is `408
+//! body_timeout`; beyond `--max-in-flight` publishes awaiting their confirm
+//! the answer is `503 overloaded` at once; while RabbitMQ blocks the
+//! connection (a resource alarm) it is `503 broker_blocked` at once and
+//! `/readyz` is false.
 
 pub mod auth;
 pub mod metrics;
+pub mod server;
 pub mod validation;
 
 use std::net::SocketAddr;
@@ -25,6 +33,7 @@ use lapin::BasicProperties;
 use lapin::types::ShortString;
 use prometheus_client::registry::Registry;
 use serde_json::{Map, json};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use warren_broker::{
     AuditEvent, AuditSink, BrokerArgs, Envelope, Publisher, PublisherConfig, Topology,
@@ -33,6 +42,7 @@ use warren_telemetry::{LogArgs, Readiness};
 
 use crate::auth::{Auth, AuthArgs};
 use crate::metrics::{PublishErrorLabels, ResponseLabels, SenderMetrics};
+use crate::server::{ConnectionLimits, ConnectionMetrics};
 use crate::validation::{DotRule, Rejection, parse_job};
 
 /// Command-line flags and environment variables.
@@ -77,6 +87,23 @@ pub struct Args {
     /// Seconds clients are told to wait (Retry-After) when the broker is unavailable.
     #[arg(long, env = "WARREN_RETRY_AFTER_SECONDS", default_value_t = 2)]
     pub retry_after_seconds: u64,
+    /// Longest wait for a complete request head (new connections, and the next
+    /// request on a keep-alive one), in milliseconds; then the connection is closed.
+    #[arg(long, env = "WARREN_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+    /// Longest wait for a request's complete body, in milliseconds; then 408 `body_timeout`.
+    #[arg(long, env = "WARREN_BODY_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub body_read_timeout_ms: u64,
+    /// Keep-alive connections idle longer than this (milliseconds) are closed.
+    #[arg(long, env = "WARREN_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
+    pub idle_timeout_ms: u64,
+    /// Connections served at once; one more is answered 503 `too_many_connections`
+    /// and closed. Lowered at start to fit the open-files limit.
+    #[arg(long, env = "WARREN_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Publishes awaiting the broker's confirm at once; beyond it, 503 `overloaded` at once.
+    #[arg(long, env = "WARREN_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub max_in_flight: usize,
     /// Publish a `message.accepted` audit event on `warren.events` for every accepted job.
     #[arg(long, env = "WARREN_AUDIT_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
     pub audit_events: bool,
@@ -124,6 +151,10 @@ struct AppInner {
     audit_events: bool,
     dot_rule: DotRule,
     max_body_bytes: usize,
+    body_timeout: Duration,
+    /// One permit per publish awaiting its confirm (`--max-in-flight`).
+    in_flight: Semaphore,
+    max_in_flight: usize,
     retry_after: HeaderValue,
     metrics: SenderMetrics,
     auth: Auth,
@@ -156,6 +187,7 @@ pub async fn start(args: &Args, shutdown: CancellationToken) -> anyhow::Result<R
     let auth = Auth::start(&args.auth).context("starting the token gate")?;
     let mut registry = Registry::default();
     let metrics = SenderMetrics::register(&mut registry);
+    let connection_metrics = ConnectionMetrics::register(&mut registry);
     let readiness = Readiness::default();
     tokio::spawn(track_broker(
         publisher.clone(),
@@ -173,6 +205,9 @@ pub async fn start(args: &Args, shutdown: CancellationToken) -> anyhow::Result<R
             audit_events: args.audit_events,
             dot_rule: args.dot_rule(),
             max_body_bytes: args.max_body_bytes,
+            body_timeout: Duration::from_millis(args.body_read_timeout_ms.max(1)),
+            in_flight: Semaphore::new(args.max_in_flight.max(1)),
+            max_in_flight: args.max_in_flight.max(1),
             retry_after: HeaderValue::from(args.retry_after_seconds),
             metrics,
             auth: auth.clone(),
@@ -183,11 +218,21 @@ pub async fn start(args: &Args, shutdown: CancellationToken) -> anyhow::Result<R
         .await
         .with_context(|| format!("binding {}", args.listen_addr))?;
     let addr = listener.local_addr().context("reading the bound address")?;
-    let stop = shutdown.clone();
+    let limits = ConnectionLimits {
+        header_timeout: Duration::from_millis(args.header_read_timeout_ms.max(1)),
+        idle_timeout: Duration::from_millis(args.idle_timeout_ms.max(1)),
+        max_connections: server::fit_open_files_limit(args.max_connections.max(1)),
+        retry_after_seconds: args.retry_after_seconds,
+    };
+    let serving = server::serve(
+        listener,
+        app,
+        limits,
+        connection_metrics,
+        shutdown.clone(),
+    );
     let server = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
+        let served = serving.await;
         // Spent uses written back, unspent leases returned to other replicas.
         auth.close().await;
         served
@@ -216,17 +261,23 @@ async fn track_broker(
     shutdown: CancellationToken,
 ) {
     let mut connection = publisher.connection_watch();
+    let mut blocked = publisher.blocked_watch();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut connected = publisher.is_connected();
     loop {
-        readiness.set(connected);
+        // Blocked by a resource alarm: not ready, so Kubernetes routes
+        // requests to senders that can store them.
+        let is_blocked = *blocked.borrow_and_update();
+        readiness.set(connected && !is_blocked);
         metrics.broker_connected.set(i64::from(connected));
+        metrics.broker_blocked.set(i64::from(is_blocked));
         metrics
             .audit_dropped
             .set(i64::try_from(audit.dropped()).unwrap_or(i64::MAX));
         tokio::select! {
             _ = shutdown.cancelled() => break,
             now = connection.changed() => connected = now,
+            Ok(()) = blocked.changed() => {}
             _ = tick.tick() => connected = publisher.is_connected(),
         }
     }
@@ -267,7 +318,7 @@ async fn send(state: &AppState, queue: &str, headers: &HeaderMap, body: Body) ->
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let bytes = match read_body(headers, body, inner.max_body_bytes).await {
+    let bytes = match read_body(headers, body, inner.max_body_bytes, inner.body_timeout).await {
         Ok(bytes) => bytes,
         Err(rejection) => return state.reject(rejection, false),
     };
@@ -275,7 +326,30 @@ async fn send(state: &AppState, queue: &str, headers: &HeaderMap, body: Body) ->
         Ok(job) => job,
         Err(rejection) => return state.reject(rejection, false),
     };
-    // Taken after validation: a bad body spends nothing; dropped on a failed publish.
+    // Refuse at once what cannot be stored soon: a blocked connection is not
+    // read by the broker, and queueing beyond the in-flight bound only grows
+    // memory and latency.
+    if inner.publisher.is_blocked() {
+        let rejection = Rejection {
+            status: 503,
+            code: "broker_blocked",
+            detail: "RabbitMQ is refusing new messages (memory or disk alarm); retry later".into(),
+        };
+        return state.reject(rejection, true);
+    }
+    let Ok(_in_flight) = inner.in_flight.try_acquire() else {
+        let rejection = Rejection {
+            status: 503,
+            code: "overloaded",
+            detail: format!(
+                "{} jobs are already waiting for the broker's confirm; retry later",
+                inner.max_in_flight
+            ),
+        };
+        return state.reject(rejection, true);
+    };
+    // Taken after validation and load shedding: a bad body or a shed request
+    // spends nothing; dropped on a failed publish.
     let ticket = match auth::reserve(admission).await {
         Ok(ticket) => ticket,
         Err(refusal) => return state.refuse(&refusal),
@@ -338,6 +412,7 @@ async fn send(state: &AppState, queue: &str, headers: &HeaderMap, body: Body) ->
                 code: match err.kind() {
                     "unroutable" => "unroutable",
                     "nacked" => "broker_refused",
+                    "blocked" => "broker_blocked",
                     _ => "broker_unavailable",
                 },
                 detail: format!("the job was not stored ({err}); retry later"),
@@ -347,8 +422,14 @@ async fn send(state: &AppState, queue: &str, headers: &HeaderMap, body: Body) ->
     }
 }
 
-/// Reads the body up to `limit` bytes; larger bodies are a 413.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, Rejection> {
+/// Reads the body up to `limit` bytes within `timeout`; larger bodies are a
+/// 413, slower ones a 408.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Vec<u8>, Rejection> {
     let too_large = || Rejection {
         status: 413,
         code: "body_too_large",
@@ -361,7 +442,14 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<
     if declared.is_some_and(|len| len > limit) {
         return Err(too_large());
     }
-    match axum::body::to_bytes(body, limit).await {
+    let Ok(read) = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await else {
+        return Err(Rejection {
+            status: 408,
+            code: "body_timeout",
+            detail: format!("the body did not arrive within {} ms", timeout.as_millis()),
+        });
+    };
+    match read {
         Ok(bytes) => Ok(bytes.to_vec()),
         Err(err) => {
             let is_limit = std::error::Error::source(&err)
@@ -395,24 +483,36 @@ impl AppState {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, self.inner.retry_after.clone());
         }
+        if rejection.status == 408 {
+            // The rest of the body may never come: do not wait for it.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }
 
-/// An `application/problem+json` body (RFC 9457) with our `code`.
+/// An `application/problem+json` response (RFC 9457) with our `code`.
 fn problem(rejection: &Rejection) -> Response {
     let status = StatusCode::from_u16(rejection.status).unwrap_or(StatusCode::BAD_REQUEST);
-    let body = json!({
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        problem_json(rejection),
+    )
+        .into_response()
+}
+
+/// The `application/problem+json` body of a rejection.
+pub(crate) fn problem_json(rejection: &Rejection) -> String {
+    let status = StatusCode::from_u16(rejection.status).unwrap_or(StatusCode::BAD_REQUEST);
+    json!({
         "type": format!("https://warren.dev/problems/{}", rejection.code),
         "title": status.canonical_reason().unwrap_or("error"),
         "status": rejection.status,
         "code": rejection.code,
         "detail": rejection.detail,
-    });
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/problem+json")],
-        body.to_string(),
-    )
-        .into_response()
+    })
+    .to_string()
 }

@@ -27,6 +27,7 @@ pub struct SenderMetrics {
     pub publish_errors: Family<PublishErrorLabels, Counter>,
     pub publish_seconds: Histogram,
     pub broker_connected: Gauge,
+    pub broker_blocked: Gauge,
     pub audit_dropped: Gauge,
 }
 
@@ -38,6 +39,7 @@ impl SenderMetrics {
             // 100 µs .. ~3.3 s
             publish_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             broker_connected: Gauge::default(),
+            broker_blocked: Gauge::default(),
             audit_dropped: Gauge::default(),
         };
         registry.register(
@@ -59,6 +61,11 @@ impl SenderMetrics {
             "warren_sender_broker_connected",
             "1 while the sender has a connection to RabbitMQ",
             metrics.broker_connected.clone(),
+        );
+        registry.register(
+            "warren_sender_broker_blocked",
+            "1 while RabbitMQ blocks the sender's connection (memory or disk alarm)",
+            metrics.broker_blocked.clone(),
         );
         registry.register(
             "warren_sender_audit_events_dropped",

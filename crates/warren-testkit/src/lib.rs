@@ -6,6 +6,7 @@
 //! A node lives in a temporary directory and is killed and removed on drop.
 
 pub mod amqp;
+pub mod hostile;
 mod postgres;
 mod rabbit;
 

@@ -107,6 +107,10 @@ pub async fn run(
         let end = match connected {
             Ok(connection) => {
                 tracing::info!(url = %url, queue = %args.broker.queue, prefetch = args.prefetch, "connected");
+                let blocked = tokio::spawn(follow_blocked(
+                    connection.events_listener(),
+                    metrics.broker_blocked.clone(),
+                ));
                 let end = serve(
                     &args,
                     &connection,
@@ -124,6 +128,8 @@ pub async fn run(
                     backoff.reset();
                 }
                 readiness.set(false);
+                blocked.abort();
+                metrics.broker_blocked.set(0);
                 if let Ok(mut guard) = audit_channel.lock() {
                     *guard = None;
                 }
@@ -230,6 +236,21 @@ async fn serve(
             stop_consuming(&channel, &args.pod_name).await;
             close_channel(&channel).await;
             return SessionEnd::Shutdown;
+        }
+    }
+}
+
+/// Logs RabbitMQ's `connection.blocked`/`unblocked` and mirrors it in the
+/// `warren_worker_broker_blocked` gauge. This connection publishes audit
+/// events, so an alarm blocks it, and a blocked connection's acks wait too.
+async fn follow_blocked(
+    events: impl futures::Stream<Item = lapin::Event>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+) {
+    let mut events = std::pin::pin!(events);
+    while let Some(event) = events.next().await {
+        if let Some(blocked) = warren_broker::blocked_transition(&event, "worker") {
+            gauge.set(i64::from(blocked));
         }
     }
 }

@@ -12,6 +12,7 @@ pub struct WorkerMetrics {
     pub redelivered: Counter,
     pub reconnects: Counter,
     pub busy: Gauge,
+    pub broker_blocked: Gauge,
     pub job_seconds: Histogram,
 }
 
@@ -23,9 +24,15 @@ impl WorkerMetrics {
             redelivered: Counter::default(),
             reconnects: Counter::default(),
             busy: Gauge::default(),
+            broker_blocked: Gauge::default(),
             // 1 ms .. ~65 s
             job_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
         };
+        registry.register(
+            "warren_worker_broker_blocked",
+            "1 while RabbitMQ blocks the worker's connection (memory or disk alarm; nothing it writes, acks included, is read)",
+            metrics.broker_blocked.clone(),
+        );
         registry.register(
             "warren_worker_jobs_processed",
             "Jobs processed and acked",
