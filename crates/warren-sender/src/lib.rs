@@ -224,13 +224,7 @@ pub async fn start(args: &Args, shutdown: CancellationToken) -> anyhow::Result<R
         max_connections: server::fit_open_files_limit(args.max_connections.max(1)),
         retry_after_seconds: args.retry_after_seconds,
     };
-    let serving = server::serve(
-        listener,
-        app,
-        limits,
-        connection_metrics,
-        shutdown.clone(),
-    );
+    let serving = server::serve(listener, app, limits, connection_metrics, shutdown.clone());
     let server = tokio::spawn(async move {
         let served = serving.await;
         // Spent uses written back, unspent leases returned to other replicas.
