@@ -48,7 +48,7 @@ local-go-test: ## gofmt, go vet and the Go unit tests of localcluster
 	cd localcluster && $(GO) vet ./... && $(GO) test ./...
 
 local-build: local-go-build ## build warren's binaries and localcluster
-	$(CARGO) build --bins -p warren-sender -p warren-worker -p warren-controller
+	$(CARGO) build --bins -p warren-sender -p warren-worker -p warren-controller -p warren-admin
 
 local-up: local-build ## start a local cluster (no Docker), install the chart, wait until Ready
 	@$(LOCAL_ENV) bash mk/local-cluster.sh up

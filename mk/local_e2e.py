@@ -102,10 +102,41 @@ class PortForward:
         self.proc.wait(timeout=10)
 
 
+SEND_HEADERS = {"Content-Type": "application/json"}
+
+
+def admin_call(port, admin_token, path, body):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="POST", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {admin_token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=15) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, {}
+
+
+def sender_token():
+    """With auth.enabled (the chart's default) the sender wants a Bearer token: ask warren-admin
+    for one, through port-forward, with the admin token from the chart's Secret."""
+    if k("get", "deployment", f"{RELEASE}-admin", check=False).returncode != 0:
+        return None
+    admin_token = base64.b64decode(kjson("get", "secret", f"{RELEASE}-admin")["data"]["token"]).decode()
+    admin = PortForward(f"svc/{RELEASE}-admin", 80)
+    try:
+        admin_call(admin.port, admin_token, "/api/applications", {"name": "local-e2e"})
+        code, body = admin_call(admin.port, admin_token, "/api/tokens",
+                                {"subject": {"kind": "application", "name": "local-e2e"},
+                                 "limit": {"kind": "max_uses", "value": 10000}})
+        if code >= 300 or not body.get("token"):
+            fail(f"warren-admin POST /api/tokens: HTTP {code} {body}")
+        return body["token"]
+    finally:
+        admin.close()
+
+
 def post_job(port, message):
     req = urllib.request.Request(f"http://127.0.0.1:{port}/send", method="POST",
-                                 data=json.dumps({"message": message}).encode(),
-                                 headers={"Content-Type": "application/json"})
+                                 data=json.dumps({"message": message}).encode(), headers=SEND_HEADERS)
     try:
         with urllib.request.urlopen(req, timeout=15) as r:
             return r.status
@@ -123,19 +154,22 @@ def ready_pods(selector):
 
 
 def check_workloads_ready():
-    sts = kjson("get", "statefulset", f"{RELEASE}-rabbitmq")
-    if sts["status"].get("readyReplicas", 0) != sts["spec"]["replicas"]:
-        fail(f"StatefulSet {RELEASE}-rabbitmq: {sts['status']}")
-    for d in ("sender", "worker", "controller"):
-        dep = kjson("get", "deployment", f"{RELEASE}-{d}")
-        want = dep["spec"]["replicas"]
-        if dep["status"].get("readyReplicas", 0) != want:
-            fail(f"Deployment {RELEASE}-{d}: {dep['status'].get('readyReplicas', 0)}/{want} ready")
+    selector = f"app.kubernetes.io/instance={RELEASE}"
+    workloads = kjson("get", "statefulsets,deployments", "-l", selector)["items"]
+    names = sorted(f"{w['kind']}/{w['metadata']['name']}" for w in workloads)
+    for must in (f"StatefulSet/{RELEASE}-rabbitmq", f"Deployment/{RELEASE}-sender",
+                 f"Deployment/{RELEASE}-worker", f"Deployment/{RELEASE}-controller"):
+        if must not in names:
+            fail(f"{must} missing from the release: {names}")
+    for w in workloads:
+        want = w["spec"].get("replicas", 1)
+        if w["status"].get("readyReplicas", 0) != want:
+            fail(f"{w['kind']}/{w['metadata']['name']}: {w['status'].get('readyReplicas', 0)}/{want} ready")
     pods = kjson("get", "pods", "-l", f"app.kubernetes.io/instance={RELEASE}")["items"]
     not_ready = [p["metadata"]["name"] for p in pods if p["status"].get("phase") == "Running" and not is_ready(p)]
     if not_ready:
         fail(f"pods not Ready: {not_ready}")
-    log(f"1. workloads Ready: StatefulSet + 3 Deployments, {len(pods)} pods")
+    log(f"1. workloads Ready: {', '.join(names)}; {len(pods)} pods")
 
 
 def check_crd_validation():
@@ -218,6 +252,10 @@ def main():
     check_crd_validation()
     check_rbac()
 
+    token = sender_token()
+    if token:
+        SEND_HEADERS["Authorization"] = f"Bearer {token}"
+        log("3. token for the sender created through warren-admin's API")
     sender = PortForward(f"svc/{RELEASE}-sender", 80)
     marker = f"local-e2e marker {int(time.time())}."
     code = post_job(sender.port, marker)
