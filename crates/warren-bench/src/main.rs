@@ -5,6 +5,9 @@
 //! 2. `warren-sender` under a concurrent HTTP load (202 only after confirm).
 //! 3. The seed's design: Flask + pika, one connection per request.
 //! 4. `warren-worker` jobs/s with zero-work jobs at prefetch 1 (and 10).
+//! 5. Tokens (with a private PostgreSQL): the sender with `WARREN_AUTH=required`
+//!    and one hot monthly token vs the same sender with auth off, and two
+//!    senders racing one token limited to `--race-limit` uses under load.
 //!
 //! Prints a table and the ratios. Not a test: nothing here asserts timings.
 
@@ -22,7 +25,8 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::json;
 use tokio::process::{Child, Command};
 use warren_broker::{Envelope, QueueType, Topology};
-use warren_testkit::{RabbitNode, RabbitOptions, free_port, ready_count, unique_name};
+use warren_testkit::{PgNode, RabbitNode, RabbitOptions, free_port, ready_count, unique_name};
+use warren_tokens::{Limit, NewToken, Store, SubjectKind, SubjectRef, SystemClock};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -55,6 +59,12 @@ struct Args {
     /// Jobs for the worker measurement.
     #[arg(long, default_value_t = 5000)]
     worker_jobs: usize,
+    /// Measure tokens too (needs Debian's postgresql for a private cluster).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    tokens: bool,
+    /// The limit two senders race for.
+    #[arg(long, default_value_t = 10_000)]
+    race_limit: u64,
 }
 
 struct LoadResult {
@@ -150,6 +160,12 @@ async fn main() -> anyhow::Result<()> {
         };
         rows.push((name, result));
     }
+
+    let race = if args.tokens {
+        Some(token_runs(&args, &url, duration, &mut rows).await?)
+    } else {
+        None
+    };
 
     eprintln!("Flask + pika (seed design, classic queue)...");
     let flask_queue = unique_name("bench-flask");
@@ -248,6 +264,19 @@ async fn main() -> anyhow::Result<()> {
             rate("Flask + pika, connection per request (classic)")
         )
     );
+    if let Some((accepted, limit, used)) = race {
+        println!(
+            "| warren-sender, WARREN_AUTH=required, one hot monthly token / auth off (quorum) | {:.2} | >= 0.7 |",
+            ratio(
+                rate("warren-sender (quorum, WARREN_AUTH=required, hot monthly token)"),
+                rate("warren-sender (quorum, WARREN_AUTH=off)")
+            )
+        );
+        println!(
+            "| two senders racing one token: accepted / limit | {accepted} / {limit} (over: {}, used in the database: {used}) | exactly the limit |",
+            accepted.saturating_sub(limit)
+        );
+    }
     println!();
     println!("| worker | jobs/s |");
     println!("|---|---:|");
@@ -382,10 +411,142 @@ async fn load(
     expect: u16,
     duration: Duration,
 ) -> anyhow::Result<LoadResult> {
+    load_with(args, url, expect, duration, None).await
+}
+
+/// [`load`] with an `Authorization: Bearer` token on every request.
+async fn load_with(
+    args: &Args,
+    url: &str,
+    expect: u16,
+    duration: Duration,
+    bearer: Option<&str>,
+) -> anyhow::Result<LoadResult> {
     match &args.wrk {
-        Some(wrk) => wrk_load(wrk, url, args.concurrency, duration).await,
-        None => Ok(http_load(url, expect, args.concurrency, duration).await),
+        Some(wrk) => wrk_load(wrk, url, args.concurrency, duration, bearer).await,
+        None => Ok(http_load(url, expect, args.concurrency, duration, bearer).await),
     }
+}
+
+/// Tokens: auth off vs required with one hot monthly token, then two
+/// senders racing one token limited to `race_limit`. Returns (accepted,
+/// limit, used as the database counts it).
+async fn token_runs(
+    args: &Args,
+    amqp_url: &str,
+    duration: Duration,
+    rows: &mut Vec<(String, LoadResult)>,
+) -> anyhow::Result<(u64, u64, u64)> {
+    eprintln!("tokens: starting a private PostgreSQL...");
+    let pg = PgNode::start().await.context("starting PostgreSQL")?;
+    let store = Store::new(warren_tokens::pool(&pg.url(), 2)?, Arc::new(SystemClock));
+    store.migrate().await?;
+    store.create_application("bench").await?;
+    let token = |limit| NewToken {
+        subject: SubjectRef {
+            kind: SubjectKind::Application,
+            name: "bench".into(),
+        },
+        limit,
+        queues: None,
+        expires_at: None,
+    };
+    let (_, hot) = store
+        .create_token(&token(Limit::Monthly(1_000_000_000)))
+        .await?;
+    let start_sender = |queue: &str, auth: bool| -> anyhow::Result<(Child, u16)> {
+        let port = free_port()?;
+        let child = spawn(
+            Command::new(&args.sender_bin)
+                .env("AMQP_URL", amqp_url)
+                .env("WARREN_QUEUE", queue)
+                .env("WARREN_QUEUE_TYPE", "quorum")
+                .env("WARREN_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+                .env("WARREN_AUTH", if auth { "required" } else { "off" })
+                .env("WARREN_DATABASE_URL", pg.url())
+                .env("WARREN_LOG", "warn"),
+        )?;
+        Ok((child, port))
+    };
+    for auth in [false, true] {
+        eprintln!(
+            "warren-sender, quorum queue, WARREN_AUTH={}...",
+            if auth { "required" } else { "off" }
+        );
+        let queue = unique_name("bench-tokens");
+        let (mut sender, port) = start_sender(&queue, auth)?;
+        wait_http(&format!("http://127.0.0.1:{port}/readyz")).await?;
+        wait_gate(port).await?;
+        let bearer = auth.then_some(hot.as_str());
+        let result = load_with(
+            args,
+            &format!("http://127.0.0.1:{port}/send"),
+            202,
+            duration,
+            bearer,
+        )
+        .await?;
+        let _ = sender.kill().await;
+        let name = if auth {
+            "warren-sender (quorum, WARREN_AUTH=required, hot monthly token)"
+        } else {
+            "warren-sender (quorum, WARREN_AUTH=off)"
+        };
+        rows.push((name.into(), result));
+    }
+
+    eprintln!(
+        "two senders racing one token of {} uses...",
+        args.race_limit
+    );
+    let (race, secret) = store
+        .create_token(&token(Limit::MaxUses(args.race_limit)))
+        .await?;
+    let queue = unique_name("bench-race");
+    let (mut a, port_a) = start_sender(&queue, true)?;
+    let (mut b, port_b) = start_sender(&queue, true)?;
+    for port in [port_a, port_b] {
+        wait_http(&format!("http://127.0.0.1:{port}/readyz")).await?;
+        wait_gate(port).await?;
+    }
+    let url_a = format!("http://127.0.0.1:{port_a}/send");
+    let url_b = format!("http://127.0.0.1:{port_b}/send");
+    let (ra, rb) = tokio::join!(
+        load_with(args, &url_a, 202, duration, Some(secret.as_str())),
+        load_with(args, &url_b, 202, duration, Some(secret.as_str())),
+    );
+    let (ra, rb) = (ra?, rb?);
+    eprintln!(
+        "race: {} + {} answered 202 by the two senders",
+        ra.ok, rb.ok
+    );
+    let accepted = ready_count(amqp_url, &queue).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let used = store.token(race.id).await?.used;
+    let _ = a.kill().await;
+    let _ = b.kill().await;
+    Ok((u64::from(accepted), args.race_limit, used))
+}
+
+/// Waits until a sender with auth on can check tokens (an unknown token gets 401, not 503).
+async fn wait_gate(port: u16) -> anyhow::Result<()> {
+    let unknown = warren_tokens::secret::Secret::generate()?;
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let answer = client
+            .post(format!("http://127.0.0.1:{port}/send"))
+            .bearer_auth(unknown.as_str())
+            .header("content-type", "application/json")
+            .body(r#"{"message": "warm-up"}"#)
+            .send()
+            .await;
+        if answer.is_ok_and(|r| r.status().as_u16() != 503) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("the sender on port {port} never checked tokens")
 }
 
 /// Runs wrk with a POST script and parses its summary. Any non-2xx answer
@@ -395,14 +556,18 @@ async fn wrk_load(
     url: &str,
     concurrency: usize,
     duration: Duration,
+    bearer: Option<&str>,
 ) -> anyhow::Result<LoadResult> {
     let dir = std::env::temp_dir().join(format!("warren-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let script = dir.join("post.lua");
-    std::fs::write(
-        &script,
-        "wrk.method = \"POST\"\nwrk.body = '{\"message\": \"Hello RabbitMQ!.....\"}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n",
-    )?;
+    let script = dir.join(format!("post-{}.lua", free_port()?));
+    let mut lua = "wrk.method = \"POST\"\nwrk.body = '{\"message\": \"Hello RabbitMQ!.....\"}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n".to_string();
+    if let Some(token) = bearer {
+        lua.push_str(&format!(
+            "wrk.headers[\"Authorization\"] = \"Bearer {token}\"\n"
+        ));
+    }
+    std::fs::write(&script, lua)?;
     let output = Command::new(wrk)
         .args([
             "-t",
@@ -478,7 +643,14 @@ fn parse_wrk(text: &str, duration: Duration) -> anyhow::Result<LoadResult> {
 }
 
 /// `concurrency` clients POSTing jobs for `duration`.
-async fn http_load(url: &str, expect: u16, concurrency: usize, duration: Duration) -> LoadResult {
+async fn http_load(
+    url: &str,
+    expect: u16,
+    concurrency: usize,
+    duration: Duration,
+    bearer: Option<&str>,
+) -> LoadResult {
+    let authorization = Arc::new(bearer.map(|t| format!("Bearer {t}")));
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
         .timeout(Duration::from_secs(30))
@@ -491,6 +663,7 @@ async fn http_load(url: &str, expect: u16, concurrency: usize, duration: Duratio
     for _ in 0..concurrency {
         let client = client.clone();
         let url = url.clone();
+        let authorization = authorization.clone();
         tasks.push(tokio::spawn(async move {
             let mut ok = 0usize;
             let mut errors = 0usize;
@@ -498,12 +671,14 @@ async fn http_load(url: &str, expect: u16, concurrency: usize, duration: Duratio
             let body = json!({"message": "Hello RabbitMQ!....."}).to_string();
             while Instant::now() < deadline {
                 let sent = Instant::now();
-                let response = client
+                let mut request = client
                     .post(url.as_str())
                     .header("content-type", "application/json")
-                    .body(body.clone())
-                    .send()
-                    .await;
+                    .body(body.clone());
+                if let Some(authorization) = authorization.as_deref() {
+                    request = request.header("authorization", authorization);
+                }
+                let response = request.send().await;
                 match response {
                     Ok(r) if r.status().as_u16() == expect => {
                         let _ = r.bytes().await;
