@@ -14,7 +14,7 @@ else
 TEST_CMD = $(CARGO) test --workspace --no-fail-fast
 endif
 
-.PHONY: help test lint fmt rust-test crds bench bench-hostile fuzz bench-controller bench-scaling e2e e2e-bench
+.PHONY: help test lint fmt rust-test crds bench bench-worker bench-venv bench-hostile fuzz bench-controller bench-scaling e2e e2e-bench
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -40,16 +40,27 @@ include mk/*.mk
 
 BENCH_VENV ?= $(HOME)/.cache/warren-bench-venv
 
-bench: ## pipeline figures: warren-sender vs raw lapin vs Flask+pika, worker jobs/s (prints a table)
+bench: bench-venv ## pipeline figures (sender vs raw lapin vs Flask+pika) and worker figures (warren-worker vs the seed's pika worker vs raw lapin)
 	$(CARGO) build --release -p warren-sender -p warren-worker -p warren-bench
-	@test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
-	@$(BENCH_VENV)/bin/python -c 'import flask, pika' 2>/dev/null || $(BENCH_VENV)/bin/pip install -q -r bench/requirements.txt
 	@command -v wrk >/dev/null || { echo "installing wrk (Debian) for the HTTP load"; apt-get install -y -qq wrk >/dev/null; }
 	$(CARGO_TARGET_DIR)/release/pipeline-bench \
 	  --sender-bin $(CARGO_TARGET_DIR)/release/warren-sender \
 	  --worker-bin $(CARGO_TARGET_DIR)/release/warren-worker \
 	  --python $(BENCH_VENV)/bin/python --flask-script bench/flask_sender.py \
 	  --wrk $$(command -v wrk) $(BENCH_ARGS)
+	$(CARGO_TARGET_DIR)/release/worker-bench \
+	  --worker-bin $(CARGO_TARGET_DIR)/release/warren-worker \
+	  --python $(BENCH_VENV)/bin/python --pika-script bench/pika_worker.py $(WORKER_BENCH_ARGS)
+
+bench-worker: bench-venv ## worker figures only: jobs/s at prefetch 1 vs the seed's pika worker and raw lapin, per-job overhead, concurrency
+	$(CARGO) build --release -p warren-worker -p warren-bench --bin warren-worker --bin worker-bench
+	$(CARGO_TARGET_DIR)/release/worker-bench \
+	  --worker-bin $(CARGO_TARGET_DIR)/release/warren-worker \
+	  --python $(BENCH_VENV)/bin/python --pika-script bench/pika_worker.py $(WORKER_BENCH_ARGS)
+
+bench-venv: ## the Python venv with flask and pika for the baselines
+	@test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
+	@$(BENCH_VENV)/bin/python -c 'import flask, pika' 2>/dev/null || $(BENCH_VENV)/bin/pip install -q -r bench/requirements.txt
 
 bench-hostile: ## the sender under 3,000 stalled connections and 10x overload: p99 ratio, response mix, longest wait, RSS
 	$(CARGO) build --release -p warren-sender -p warren-bench

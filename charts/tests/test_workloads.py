@@ -89,8 +89,27 @@ def test_grace_period_just_above_the_longest_job_is_accepted(render):
 def test_worker_settings_reach_the_environment(render):
     env = env_of(container(deployment(render("long-jobs"), "worker")))
     assert env["WARREN_SECONDS_PER_DOT"]["value"] == "10"
+    assert env["WARREN_CONCURRENCY"]["value"] == "1"
     assert env["WARREN_PREFETCH"]["value"] == "1"
     assert env["WARREN_LISTEN_ADDR"]["value"] == "0.0.0.0:9090"
+
+
+def test_concurrency_raises_a_lower_prefetch_to_it(render):
+    env = env_of(container(deployment(render(["--set", "worker.concurrency=10"]), "worker")))
+    assert env["WARREN_CONCURRENCY"]["value"] == "10"
+    assert env["WARREN_PREFETCH"]["value"] == "10"
+    env = env_of(container(deployment(
+        render(["--set", "worker.concurrency=4", "--set", "worker.prefetch=8",
+                "--set", "worker.terminationGracePeriodSeconds=100"]), "worker")))
+    assert env["WARREN_CONCURRENCY"]["value"] == "4"
+    assert env["WARREN_PREFETCH"]["value"] == "8"
+
+
+def test_grace_period_covers_every_job_handed_to_a_worker(helm):
+    """prefetch 8 at concurrency 4: two rounds of the longest job (40 s) after SIGTERM."""
+    proc = helm_template(helm, ["--set", "worker.concurrency=4", "--set", "worker.prefetch=8"])
+    assert proc.returncode != 0
+    assert "must be above the longest job times ceil(prefetch / concurrency)" in proc.stderr
 
 
 # --- AMQP credentials -----------------------------------------------------------------
@@ -297,7 +316,7 @@ CONTRACT_ENV = {
     "sender": {"AMQP_URL", "WARREN_QUEUE", "WARREN_QUEUES", "WARREN_QUEUE_TYPE", "WARREN_LISTEN_ADDR",
                "WARREN_AUTH", "WARREN_DATABASE_URL"} | LOG_ENV,
     "worker": {"AMQP_URL", "WARREN_QUEUE", "WARREN_QUEUES", "WARREN_QUEUE_TYPE", "WARREN_LISTEN_ADDR",
-               "WARREN_SECONDS_PER_DOT", "WARREN_PREFETCH", "POD_NAME"} | LOG_ENV,
+               "WARREN_SECONDS_PER_DOT", "WARREN_CONCURRENCY", "WARREN_PREFETCH", "POD_NAME"} | LOG_ENV,
     "controller": {"WARREN_LISTEN_ADDR", "WARREN_LEADER_ELECTION", "WARREN_LEASE_NAME", "POD_NAMESPACE",
                    "POD_NAME", "WARREN_WATCH_NAMESPACE"} | LOG_ENV,
 }
@@ -305,7 +324,7 @@ EXPANSION_ONLY = {"RABBITMQ_USERNAME", "RABBITMQ_PASSWORD"}
 REQUIRED_ENV = {
     "sender": {"AMQP_URL", "WARREN_QUEUE", "WARREN_QUEUE_TYPE", "WARREN_LISTEN_ADDR", "WARREN_AUTH"} | LOG_ENV,
     "worker": {"AMQP_URL", "WARREN_QUEUE", "WARREN_QUEUE_TYPE", "WARREN_LISTEN_ADDR", "WARREN_SECONDS_PER_DOT",
-               "WARREN_PREFETCH", "POD_NAME"} | LOG_ENV,
+               "WARREN_CONCURRENCY", "WARREN_PREFETCH", "POD_NAME"} | LOG_ENV,
     "controller": {"WARREN_LISTEN_ADDR", "WARREN_LEADER_ELECTION", "WARREN_LEASE_NAME", "POD_NAMESPACE",
                    "POD_NAME"} | LOG_ENV,
 }

@@ -4,18 +4,58 @@
 //! task publishes the events on a plain (no-confirm) channel. When the buffer
 //! is full or no connection is up, the event is dropped and counted: an audit
 //! event never blocks, slows or fails a job.
+//!
+//! Batching ([`AuditSink::spawn_batched`]): events of one kind (routing key)
+//! are gathered and published as ONE broker message per batch, so a worker
+//! doing thousands of jobs a second costs the broker a few messages a second,
+//! not one per job. A batch goes out when it holds `max_events` events, when
+//! its oldest event is `linger` old, or on [`AuditSink::flush`]. Its body is
+//! `{"event": <kind>, "count": n, "batch": [<event>, ...]}`, each element the
+//! same object a single event would have been; [`events_in`] turns either
+//! shape into the list of events.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel};
 use serde_json::{Map, Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::topology::EVENTS_EXCHANGE;
+
+/// The events an audit message body carries: the elements of its `batch`
+/// array when it is a batch, else the body itself.
+pub fn events_in(body: Value) -> Vec<Value> {
+    match body {
+        Value::Object(mut object) if object.get("batch").is_some_and(Value::is_array) => {
+            match object.remove("batch") {
+                Some(Value::Array(events)) => events,
+                _ => Vec::new(),
+            }
+        }
+        other => vec![other],
+    }
+}
+
+/// How a batched sink groups events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// Events per broker message at most (1: one message per event, unwrapped).
+    pub max_events: usize,
+    /// How long the oldest event of a batch may wait before it is published.
+    pub linger: Duration,
+}
+
+enum Command {
+    Event(AuditEvent),
+    Flush(oneshot::Sender<()>),
+}
 
 /// One audit event: a routing key (`message.accepted`, …) and a JSON body.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,65 +87,72 @@ impl AuditEvent {
 /// The sending side. Cheap to clone.
 #[derive(Clone)]
 pub struct AuditSink {
-    tx: mpsc::Sender<AuditEvent>,
+    tx: mpsc::Sender<Command>,
+    dropped: Arc<AtomicU64>,
+    published: Arc<AtomicU64>,
+}
+
+/// Counters shared by the sink and its publishing task.
+#[derive(Clone, Default)]
+struct Counts {
     dropped: Arc<AtomicU64>,
     published: Arc<AtomicU64>,
 }
 
 impl AuditSink {
-    /// Starts the publishing task. `channel` is asked for the current channel
-    /// for every event (None while disconnected).
+    /// Starts the publishing task: one broker message per event. `channel`
+    /// is asked for the current channel for every publish (None while
+    /// disconnected).
     pub fn spawn<F>(capacity: usize, channel: F) -> Self
     where
         F: Fn() -> Option<Channel> + Send + 'static,
     {
-        let (tx, mut rx) = mpsc::channel::<AuditEvent>(capacity.max(1));
-        let dropped = Arc::new(AtomicU64::new(0));
-        let published = Arc::new(AtomicU64::new(0));
+        Self::spawn_batched(
+            capacity,
+            Batching {
+                max_events: 1,
+                linger: Duration::ZERO,
+            },
+            channel,
+        )
+    }
+
+    /// Starts the publishing task, publishing events in batches (see the
+    /// module documentation).
+    pub fn spawn_batched<F>(capacity: usize, batching: Batching, channel: F) -> Self
+    where
+        F: Fn() -> Option<Channel> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel::<Command>(capacity.max(1));
+        let counts = Counts::default();
         let sink = Self {
             tx,
-            dropped: dropped.clone(),
-            published: published.clone(),
+            dropped: counts.dropped.clone(),
+            published: counts.published.clone(),
         };
-        tokio::spawn(async move {
-            while let Some(event) = rx.recv().await {
-                let Some(channel) = channel() else {
-                    dropped.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                };
-                let body = serde_json::to_vec(&event.body).unwrap_or_default();
-                let properties = BasicProperties::default()
-                    .with_content_type(ShortString::from("application/json"))
-                    .with_delivery_mode(2);
-                let result = channel
-                    .basic_publish(
-                        ShortString::from(EVENTS_EXCHANGE),
-                        ShortString::from(event.routing_key.as_str()),
-                        BasicPublishOptions::default(),
-                        &body,
-                        properties,
-                    )
-                    .await;
-                match result {
-                    Ok(_) => {
-                        published.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(err) => {
-                        dropped.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(error = %err, "audit event dropped");
-                    }
-                }
-            }
-        });
+        tokio::spawn(publish_loop(rx, batching, channel, counts));
         sink
     }
 
     /// Queues `event` for publishing; drops it (and counts it) when the
     /// buffer is full.
     pub fn emit(&self, event: AuditEvent) {
-        if self.tx.try_send(event).is_err() {
+        if self.tx.try_send(Command::Event(event)).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Publishes every event emitted so far that still waits in a batch;
+    /// waits for that at most `timeout`. Call it before closing the
+    /// connection on the way out.
+    pub async fn flush(&self, timeout: Duration) {
+        let (done, wait) = oneshot::channel();
+        let flushed = async {
+            if self.tx.send(Command::Flush(done)).await.is_ok() {
+                let _ = wait.await;
+            }
+        };
+        let _ = tokio::time::timeout(timeout, flushed).await;
     }
 
     /// Events dropped so far (buffer full, disconnected, publish error).
@@ -116,6 +163,155 @@ impl AuditSink {
     /// Events handed to the broker so far.
     pub fn published(&self) -> u64 {
         self.published.load(Ordering::Relaxed)
+    }
+}
+
+/// Events waiting to be published, per routing key, with the time the
+/// oldest of each batch arrived.
+#[derive(Default)]
+struct Pending {
+    batches: BTreeMap<String, (Instant, Vec<Value>)>,
+}
+
+impl Pending {
+    /// Adds `event`; returns its routing key when its batch is now full.
+    fn add(&mut self, event: AuditEvent, max_events: usize) -> Option<String> {
+        let (_, events) = self
+            .batches
+            .entry(event.routing_key.clone())
+            .or_insert_with(|| (Instant::now(), Vec::new()));
+        events.push(event.body);
+        (events.len() >= max_events).then_some(event.routing_key)
+    }
+
+    /// When the oldest batch is due.
+    fn next_due(&self, linger: Duration) -> Option<Instant> {
+        self.batches
+            .values()
+            .map(|(first, _)| *first + linger)
+            .min()
+    }
+
+    /// Takes the batches due at `now` (all of them with `everything`).
+    fn take_due(
+        &mut self,
+        now: Instant,
+        linger: Duration,
+        everything: bool,
+    ) -> Vec<(String, Vec<Value>)> {
+        let due: Vec<String> = self
+            .batches
+            .iter()
+            .filter(|(_, (first, _))| everything || *first + linger <= now)
+            .map(|(key, _)| key.clone())
+            .collect();
+        due.into_iter()
+            .filter_map(|key| self.take(&key).map(|events| (key, events)))
+            .collect()
+    }
+
+    fn take(&mut self, routing_key: &str) -> Option<Vec<Value>> {
+        self.batches.remove(routing_key).map(|(_, events)| events)
+    }
+}
+
+async fn publish_loop<F>(
+    mut rx: mpsc::Receiver<Command>,
+    batching: Batching,
+    channel: F,
+    counts: Counts,
+) where
+    F: Fn() -> Option<Channel> + Send + 'static,
+{
+    let max_events = batching.max_events.max(1);
+    let mut pending = Pending::default();
+    loop {
+        let due = pending.next_due(batching.linger);
+        let command = tokio::select! {
+            command = rx.recv() => command,
+            _ = sleep_until(due) => {
+                for (key, events) in pending.take_due(Instant::now(), batching.linger, false) {
+                    publish(channel(), &key, events, max_events, &counts).await;
+                }
+                continue;
+            }
+        };
+        match command {
+            None => break,
+            Some(Command::Event(event)) => {
+                if let Some(key) = pending.add(event, max_events)
+                    && let Some(events) = pending.take(&key)
+                {
+                    publish(channel(), &key, events, max_events, &counts).await;
+                }
+            }
+            Some(Command::Flush(done)) => {
+                for (key, events) in pending.take_due(Instant::now(), batching.linger, true) {
+                    publish(channel(), &key, events, max_events, &counts).await;
+                }
+                let _ = done.send(());
+            }
+        }
+    }
+    for (key, events) in pending.take_due(Instant::now(), batching.linger, true) {
+        publish(channel(), &key, events, max_events, &counts).await;
+    }
+}
+
+/// Sleeps until `due`, or forever without one.
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The body of one broker message carrying `events` of kind `routing_key`.
+fn batch_body(routing_key: &str, mut events: Vec<Value>, max_events: usize) -> Value {
+    if max_events == 1 && events.len() == 1 {
+        return events.pop().unwrap_or(Value::Null);
+    }
+    json!({
+        "event": routing_key,
+        "count": events.len(),
+        "batch": events,
+    })
+}
+
+/// Publishes one message; counts its events as published or dropped.
+async fn publish(
+    channel: Option<Channel>,
+    routing_key: &str,
+    events: Vec<Value>,
+    max_events: usize,
+    counts: &Counts,
+) {
+    let n = events.len() as u64;
+    let Some(channel) = channel else {
+        counts.dropped.fetch_add(n, Ordering::Relaxed);
+        return;
+    };
+    let body = serde_json::to_vec(&batch_body(routing_key, events, max_events)).unwrap_or_default();
+    let properties = BasicProperties::default()
+        .with_content_type(ShortString::from("application/json"))
+        .with_delivery_mode(2);
+    let result = channel
+        .basic_publish(
+            ShortString::from(EVENTS_EXCHANGE),
+            ShortString::from(routing_key),
+            BasicPublishOptions::default(),
+            &body,
+            properties,
+        )
+        .await;
+    match result {
+        Ok(_) => {
+            counts.published.fetch_add(n, Ordering::Relaxed);
+        }
+        Err(err) => {
+            counts.dropped.fetch_add(n, Ordering::Relaxed);
+            tracing::debug!(error = %err, events = n, "audit events dropped");
+        }
     }
 }
 
@@ -149,5 +345,75 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert_eq!(sink.dropped(), 100);
         assert_eq!(sink.published(), 0);
+    }
+
+    fn event(kind: &str, id: usize) -> AuditEvent {
+        AuditEvent::job(kind, &id.to_string(), Map::new())
+    }
+
+    #[test]
+    fn batches_fill_per_kind_and_come_due_after_the_linger() {
+        let mut pending = Pending::default();
+        let linger = Duration::from_millis(100);
+        assert_eq!(pending.next_due(linger), None);
+        assert_eq!(pending.add(event("message.processed", 1), 3), None);
+        assert_eq!(pending.add(event("message.dead_lettered", 2), 3), None);
+        assert_eq!(pending.add(event("message.processed", 3), 3), None);
+        assert_eq!(
+            pending.add(event("message.processed", 4), 3).as_deref(),
+            Some("message.processed")
+        );
+        let full = pending.take("message.processed").unwrap();
+        let ids: Vec<&str> = full.iter().map(|e| e["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["1", "3", "4"]);
+
+        let due = pending.next_due(linger).unwrap();
+        assert!(
+            pending
+                .take_due(due - Duration::from_millis(1), linger, false)
+                .is_empty()
+        );
+        let taken = pending.take_due(due, linger, false);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].0, "message.dead_lettered");
+        assert_eq!(pending.next_due(linger), None);
+    }
+
+    #[test]
+    fn a_batch_body_unpacks_to_its_events_and_a_single_event_to_itself() {
+        let events = vec![
+            event("message.processed", 1).body,
+            event("message.processed", 2).body,
+        ];
+        let body = batch_body("message.processed", events.clone(), 100);
+        assert_eq!(body["event"], "message.processed");
+        assert_eq!(body["count"], 2);
+        assert_eq!(events_in(body), events);
+
+        let single = event("message.accepted", 7).body;
+        let body = batch_body("message.accepted", vec![single.clone()], 1);
+        assert_eq!(body, single, "unbatched sinks publish the bare event");
+        assert_eq!(events_in(body), vec![single]);
+    }
+
+    #[tokio::test]
+    async fn flush_publishes_waiting_batches_at_once() {
+        // No channel: a flushed batch is counted as dropped, which shows it
+        // left the buffer without waiting for the (long) linger.
+        let sink = AuditSink::spawn_batched(
+            100,
+            Batching {
+                max_events: 50,
+                linger: Duration::from_secs(3600),
+            },
+            || None,
+        );
+        for i in 0..5 {
+            sink.emit(event("message.processed", i));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(sink.dropped(), 0, "still waiting in the batch");
+        sink.flush(Duration::from_secs(5)).await;
+        assert_eq!(sink.dropped(), 5);
     }
 }

@@ -18,7 +18,7 @@ pub mod publisher;
 pub mod topology;
 
 pub use args::BrokerArgs;
-pub use audit::{AuditEvent, AuditSink};
+pub use audit::{AuditEvent, AuditSink, Batching, events_in};
 pub use blocked::blocked_transition;
 pub use connect::{ConnectError, connect};
 pub use envelope::{ENVELOPE_VERSION, Envelope, EnvelopeError};

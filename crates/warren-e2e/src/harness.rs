@@ -350,7 +350,8 @@ impl Harness {
                 )
                 .env("WARREN_PREFETCH", "1")
                 .env("WARREN_LOG_FORMAT", "json")
-                .env("WARREN_LOG", "info")
+                // `job started` is a debug line; the job log needs it.
+                .env("WARREN_LOG", "info,warren_worker::job=debug")
                 .env("WARREN_RECONNECT_MIN_MS", "100")
                 .env("WARREN_RECONNECT_MAX_MS", "1000")
                 .readiness(Readiness::HttpGet {

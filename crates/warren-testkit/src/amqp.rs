@@ -102,7 +102,11 @@ impl EventTap {
                 if let Ok(value) = serde_json::from_slice::<Value>(&delivery.data)
                     && let Ok(mut guard) = sink.lock()
                 {
-                    guard.push(value);
+                    // A batch (warren_broker::audit) carries its events in `batch`.
+                    match value.get("batch").and_then(Value::as_array) {
+                        Some(events) => guard.extend(events.iter().cloned()),
+                        None => guard.push(value),
+                    }
                 }
                 let _ = delivery.acker.ack(BasicAckOptions::default()).await;
             }
@@ -113,7 +117,7 @@ impl EventTap {
         })
     }
 
-    /// Every event so far.
+    /// Every event so far (the events of a batch one by one).
     pub fn all(&self) -> Vec<Value> {
         self.events.lock().map(|g| g.clone()).unwrap_or_default()
     }

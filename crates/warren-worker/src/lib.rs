@@ -1,35 +1,39 @@
-//! warren-worker: consumes jobs one at a time and never loses one.
+//! warren-worker: consumes jobs (one at a time by default) and never loses one.
 //!
-//! - Prefetch (default 1) per consumer, manual ack after the work is done.
+//! - Concurrency (default 1): up to N jobs in hand at once, each acked on its
+//!   own when its work is done. Prefetch per consumer: at least N (default N).
 //! - Simulated work: `seconds_per_dot` seconds per dot in the message.
-//! - SIGTERM: stop taking jobs, finish the one in hand, ack it, close, exit 0.
+//! - SIGTERM: stop taking jobs, finish every job in hand (and any the broker
+//!   had already pushed), ack them, close, exit 0.
 //! - Broker loss: reconnect with backoff. Unacked jobs go back to the queue
 //!   (the broker redelivers them); the worker keeps nothing across reconnects.
 //! - Poison: a body that is not a job envelope is rejected without requeue,
 //!   so the broker dead-letters it to `<queue>.dead`. A job that keeps
 //!   crashing its workers is dead-lettered by the quorum queue's delivery limit.
 //! - The AMQP connection is named after `POD_NAME`, which is how the
-//!   controller tells busy pods from idle ones.
+//!   controller tells busy pods from idle ones (unacked deliveries per
+//!   connection: busy while any job is in hand).
+//! - Audit events (`message.processed`, `message.dead_lettered`) are
+//!   published in batches: a few broker messages a second, not one per job.
 
+pub mod job;
 pub mod metrics;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
-use lapin::{Channel, Connection};
-use serde_json::{Map, json};
+use lapin::{Channel, Connection, Consumer};
 use std::sync::{Arc, Mutex};
+use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 use warren_broker::connect::{Backoff, close_quietly, redact_url};
-use warren_broker::{AuditEvent, AuditSink, BrokerArgs, Envelope, Topology, connect};
+use warren_broker::{AuditSink, Batching, BrokerArgs, Topology, connect};
 use warren_telemetry::{LogArgs, Readiness};
 
+use crate::job::{JobContext, Outcome, SettleError};
 use crate::metrics::WorkerMetrics;
 
 /// Command-line flags and environment variables.
@@ -37,7 +41,7 @@ use crate::metrics::WorkerMetrics;
 #[command(
     name = "warren-worker",
     version,
-    about = "Consumes warren jobs one at a time; acks after the work; never loses one"
+    about = "Consumes warren jobs (one at a time by default); acks each after its work; never loses one"
 )]
 pub struct Args {
     #[command(flatten)]
@@ -48,9 +52,22 @@ pub struct Args {
     /// Seconds of simulated work per dot in the message.
     #[arg(long, env = "WARREN_SECONDS_PER_DOT", default_value_t = 1.0)]
     pub seconds_per_dot: f64,
-    /// Unacked jobs the broker may hand this worker at once.
-    #[arg(long, env = "WARREN_PREFETCH", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
-    pub prefetch: u16,
+    /// Jobs this worker runs at once, each acked on its own when done. 1 is
+    /// the seed's worker: one job at a time.
+    #[arg(long, env = "WARREN_CONCURRENCY", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub concurrency: u16,
+    /// Unacked jobs the broker may hand this worker at once; at least
+    /// WARREN_CONCURRENCY (a lower value is refused). Default: WARREN_CONCURRENCY.
+    #[arg(long, env = "WARREN_PREFETCH", value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: Option<u16>,
+    /// Audit events per broker message at most: `message.processed` events
+    /// are published in batches (1: one message per event).
+    #[arg(long, env = "WARREN_AUDIT_BATCH", default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..))]
+    pub audit_batch: u16,
+    /// Longest wait, in milliseconds, before a batch of audit events that is
+    /// not full is published.
+    #[arg(long, env = "WARREN_AUDIT_LINGER_MS", default_value_t = 1000)]
+    pub audit_linger_ms: u64,
     /// This worker's name: its AMQP connection name and consumer tag (the pod name on Kubernetes).
     #[arg(long, env = "POD_NAME", default_value = "warren-worker")]
     pub pod_name: String,
@@ -64,11 +81,31 @@ pub struct Args {
     pub log: LogArgs,
 }
 
+/// A configuration the worker refuses to start with.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "WARREN_PREFETCH ({prefetch}) is below WARREN_CONCURRENCY ({concurrency}): the broker would \
+         never hand this worker more than {prefetch} jobs at once, so it could not run {concurrency}. \
+         Set WARREN_PREFETCH to at least {concurrency}, or leave it unset (it then equals WARREN_CONCURRENCY)"
+    )]
+    PrefetchBelowConcurrency { prefetch: u16, concurrency: u16 },
+}
+
 impl Args {
-    /// Simulated work for a message with `dots` dots.
-    pub fn work_duration(&self, dots: usize) -> Duration {
-        let seconds = self.seconds_per_dot.max(0.0) * dots as f64;
-        Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX)
+    /// The prefetch to ask the broker for: WARREN_PREFETCH, or
+    /// WARREN_CONCURRENCY when unset. Below the concurrency is an error.
+    pub fn prefetch(&self) -> Result<u16, ConfigError> {
+        match self.prefetch {
+            None => Ok(self.concurrency),
+            Some(prefetch) if prefetch < self.concurrency => {
+                Err(ConfigError::PrefetchBelowConcurrency {
+                    prefetch,
+                    concurrency: self.concurrency,
+                })
+            }
+            Some(prefetch) => Ok(prefetch),
+        }
     }
 }
 
@@ -78,19 +115,42 @@ enum SessionEnd {
     Lost(String),
 }
 
-/// Consumes until `shutdown` fires (after finishing the job in hand).
+/// Consumes until `shutdown` fires (after finishing the jobs in hand).
 pub async fn run(
     args: Args,
     metrics: WorkerMetrics,
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let prefetch = args.prefetch()?;
     let topology = Topology::new(vec![args.broker.queue.clone()], args.broker.queue_type);
     let audit_channel: Arc<Mutex<Option<Channel>>> = Arc::default();
     let audit_source = audit_channel.clone();
-    let audit = AuditSink::spawn(1000, move || {
-        audit_source.lock().ok().and_then(|guard| guard.clone())
+    let audit = AuditSink::spawn_batched(
+        AUDIT_BUFFER,
+        Batching {
+            max_events: usize::from(args.audit_batch),
+            linger: Duration::from_millis(args.audit_linger_ms),
+        },
+        move || audit_source.lock().ok().and_then(|guard| guard.clone()),
+    );
+    let jobs = Arc::new(JobContext {
+        worker: args.pod_name.clone(),
+        queue: args.broker.queue.clone(),
+        seconds_per_dot: args.seconds_per_dot,
+        audit: audit.clone(),
+        metrics: metrics.clone(),
     });
+    let session = Session {
+        args: &args,
+        prefetch,
+        topology: &topology,
+        jobs: &jobs,
+        audit_channel: &audit_channel,
+        metrics: &metrics,
+        readiness: &readiness,
+        shutdown: &shutdown,
+    };
     let mut backoff = Backoff::new(
         Duration::from_millis(args.reconnect_min_ms.max(1)),
         Duration::from_millis(args.reconnect_max_ms.max(args.reconnect_min_ms).max(1)),
@@ -106,22 +166,12 @@ pub async fn run(
         };
         let end = match connected {
             Ok(connection) => {
-                tracing::info!(url = %url, queue = %args.broker.queue, prefetch = args.prefetch, "connected");
+                tracing::info!(url = %url, queue = %args.broker.queue, prefetch, concurrency = args.concurrency, "connected");
                 let blocked = tokio::spawn(follow_blocked(
                     connection.events_listener(),
                     metrics.broker_blocked.clone(),
                 ));
-                let end = serve(
-                    &args,
-                    &connection,
-                    &topology,
-                    &audit,
-                    &audit_channel,
-                    &metrics,
-                    &readiness,
-                    &shutdown,
-                )
-                .await;
+                let end = session.serve(&connection).await;
                 // A session that got as far as consuming was healthy: the
                 // next reconnect starts from the shortest delay again.
                 if readiness.is_ready() {
@@ -130,6 +180,10 @@ pub async fn run(
                 readiness.set(false);
                 blocked.abort();
                 metrics.broker_blocked.set(0);
+                if matches!(end, SessionEnd::Shutdown) {
+                    // The events of the last jobs, before the connection goes.
+                    audit.flush(Duration::from_secs(2)).await;
+                }
                 if let Ok(mut guard) = audit_channel.lock() {
                     *guard = None;
                 }
@@ -156,86 +210,168 @@ pub async fn run(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn serve(
-    args: &Args,
-    connection: &Connection,
-    topology: &Topology,
-    audit: &AuditSink,
-    audit_channel: &Mutex<Option<Channel>>,
-    metrics: &WorkerMetrics,
-    readiness: &Readiness,
-    shutdown: &CancellationToken,
-) -> SessionEnd {
-    let setup = async {
+/// Audit events buffered before new ones are dropped (a burst of jobs
+/// faster than the batches go out).
+const AUDIT_BUFFER: usize = 10_000;
+
+/// What one connection's consuming session works with.
+struct Session<'a> {
+    args: &'a Args,
+    prefetch: u16,
+    topology: &'a Topology,
+    jobs: &'a Arc<JobContext>,
+    audit_channel: &'a Mutex<Option<Channel>>,
+    metrics: &'a WorkerMetrics,
+    readiness: &'a Readiness,
+    shutdown: &'a CancellationToken,
+}
+
+/// The jobs in hand: each runs in its own task until acked.
+struct InHand<'a> {
+    tasks: JoinSet<Result<Outcome, SettleError>>,
+    jobs: &'a Arc<JobContext>,
+    metrics: &'a WorkerMetrics,
+}
+
+impl<'a> InHand<'a> {
+    fn new(jobs: &'a Arc<JobContext>, metrics: &'a WorkerMetrics) -> Self {
+        Self {
+            tasks: JoinSet::new(),
+            jobs,
+            metrics,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    /// Starts a job.
+    fn start(&mut self, delivery: lapin::message::Delivery) {
+        self.tasks.spawn(job::process(self.jobs.clone(), delivery));
+        self.update_gauges();
+    }
+
+    /// Waits for the next job to finish. Err: its ack could not be sent
+    /// (the connection is gone; the broker redelivers it).
+    async fn next_finished(&mut self) -> Result<(), String> {
+        let joined = self.tasks.join_next().await;
+        self.update_gauges();
+        match joined {
+            None | Some(Ok(Ok(_))) => Ok(()),
+            Some(Ok(Err(err))) => Err(err.to_string()),
+            Some(Err(err)) => Err(join_failure(err)),
+        }
+    }
+
+    /// Busy while any job is in hand.
+    fn update_gauges(&self) {
+        let n = self.tasks.len() as i64;
+        self.metrics.jobs_in_hand.set(n);
+        self.metrics.busy.set(i64::from(n > 0));
+    }
+}
+
+fn join_failure(err: JoinError) -> String {
+    if err.is_panic() {
+        "a job panicked".to_string()
+    } else {
+        "a job was cancelled".to_string()
+    }
+}
+
+impl Session<'_> {
+    /// Declares, consumes and runs jobs until SIGTERM (then finishes the
+    /// jobs in hand) or until the connection is lost (then the jobs in hand
+    /// are abandoned: unacked, the broker redelivers them).
+    async fn serve(&self, connection: &Connection) -> SessionEnd {
+        let (channel, mut consumer) = match self.setup(connection).await {
+            Ok(parts) => parts,
+            Err(err) => return SessionEnd::Lost(format!("setting up the consumer: {err}")),
+        };
+        self.readiness.set(true);
+        tracing::info!(queue = %self.args.broker.queue, consumer = %self.args.pod_name, "waiting for jobs");
+        let concurrency = usize::from(self.args.concurrency);
+        let mut in_hand = InHand::new(self.jobs, self.metrics);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => break,
+                finished = in_hand.next_finished(), if !in_hand.is_empty() => {
+                    if let Err(reason) = finished {
+                        return SessionEnd::Lost(reason);
+                    }
+                }
+                next = consumer.next(), if in_hand.len() < concurrency => match next {
+                    None => return SessionEnd::Lost("the broker cancelled the consumer".into()),
+                    Some(Err(err)) => return SessionEnd::Lost(format!("consumer error: {err}")),
+                    Some(Ok(delivery)) => in_hand.start(delivery),
+                },
+            }
+        }
+        // SIGTERM. Cancel the consumer first, so the broker pushes this
+        // worker nothing more, then finish what is in hand.
+        tracing::info!(
+            in_hand = in_hand.len(),
+            "SIGTERM: no more jobs; finishing the ones in hand"
+        );
+        stop_consuming(&channel, &self.args.pod_name).await;
+        finish_in_hand(&mut consumer, &mut in_hand, concurrency).await;
+        close_channel(&channel).await;
+        SessionEnd::Shutdown
+    }
+
+    /// The channel and consumer for jobs; the events channel goes to the audit sink.
+    async fn setup(&self, connection: &Connection) -> Result<(Channel, Consumer), lapin::Error> {
         let channel = connection.create_channel().await?;
-        topology.declare(&channel).await.map_err(|err| err.source)?;
+        self.topology
+            .declare(&channel)
+            .await
+            .map_err(|err| err.source)?;
         channel
-            .basic_qos(args.prefetch, BasicQosOptions::default())
+            .basic_qos(self.prefetch, BasicQosOptions::default())
             .await?;
         let consumer = channel
             .basic_consume(
-                ShortString::from(args.broker.queue.as_str()),
-                ShortString::from(args.pod_name.as_str()),
+                ShortString::from(self.args.broker.queue.as_str()),
+                ShortString::from(self.args.pod_name.as_str()),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
         let events = connection.create_channel().await?;
-        Ok::<_, lapin::Error>((channel, consumer, events))
-    };
-    let (channel, mut consumer, events) = match setup.await {
-        Ok(parts) => parts,
-        Err(err) => return SessionEnd::Lost(format!("setting up the consumer: {err}")),
-    };
-    if let Ok(mut guard) = audit_channel.lock() {
-        *guard = Some(events);
-    }
-    readiness.set(true);
-    tracing::info!(queue = %args.broker.queue, consumer = %args.pod_name, "waiting for jobs");
-    loop {
-        let next = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => {
-                // No job in hand: stop the consumer and leave. Anything the
-                // broker pushed meanwhile is unacked and goes back to the queue
-                // when the channel closes.
-                stop_consuming(&channel, &args.pod_name).await;
-                close_channel(&channel).await;
-                return SessionEnd::Shutdown;
-            }
-            next = consumer.next() => next,
-        };
-        let delivery = match next {
-            None => return SessionEnd::Lost("the broker cancelled the consumer".into()),
-            Some(Err(err)) => return SessionEnd::Lost(format!("consumer error: {err}")),
-            Some(Ok(delivery)) => delivery,
-        };
-        // The job in hand always runs to its ack. A SIGTERM meanwhile cancels
-        // the consumer at once, before the ack, so the broker has no chance
-        // to push this worker another job that would only come back
-        // redelivered when the channel closes.
-        let handling = handle(args, delivery, audit, metrics);
-        tokio::pin!(handling);
-        let finished = tokio::select! {
-            result = &mut handling => Some(result),
-            _ = shutdown.cancelled() => None,
-        };
-        let result = match finished {
-            Some(result) => result,
-            None => {
-                tracing::info!("SIGTERM: no more jobs; finishing the one in hand");
-                stop_consuming(&channel, &args.pod_name).await;
-                handling.await
-            }
-        };
-        if let Err(reason) = result {
-            return SessionEnd::Lost(reason);
+        if let Ok(mut guard) = self.audit_channel.lock() {
+            *guard = Some(events);
         }
-        if shutdown.is_cancelled() {
-            stop_consuming(&channel, &args.pod_name).await;
-            close_channel(&channel).await;
-            return SessionEnd::Shutdown;
+        Ok((channel, consumer))
+    }
+}
+
+/// After the consumer was cancelled: runs to their ack the jobs in hand and
+/// any delivery the broker pushed before the cancel (it is this worker's;
+/// handed back it would come again as a redelivery).
+async fn finish_in_hand(consumer: &mut Consumer, in_hand: &mut InHand<'_>, concurrency: usize) {
+    let mut consumer_open = true;
+    while consumer_open || !in_hand.is_empty() {
+        tokio::select! {
+            finished = in_hand.next_finished(), if !in_hand.is_empty() => {
+                if let Err(reason) = finished {
+                    tracing::warn!(reason = %reason, "a job in hand could not be acked; the broker will redeliver it");
+                }
+            }
+            next = consumer.next(), if consumer_open && in_hand.len() < concurrency => match next {
+                Some(Ok(delivery)) => in_hand.start(delivery),
+                // The cancel took effect (or the connection is gone).
+                None | Some(Err(_)) => consumer_open = false,
+            },
+            // A consumer whose cancel never got an answer: stop waiting.
+            _ = tokio::time::sleep(Duration::from_secs(2)), if consumer_open && in_hand.is_empty() => {
+                consumer_open = false;
+            }
         }
     }
 }
@@ -274,66 +410,6 @@ async fn close_channel(channel: &Channel) {
     .await;
 }
 
-/// Processes one delivery to the end: the work, then the ack (or the
-/// dead-lettering reject). Never interrupted by SIGTERM.
-async fn handle(
-    args: &Args,
-    delivery: Delivery,
-    audit: &AuditSink,
-    metrics: &WorkerMetrics,
-) -> Result<(), String> {
-    let redelivered = delivery.redelivered;
-    if redelivered {
-        metrics.redelivered.inc();
-    }
-    let envelope = match Envelope::from_bytes(&delivery.data) {
-        Ok(envelope) => envelope,
-        Err(err) => {
-            let id = delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|id| id.to_string())
-                .unwrap_or_default();
-            tracing::warn!(id = %id, error = %err, "poison message: dead-lettering it");
-            delivery
-                .acker
-                .reject(BasicRejectOptions { requeue: false })
-                .await
-                .map_err(|err| format!("rejecting a poison message: {err}"))?;
-            metrics.dead_lettered.inc();
-            let mut fields = Map::new();
-            fields.insert("worker".into(), json!(args.pod_name));
-            fields.insert("queue".into(), json!(args.broker.queue));
-            fields.insert("reason".into(), json!(err.to_string()));
-            audit.emit(AuditEvent::job("message.dead_lettered", &id, fields));
-            return Ok(());
-        }
-    };
-    let id = envelope.id.to_string();
-    tracing::info!(id = %id, job_message = %envelope.message, redelivered, "job started");
-    metrics.busy.set(1);
-    let started = Instant::now();
-    tokio::time::sleep(args.work_duration(envelope.dots())).await;
-    let acked = delivery.acker.ack(BasicAckOptions::default()).await;
-    metrics.busy.set(0);
-    let elapsed = started.elapsed();
-    if let Err(err) = acked {
-        // The broker will redeliver it: at-least-once, never lost.
-        return Err(format!("acking job {id}: {err}"));
-    }
-    metrics.processed.inc();
-    metrics.job_seconds.observe(elapsed.as_secs_f64());
-    tracing::info!(id = %id, job_message = %envelope.message, redelivered, duration_ms = elapsed.as_millis() as u64, "job done");
-    let mut fields = Map::new();
-    fields.insert("worker".into(), json!(args.pod_name));
-    fields.insert("queue".into(), json!(args.broker.queue));
-    fields.insert("redelivered".into(), json!(redelivered));
-    fields.insert("duration_ms".into(), json!(elapsed.as_millis() as u64));
-    audit.emit(AuditEvent::job("message.processed", &id, fields));
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,16 +419,37 @@ mod tests {
     fn defaults_match_the_contract() {
         let args = Args::try_parse_from(["warren-worker"]).unwrap();
         assert_eq!(args.broker.queue, "tasks");
-        assert_eq!(args.prefetch, 1);
+        assert_eq!(args.concurrency, 1);
+        assert_eq!(args.prefetch().unwrap(), 1);
         assert_eq!(args.listen_addr.port(), 9090);
-        assert_eq!(args.work_duration(3), Duration::from_secs(3));
+        assert_eq!(args.seconds_per_dot, 1.0);
     }
 
     #[test]
-    fn work_scales_with_dots_and_prefetch_zero_is_refused() {
-        let args = Args::try_parse_from(["warren-worker", "--seconds-per-dot", "0.01"]).unwrap();
-        assert_eq!(args.work_duration(5), Duration::from_millis(50));
-        assert_eq!(args.work_duration(0), Duration::ZERO);
+    fn zero_prefetch_or_concurrency_is_refused() {
         assert!(Args::try_parse_from(["warren-worker", "--prefetch", "0"]).is_err());
+        assert!(Args::try_parse_from(["warren-worker", "--concurrency", "0"]).is_err());
+    }
+
+    #[test]
+    fn prefetch_follows_concurrency_and_may_not_be_below_it() {
+        let args = Args::try_parse_from(["warren-worker", "--concurrency", "10"]).unwrap();
+        assert_eq!(
+            args.prefetch().unwrap(),
+            10,
+            "unset: equal to the concurrency"
+        );
+        let args =
+            Args::try_parse_from(["warren-worker", "--concurrency", "4", "--prefetch", "20"])
+                .unwrap();
+        assert_eq!(args.prefetch().unwrap(), 20);
+        let args =
+            Args::try_parse_from(["warren-worker", "--concurrency", "10", "--prefetch", "2"])
+                .unwrap();
+        let err = args.prefetch().unwrap_err().to_string();
+        assert!(
+            err.contains("WARREN_PREFETCH (2) is below WARREN_CONCURRENCY (10)"),
+            "{err}"
+        );
     }
 }

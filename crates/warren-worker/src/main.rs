@@ -11,6 +11,8 @@ use warren_worker::metrics::WorkerMetrics;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Refuse a configuration that cannot work before anything starts.
+    args.prefetch()?;
     warren_telemetry::init_tracing(&args.log).context("setting up logging")?;
     warren_telemetry::install_crypto_provider();
 

@@ -13,6 +13,7 @@ pub struct WorkerMetrics {
     pub reconnects: Counter,
     pub busy: Gauge,
     pub broker_blocked: Gauge,
+    pub jobs_in_hand: Gauge,
     pub job_seconds: Histogram,
 }
 
@@ -25,6 +26,7 @@ impl WorkerMetrics {
             reconnects: Counter::default(),
             busy: Gauge::default(),
             broker_blocked: Gauge::default(),
+            jobs_in_hand: Gauge::default(),
             // 1 ms .. ~65 s
             job_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
         };
@@ -55,8 +57,13 @@ impl WorkerMetrics {
         );
         registry.register(
             "warren_worker_busy",
-            "1 while a job is in hand",
+            "1 while any job is in hand",
             metrics.busy.clone(),
+        );
+        registry.register(
+            "warren_worker_jobs_in_hand",
+            "Jobs being worked on now (at most WARREN_CONCURRENCY)",
+            metrics.jobs_in_hand.clone(),
         );
         registry.register(
             "warren_worker_job_seconds",

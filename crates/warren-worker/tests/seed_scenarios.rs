@@ -253,12 +253,7 @@ async fn sigterm_finishes_the_job_in_hand_and_exits_zero() {
         send_ok(&sender, &dots(1)).await,
         send_ok(&sender, &dots(1)).await,
     ];
-    a.signal(Signal::SIGTERM);
-    let status = tokio::time::timeout(Duration::from_secs(30), a.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    assert_eq!(a.terminate().await, Some(0), "exit status");
     assert_eq!(
         a.done(),
         vec![(id.clone(), false)],
@@ -272,11 +267,11 @@ async fn sigterm_finishes_the_job_in_hand_and_exits_zero() {
         b.done().len() == 2
     })
     .await;
-    let mut done = b.done();
-    done.sort();
-    let mut expected: Vec<(String, bool)> = waiting.into_iter().map(|id| (id, false)).collect();
-    expected.sort();
-    assert_eq!(done, expected, "no job redelivered because of the SIGTERM");
+    assert_eq!(
+        b.done_sorted(),
+        as_done(&waiting, false),
+        "no job redelivered because of the SIGTERM"
+    );
     assert_eq!(ready_count(&url, &queue).await.unwrap(), 0);
 }
 

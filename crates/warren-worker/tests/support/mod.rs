@@ -46,6 +46,8 @@ pub async fn spawn_worker(
         .env("WARREN_SECONDS_PER_DOT", seconds_per_dot.to_string())
         .env("WARREN_LISTEN_ADDR", format!("127.0.0.1:{port}"))
         .env("WARREN_LOG_FORMAT", "json")
+        // `job started` is a debug line (one line per job at info).
+        .env("WARREN_LOG", "info,warren_worker::job=debug")
         .env("WARREN_RECONNECT_MIN_MS", "100")
         .env("WARREN_RECONNECT_MAX_MS", "1000")
         .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
@@ -113,6 +115,35 @@ impl Worker {
         self.metric("warren_worker_busy").await == Some(1.0)
     }
 
+    /// Waits until the worker reports `n` jobs in hand.
+    pub async fn wait_in_hand(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.metric("warren_worker_jobs_in_hand").await != Some(n as f64) {
+            assert!(
+                Instant::now() < deadline,
+                "worker {} never had {n} jobs in hand; log:\n{}",
+                self.name,
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Log messages in order (`job started`, `job done`, ...) with the job id.
+    pub fn job_lines(&self) -> Vec<(String, String)> {
+        self.log_text()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|line| line["message"] == "job started" || line["message"] == "job done")
+            .map(|line| {
+                (
+                    line["message"].as_str().unwrap_or_default().to_string(),
+                    line["id"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    }
+
     pub fn signal(&self, signal: Signal) {
         let pid = self.child.id().expect("worker still running");
         kill(Pid::from_raw(pid as i32), signal).unwrap();
@@ -135,6 +166,23 @@ impl Worker {
                 )
             })
             .collect()
+    }
+
+    /// `done()`, sorted.
+    pub fn done_sorted(&self) -> Vec<(String, bool)> {
+        let mut done = self.done();
+        done.sort();
+        done
+    }
+
+    /// Sends SIGTERM and waits (at most 30 s) for the exit; returns the exit code.
+    pub async fn terminate(&mut self) -> Option<i32> {
+        self.signal(Signal::SIGTERM);
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the worker did not exit within 30 s of SIGTERM")
+            .expect("waiting for the worker");
+        status.code()
     }
 
     pub fn done_ids(&self) -> Vec<String> {
@@ -220,6 +268,13 @@ pub async fn send_ok(sender: &RunningSender, message: &str) -> String {
     let (status, id) = send(sender, message).await;
     assert_eq!(status, 202, "job {message:?} was not accepted");
     id.unwrap()
+}
+
+/// `ids` as sorted `done()` entries, all with the same `redelivered` flag.
+pub fn as_done(ids: &[String], redelivered: bool) -> Vec<(String, bool)> {
+    let mut done: Vec<(String, bool)> = ids.iter().map(|id| (id.clone(), redelivered)).collect();
+    done.sort();
+    done
 }
 
 pub fn dots(n: usize) -> String {
