@@ -336,6 +336,7 @@ impl Bench {
                 self.external(command, jobs, "\"job done\"").await?
             }
         };
+        self.wait_consumers(0).await?;
         let left = self.queue_state().await?.0;
         if left != 0 {
             bail!("{} left {left} jobs in the queue", contender.label());
@@ -431,6 +432,9 @@ impl Bench {
         let finished = tokio::time::timeout(Duration::from_secs(600), reader)
             .await
             .context("the worker took more than 600 s")??;
+        // The seed's worker prints "Done" just before its ack: let the last
+        // ack reach the broker before the process goes.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let _ = child.kill().await;
         let finished = finished.context("the worker exited before finishing its jobs")?;
         Ok(Drain {
