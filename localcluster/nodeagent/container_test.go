@@ -192,3 +192,43 @@ func TestSeekTail(t *testing.T) {
 		}
 	}
 }
+
+// TestProgramBehindPrivateDirectory: cargo's binaries live under a 0700 home; the container user
+// must still be able to run them (the program is opened as root, then exec'd by descriptor).
+func TestProgramBehindPrivateDirectory(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("this test starts processes in new namespaces and needs root")
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmp := t.TempDir()
+	private := filepath.Join(tmp, "home")
+	if err := os.MkdirAll(private, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := os.ReadFile("/usr/bin/id")
+	if err != nil {
+		t.Fatal(err)
+	}
+	prog := filepath.Join(private, "id")
+	if err := os.WriteFile(prog, raw, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	logPath := filepath.Join(tmp, "0.log")
+	p, err := startProcess(self, launchSpec{UID: 65534, GID: 65534, Argv: []string{prog, "-u"}, Env: []string{"PATH=" + defaultPath}}, logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-p.exited:
+	case <-time.After(30 * time.Second):
+		p.stop(0)
+		t.Fatal("the program did not finish")
+	}
+	out, _ := os.ReadFile(logPath)
+	if p.exitCode != 0 || string(out) != "65534\n" {
+		t.Errorf("exit %d, output %q", p.exitCode, out)
+	}
+}

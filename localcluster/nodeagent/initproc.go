@@ -9,6 +9,7 @@ import (
 	"sort"
 	"strings"
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -108,6 +109,19 @@ func containerInit() error {
 	if err := os.Chdir(wd); err != nil {
 		return fmt.Errorf("working directory %s: %w", wd, err)
 	}
+	if len(spec.Argv) == 0 {
+		return fmt.Errorf("empty command")
+	}
+	path, err := lookPath(spec.Argv[0], envValue(spec.Env, "PATH"))
+	if err != nil {
+		return err
+	}
+	// Open the program while still root: the container user may not traverse the directories
+	// above it (cargo's target dir under a 0700 home); exec then needs only the file's own x bit.
+	prog, err := unix.Open(path, unix.O_PATH|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("opening %s: %w", path, err)
+	}
 	groups := make([]int, 0, len(spec.Groups))
 	for _, g := range spec.Groups {
 		groups = append(groups, int(g))
@@ -127,14 +141,35 @@ func containerInit() error {
 			return fmt.Errorf("pdeathsig: %w", err)
 		}
 	}
-	if len(spec.Argv) == 0 {
-		return fmt.Errorf("empty command")
+	return execFD(prog, path, spec.Argv, spec.Env)
+}
+
+// execFD execs the opened program (execveat AT_EMPTY_PATH); scripts, which their interpreter
+// must open by path, are exec'd by path.
+func execFD(fd int, path string, argv, env []string) error {
+	head := make([]byte, 2)
+	if f, err := os.Open(path); err == nil {
+		_, _ = f.Read(head)
+		_ = f.Close()
 	}
-	path, err := lookPath(spec.Argv[0], envValue(spec.Env, "PATH"))
+	if string(head) == "#!" {
+		return syscall.Exec(path, argv, env)
+	}
+	argvp, err := syscall.SlicePtrFromStrings(argv)
 	if err != nil {
 		return err
 	}
-	return syscall.Exec(path, spec.Argv, spec.Env)
+	envp, err := syscall.SlicePtrFromStrings(env)
+	if err != nil {
+		return err
+	}
+	empty, err := syscall.BytePtrFromString("")
+	if err != nil {
+		return err
+	}
+	_, _, errno := syscall.Syscall6(unix.SYS_EXECVEAT, uintptr(fd), uintptr(unsafe.Pointer(empty)),
+		uintptr(unsafe.Pointer(&argvp[0])), uintptr(unsafe.Pointer(&envp[0])), unix.AT_EMPTY_PATH, 0)
+	return fmt.Errorf("exec %s: %w", path, errno)
 }
 
 func bindOne(m bindMount, src *os.File) error {
