@@ -53,6 +53,16 @@ up() {
   if running; then
     log "localcluster already running (pid $(cat "$LOCAL_PID")), state in $LOCAL_STATE"
   else
+    # Pods run as the chart's non-root users: give them a copy of warren's binaries
+    # they can execute (cargo's target dir may sit under a private home directory).
+    if [ -n "${WARREN_BIN_DIR:-}" ]; then
+      mkdir -p "$LOCAL_STATE/bin"
+      for b in "$WARREN_BIN_DIR"/warren-*; do
+        [ -f "$b" ] && [ -x "$b" ] && install -m 0755 "$b" "$LOCAL_STATE/bin/"
+      done
+      chmod 0755 "$LOCAL_STATE" "$LOCAL_STATE/bin"
+      WARREN_BIN_DIR="$LOCAL_STATE/bin"
+    fi
     log "starting localcluster ($("$LOCAL_BIN" version)) in the background; log: $LOCAL_LOG"
     # setsid: its own session, so a Ctrl-C in this terminal does not stop it.
     WARREN_BIN_DIR="${WARREN_BIN_DIR:-}" setsid "$LOCAL_BIN" up --state-dir "$LOCAL_STATE" \
