@@ -34,7 +34,24 @@ TOOL_DIRS = [
 # behaviour the chart has to get right.
 VARIATIONS: dict[str, list[str]] = {
     "defaults": [],
-    "classic-queue": ["--set", "queue.type=classic", "--set", "queue.extra={sms,email}"],
+    # Seed 004's per-purpose queues, each consumed by its own pool.
+    "classic-queue": [
+        "--set", "queue.type=classic", "--set", "queue.extra={sms,email}",
+        "--set-json", 'worker.pools=[{"name":"worker"},{"name":"worker-sms","queues":["sms"]},'
+                      '{"name":"worker-email","queues":["email"]}]',
+    ],
+    # Three pools, each with its own settings and its own chart QueueScaler.
+    "pools": [
+        "--set", "queue.extra={sms,email}",
+        "--set", "queueScaler.enabled=true",
+        "--set-json", 'worker.pools=[{"name":"worker"},'
+                      '{"name":"worker-sms","queues":["sms"],"secondsPerDot":0.1,"prefetch":2,'
+                      '"terminationGracePeriodSeconds":45,'
+                      '"resources":{"requests":{"cpu":"10m","memory":"16Mi"},"limits":{"cpu":"200m","memory":"32Mi"}},'
+                      '"queueScaler":{"maxReplicas":4,"messagesPerReplica":20}},'
+                      '{"name":"worker-email","queues":["email"],"managedByQueueScaler":false,"replicas":2,'
+                      '"queueScaler":{"enabled":false}}]',
+    ],
     # The chart's own QueueScaler, with scaling rules passed through to the CRD.
     "chart-scaler": [
         "--set", "queueScaler.enabled=true",

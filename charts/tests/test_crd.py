@@ -89,6 +89,11 @@ CEL_RULES = {
         lambda s: s["maxReplicas"] >= s.get("minReplicas", 0),
     "!has(self.fallback) || !has(self.fallback.replicas) || self.fallback.replicas <= self.maxReplicas":
         lambda s: "fallback" not in s or "replicas" not in s["fallback"] or s["fallback"]["replicas"] <= s["maxReplicas"],
+    "!has(self.targetDrainSeconds) || !has(self.queue.operation) || self.queue.operation == 'sum'":
+        lambda s: "targetDrainSeconds" not in s or s["queue"].get("operation") in (None, "sum"),
+    "(has(self.name) && size(self.name) > 0) || (has(self.names) && size(self.names) > 0)"
+    " || (has(self.pattern) && size(self.pattern) > 0)":
+        lambda q: bool(q.get("name")) or bool(q.get("names")) or bool(q.get("pattern")),
 }
 
 
@@ -162,19 +167,26 @@ def test_example_queuescaler_matches_the_crd_schema():
 
 
 SCALER_VARIATIONS = ["chart-scaler", "long-jobs"]
+# Variations with one chart QueueScaler per scaled worker pool.
+POOL_SCALER_VARIATIONS = {"pools": 2}
 
 
 def test_the_chart_scaler_is_a_values_switch(render):
     assert render("defaults").kinds("QueueScaler") == []
     for variation in SCALER_VARIATIONS:
         assert len(render(variation).kinds("QueueScaler")) == 1, variation
-    assert {v for v in VARIATIONS if render(v).kinds("QueueScaler")} == set(SCALER_VARIATIONS)
+    for variation, count in POOL_SCALER_VARIATIONS.items():
+        assert len(render(variation).kinds("QueueScaler")) == count, variation
+    assert {v for v in VARIATIONS if render(v).kinds("QueueScaler")} == \
+        set(SCALER_VARIATIONS) | set(POOL_SCALER_VARIATIONS)
 
 
-@pytest.mark.parametrize("variation", SCALER_VARIATIONS)
+@pytest.mark.parametrize("variation", SCALER_VARIATIONS + sorted(POOL_SCALER_VARIATIONS))
 def test_chart_queuescaler_matches_the_crd_schema(variation, render):
-    (scaler,) = render(variation).kinds("QueueScaler")
-    assert errors_of(scaler) == []
+    scalers = render(variation).kinds("QueueScaler")
+    assert scalers
+    for scaler in scalers:
+        assert errors_of(scaler) == []
 
 
 def test_chart_queuescaler_drives_the_chart_worker(render):

@@ -20,12 +20,15 @@ def effective(pod_spec: dict, container: dict, key: str):
 
 @pytest.mark.parametrize("variation", sorted(VARIATIONS))
 def test_every_container_is_locked_down(variation, render):
-    pod_specs = render(variation).pod_specs()
-    # rabbitmq, sender, worker, controller, helm test pod; with tokens on: admin and
-    # (unless the database is external) postgres
+    rendered = render(variation)
+    pod_specs = rendered.pod_specs()
+    pools = [d for d in rendered.kinds("Deployment") if d["metadata"].get("labels", {}).get("warren.dev/role") == "worker"]
+    assert len(pools) >= 1
+    # rabbitmq, sender, one worker Deployment per pool, controller, helm test pod; with tokens
+    # on: admin and (unless the database is external) postgres
     auth = "auth.enabled=false" not in VARIATIONS[variation]
     external = any("existingSecret" in a for a in VARIATIONS[variation])
-    assert len(pod_specs) == 5 + (1 if auth else 0) + (1 if auth and not external else 0)
+    assert len(pod_specs) == 4 + len(pools) + (1 if auth else 0) + (1 if auth and not external else 0)
     checked = 0
     for name, pod in pod_specs:
         assert pod.get("securityContext", {}).get("seccompProfile") == {"type": "RuntimeDefault"}, name

@@ -8,11 +8,9 @@
 {{- define "warren.rabbitmq.secret" -}}{{ include "warren.fullname" . }}-rabbitmq{{- end -}}
 {{- define "warren.rabbitmq.cookieSecret" -}}{{ include "warren.fullname" . }}-rabbitmq-erlang-cookie{{- end -}}
 {{- define "warren.sender.fullname" -}}{{ include "warren.fullname" . }}-sender{{- end -}}
-{{- define "warren.worker.fullname" -}}{{ include "warren.fullname" . }}-worker{{- end -}}
 {{- define "warren.admin.fullname" -}}{{ include "warren.fullname" . }}-admin{{- end -}}
 {{- define "warren.postgres.fullname" -}}{{ include "warren.fullname" . }}-postgres{{- end -}}
 {{- define "warren.controller.fullname" -}}{{ include "warren.fullname" . }}-controller{{- end -}}
-{{- define "warren.queueScaler.name" -}}{{ default (include "warren.worker.fullname" .) .Values.queueScaler.name }}{{- end -}}
 
 {{- define "warren.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
@@ -75,8 +73,11 @@ seccompProfile:
 {{/*
 AMQP credentials from the RabbitMQ Secret, then AMQP_URL built from them with
 dependent environment variables: the password never appears in the pod spec.
+Call with (dict "root" $ "queue" "<WARREN_QUEUE>").
 */}}
 {{- define "warren.amqpEnv" -}}
+{{- $queue := .queue -}}
+{{- with .root -}}
 - name: RABBITMQ_USERNAME
   valueFrom:
     secretKeyRef:
@@ -90,9 +91,10 @@ dependent environment variables: the password never appears in the pod spec.
 - name: AMQP_URL
   value: "amqp://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)@{{ include "warren.rabbitmq.fullname" . }}:5672/%2f"
 - name: WARREN_QUEUE
-  value: {{ .Values.queue.name | quote }}
+  value: {{ $queue | quote }}
 - name: WARREN_QUEUE_TYPE
   value: {{ .Values.queue.type | quote }}
+{{- end -}}
 {{- end -}}
 
 {{- define "warren.logEnv" -}}
@@ -169,4 +171,68 @@ The Prometheus that scrapes warren (metrics.prometheus), as one NetworkPolicy
       name: {{ include "warren.postgres.fullname" . }}
       key: url
       {{- end }}
+{{- end -}}
+
+{{/*
+The worker pools, resolved, as JSON (use: include "warren.workerPools" . | fromJsonArray).
+Each pool is the worker values with the pool's own keys replacing them (a shallow
+replace: a pool's resources replace the worker's whole resources), plus:
+  name        the pool name; fullname  the Deployment name "<fullname>-<name>";
+  queues      the queues it consumes (empty in values: [queue.name]);
+  queueScaler the top-level queueScaler with the pool's queueScaler keys replacing
+              them, and its object name.
+Refuses to render (fail) when two pools share a name or a QueueScaler name, or when
+a queue the sender accepts (queue.name, queue.extra) is consumed by no pool.
+*/}}
+{{- define "warren.workerPools" -}}
+{{- $root := . -}}
+{{- $fullname := include "warren.fullname" . -}}
+{{- $base := omit .Values.worker "pools" -}}
+{{- $pools := list -}}
+{{- $names := list -}}
+{{- $scalerNames := list -}}
+{{- $consumed := list -}}
+{{- range $pool := .Values.worker.pools -}}
+{{- if has $pool.name $names -}}
+{{- fail (printf "worker.pools: two pools are named %q; pool names must be unique" $pool.name) -}}
+{{- end -}}
+{{- $names = append $names $pool.name -}}
+{{- $p := deepCopy $base -}}
+{{- range $key, $value := $pool -}}
+{{- if not (has $key (list "name" "queues" "queueScaler")) -}}
+{{- $_ := set $p $key $value -}}
+{{- end -}}
+{{- end -}}
+{{- $queues := $pool.queues | default (list $root.Values.queue.name) | uniq -}}
+{{- $scaler := deepCopy (omit $root.Values.queueScaler "name") -}}
+{{- range $key, $value := ($pool.queueScaler | default dict) -}}
+{{- $_ := set $scaler $key $value -}}
+{{- end -}}
+{{- $scalerName := printf "%s-%s" $fullname $pool.name -}}
+{{- if and (eq $pool.name "worker") $root.Values.queueScaler.name -}}
+{{- $scalerName = $root.Values.queueScaler.name -}}
+{{- end -}}
+{{- if and $pool.queueScaler $pool.queueScaler.name -}}
+{{- $scalerName = $pool.queueScaler.name -}}
+{{- end -}}
+{{- if $scaler.enabled -}}
+{{- if has $scalerName $scalerNames -}}
+{{- fail (printf "worker.pools: two QueueScalers would be named %q; set a distinct queueScaler.name on one pool" $scalerName) -}}
+{{- end -}}
+{{- $scalerNames = append $scalerNames $scalerName -}}
+{{- end -}}
+{{- $_ := set $scaler "name" $scalerName -}}
+{{- $_ := set $p "name" $pool.name -}}
+{{- $_ := set $p "fullname" (printf "%s-%s" $fullname $pool.name) -}}
+{{- $_ := set $p "queues" $queues -}}
+{{- $_ := set $p "queueScaler" $scaler -}}
+{{- $pools = append $pools $p -}}
+{{- $consumed = concat $consumed $queues -}}
+{{- end -}}
+{{- range $queue := prepend (.Values.queue.extra | default list) .Values.queue.name -}}
+{{- if not (has $queue $consumed) -}}
+{{- fail (printf "the sender accepts queue %q (queue.name / queue.extra) but no worker pool consumes it, so its jobs would never be processed: add it to a pool's queues, e.g. --set-json 'worker.pools=[{\"name\":\"worker\"},{\"name\":\"worker-%s\",\"queues\":[\"%s\"]}]'" $queue (regexReplaceAll "[^a-z0-9-]" (lower $queue) "-" | trunc 15 | trimSuffix "-") $queue) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $pools -}}
 {{- end -}}

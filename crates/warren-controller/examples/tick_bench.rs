@@ -339,10 +339,7 @@ async fn part_a(
         .map(|i| BrokerTarget {
             namespace: "default".into(),
             broker: broker(node),
-            queue: QueueRef {
-                name: queue(i),
-                vhost: vhost.to_string(),
-            },
+            queue: QueueRef::single(queue(i), vhost.to_string()),
         })
         .collect();
 

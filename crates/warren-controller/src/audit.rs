@@ -60,7 +60,7 @@ impl ScaleRecord {
             "target".into(),
             json!({"kind": self.target_kind, "name": self.target_name}),
         );
-        fields.insert("queue".into(), json!(target.queue.name));
+        fields.insert("queue".into(), json!(target.queue.summary()));
         fields.insert("vhost".into(), json!(target.queue.vhost));
         fields.insert("from".into(), json!(self.from));
         fields.insert("to".into(), json!(self.to));
@@ -297,10 +297,7 @@ mod tests {
                     password_key: "password".into(),
                 },
             },
-            queue: QueueRef {
-                name: "jobs".into(),
-                vhost: "/".into(),
-            },
+            queue: QueueRef::single("jobs", "/"),
         };
         let at = DateTime::parse_from_rfc3339("2025-01-02T03:04:05.678Z")
             .unwrap()

@@ -484,7 +484,7 @@ async fn reconcile_inner(scaler: &QueueScaler, ctx: &Context) -> Result<(Outcome
     if previous_failures == 0
         && let Some(err) = &metrics_error
     {
-        let message = format!("cannot read queue {:?}: {err}", spec.queue.name);
+        let message = format!("cannot read queue {:?}: {err}", spec.queue.summary());
         record_event(
             ctx,
             scaler,
@@ -561,7 +561,7 @@ async fn reconcile_inner(scaler: &QueueScaler, ctx: &Context) -> Result<(Outcome
             consecutive_failures: failures,
             paused: spec.paused,
             scaled_at,
-            queue: &spec.queue.name,
+            queue: &spec.queue.summary(),
             unacked_unknown: unacked_unknown.is_some(),
         },
     );

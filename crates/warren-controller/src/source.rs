@@ -48,7 +48,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use kube::ResourceExt;
-use warren_crd::{BrokerRef, Observation, QueueRef, QueueScaler};
+use warren_crd::{BrokerRef, Observation, QueueObservation, QueueRef, QueueScaler};
 
 use crate::credentials::{CredentialsCache, CredentialsError, SecretKeys};
 use crate::queue_peek::{PeekError, QueuePeek, QueuePeeker};
@@ -157,6 +157,11 @@ impl ReadySource {
 
 /// One read of a queue. Unlike an [`Observation`], the unacked count may be
 /// unknown (the management API failed or has no counts for the queue yet).
+///
+/// For a scaler over several queues, `queues` holds each queue's read and
+/// the fields above are totals: `unacked` is unknown when any queue's is,
+/// `ready_source` is the management API when any queue's ready count came
+/// from it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueRead {
     pub ready: u64,
@@ -167,20 +172,80 @@ pub struct QueueRead {
     pub ack_rate: Option<f64>,
     pub ready_source: ReadySource,
     pub observed_at: DateTime<Utc>,
+    /// Per queue (name, read), for a multi-queue scaler; empty otherwise.
+    pub queues: Vec<(String, QueueRead)>,
 }
 
 impl QueueRead {
     /// The observation for the decision and the status: an unknown unacked
     /// count is replaced by `last_known_unacked`, or 0 when nothing is known.
+    ///
+    /// Several queues: each queue with an unknown unacked count counts 0 for
+    /// it in `queues`, and the total is at least `last_known_unacked`; the
+    /// reconciler still never scales a running target to zero on such a read.
     pub fn observation(&self, last_known_unacked: Option<u64>) -> Observation {
-        Observation::new(
-            self.ready,
-            self.unacked.or(last_known_unacked).unwrap_or(0),
-            self.consumers,
-            self.publish_rate,
-            self.ack_rate,
-            self.observed_at,
-        )
+        if self.queues.is_empty() {
+            return Observation::new(
+                self.ready,
+                self.unacked.or(last_known_unacked).unwrap_or(0),
+                self.consumers,
+                self.publish_rate,
+                self.ack_rate,
+                self.observed_at,
+            );
+        }
+        let queues = self
+            .queues
+            .iter()
+            .map(|(name, read)| QueueObservation {
+                name: name.clone(),
+                ready: read.ready,
+                unacked: read.unacked.unwrap_or(0),
+                consumers: read.consumers,
+                publish_rate: read.publish_rate,
+                ack_rate: read.ack_rate,
+            })
+            .collect();
+        let mut observation = Observation::of_queues(queues, self.observed_at);
+        if self.unacked.is_none() {
+            observation.unacked = observation.unacked.max(last_known_unacked.unwrap_or(0));
+        }
+        observation
+    }
+
+    /// The read of several queues: totals over `queues` (see the type).
+    pub fn of_queues(queues: Vec<(String, QueueRead)>, observed_at: DateTime<Utc>) -> Self {
+        let sum = |f: fn(&QueueRead) -> u64| {
+            queues
+                .iter()
+                .map(|(_, r)| f(r))
+                .fold(0u64, u64::saturating_add)
+        };
+        let rate = |f: fn(&QueueRead) -> Option<f64>| {
+            queues.iter().filter_map(|(_, r)| f(r)).reduce(|a, b| a + b)
+        };
+        let unacked = queues
+            .iter()
+            .map(|(_, r)| r.unacked)
+            .try_fold(0u64, |total, u| u.map(|u| total.saturating_add(u)));
+        let ready_source = if queues
+            .iter()
+            .any(|(_, r)| r.ready_source == ReadySource::Management)
+        {
+            ReadySource::Management
+        } else {
+            ReadySource::PassiveDeclare
+        };
+        QueueRead {
+            ready: sum(|r| r.ready),
+            unacked,
+            consumers: sum(|r| r.consumers),
+            publish_rate: rate(|r| r.publish_rate),
+            ack_rate: rate(|r| r.ack_rate),
+            ready_source,
+            observed_at,
+            queues,
+        }
     }
 }
 
@@ -195,6 +260,7 @@ impl From<Observation> for QueueRead {
             ack_rate: o.ack_rate,
             ready_source: ReadySource::Management,
             observed_at: o.observed_at,
+            queues: Vec::new(),
         }
     }
 }
@@ -259,40 +325,85 @@ impl BrokerMetrics {
     }
 }
 
-#[async_trait]
-impl MetricsSource for BrokerMetrics {
-    async fn observe(&self, target: &BrokerTarget) -> Result<QueueRead, MetricsError> {
-        let (endpoint, credentials) = self.endpoint(target).await?;
-        let queue = &target.queue;
-        if self.peeker.is_known_missing(
-            &target.broker.amqp_url,
-            &credentials,
-            &queue.vhost,
-            &queue.name,
-        ) && let Ok(listing) = self.hub.vhost_queues(&endpoint, &queue.vhost).await
-            && listing.get(&queue.name).is_none()
+impl BrokerMetrics {
+    /// One queue of the target's vhost: passive declare + the shared listing.
+    async fn observe_queue(
+        &self,
+        target: &BrokerTarget,
+        endpoint: &ManagementEndpoint,
+        credentials: &Credentials,
+        name: &str,
+    ) -> Result<QueueRead, MetricsError> {
+        let vhost = &target.queue.vhost;
+        let amqp_url = &target.broker.amqp_url;
+        if self
+            .peeker
+            .is_known_missing(amqp_url, credentials, vhost, name)
+            && let Ok(listing) = self.hub.vhost_queues(endpoint, vhost).await
+            && listing.get(name).is_none()
         {
             // Still absent from the (shared, already paid for) listing, which
             // shows a new queue at once: spare the broker a channel and a 404.
             return Err(MetricsError::QueueNotFound {
-                queue: queue.name.clone(),
-                vhost: queue.vhost.clone(),
+                queue: name.to_owned(),
+                vhost: vhost.clone(),
             });
         }
         let (listing, peek) = tokio::join!(
-            self.hub.vhost_queues(&endpoint, &target.queue.vhost),
-            self.peeker.peek(
-                &target.broker.amqp_url,
-                &credentials,
-                &target.queue.vhost,
-                &target.queue.name,
-            ),
+            self.hub.vhost_queues(endpoint, vhost),
+            self.peeker.peek(amqp_url, credentials, vhost, name),
         );
         let row = listing
             .as_ref()
-            .map(|queues| queues.get(&target.queue.name))
+            .map(|queues| queues.get(name))
             .map_err(|e| MetricsError::Management(e.clone()));
-        combine(&target.queue, row, peek, Utc::now())
+        combine(name, vhost, row, peek, Utc::now())
+    }
+
+    /// The queues a multi-queue target watches now: its named queues and the
+    /// listed queues its pattern matches (the shared per-vhost listing; a
+    /// pattern cannot be resolved without it, names can).
+    async fn resolve_queues(
+        &self,
+        target: &BrokerTarget,
+        endpoint: &ManagementEndpoint,
+    ) -> Result<Vec<String>, MetricsError> {
+        let queue = &target.queue;
+        match self.hub.vhost_queues(endpoint, &queue.vhost).await {
+            Ok(listing) => Ok(queue.resolve(listing.queues.keys().map(String::as_str))),
+            Err(err) if queue.pattern.is_some() => Err(MetricsError::Management(err)),
+            Err(_) => Ok(queue.resolve(std::iter::empty())),
+        }
+    }
+}
+
+#[async_trait]
+impl MetricsSource for BrokerMetrics {
+    /// One queue: [`combine`] of its declare and listing row. Several: each
+    /// resolved queue read the same way (concurrently, on the same pooled
+    /// channel and the same cached listing); any queue's failure fails the
+    /// whole read, so the scaler holds its replicas rather than size on part
+    /// of its queues.
+    async fn observe(&self, target: &BrokerTarget) -> Result<QueueRead, MetricsError> {
+        let (endpoint, credentials) = self.endpoint(target).await?;
+        if !target.queue.is_multi() {
+            return self
+                .observe_queue(target, &endpoint, &credentials, &target.queue.name)
+                .await;
+        }
+        let names = self.resolve_queues(target, &endpoint).await?;
+        let reads = futures::future::join_all(
+            names
+                .iter()
+                .map(|name| self.observe_queue(target, &endpoint, &credentials, name)),
+        )
+        .await;
+        let queues = names
+            .into_iter()
+            .zip(reads)
+            .map(|(name, read)| read.map(|read| (name, read)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(QueueRead::of_queues(queues, Utc::now()))
     }
 
     async fn connection_unacked(
@@ -312,14 +423,15 @@ impl MetricsSource for BrokerMetrics {
 /// such queue) and the passive declare into one read; see the table in the
 /// module documentation.
 pub fn combine(
-    queue: &QueueRef,
+    queue: &str,
+    vhost: &str,
     management: Result<Option<&QueueStats>, MetricsError>,
     peek: Result<QueuePeek, PeekError>,
     now: DateTime<Utc>,
 ) -> Result<QueueRead, MetricsError> {
     let not_found = || MetricsError::QueueNotFound {
-        queue: queue.name.clone(),
-        vhost: queue.vhost.clone(),
+        queue: queue.to_owned(),
+        vhost: vhost.to_owned(),
     };
     let counted = |row: &&QueueStats| row.has_counts();
     match peek {
@@ -333,13 +445,14 @@ pub fn combine(
                 ack_rate: row.and_then(QueueStats::ack_rate),
                 ready_source: ReadySource::PassiveDeclare,
                 observed_at: now,
+                queues: Vec::new(),
             })
         }
         Err(PeekError::QueueNotFound { .. }) => Err(not_found()),
         Err(peek_err) => match management {
             Ok(Some(row)) if row.has_counts() => {
                 tracing::debug!(
-                    queue = %queue.name,
+                    queue,
                     error = %peek_err,
                     "passive declare failed; using the management API's counts"
                 );
@@ -351,6 +464,7 @@ pub fn combine(
                     ack_rate: row.ack_rate(),
                     ready_source: ReadySource::Management,
                     observed_at: now,
+                    queues: Vec::new(),
                 })
             }
             Ok(Some(_)) => Err(MetricsError::Peek(Arc::new(peek_err))),
@@ -363,13 +477,6 @@ pub fn combine(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn queue() -> QueueRef {
-        QueueRef {
-            name: "jobs".into(),
-            vhost: "/".into(),
-        }
-    }
 
     fn row(ready: u64, unacked: u64, consumers: u64) -> QueueStats {
         serde_json::from_value(serde_json::json!({
@@ -411,7 +518,7 @@ mod tests {
     #[test]
     fn ready_and_consumers_come_from_the_declare_unacked_and_rates_from_management() {
         let stale = row(0, 3, 1);
-        let read = combine(&queue(), Ok(Some(&stale)), peek(50, 2), Utc::now()).unwrap();
+        let read = combine("jobs", "/", Ok(Some(&stale)), peek(50, 2), Utc::now()).unwrap();
         assert_eq!(read.ready, 50);
         assert_eq!(read.consumers, 2);
         assert_eq!(read.unacked, Some(3));
@@ -425,7 +532,7 @@ mod tests {
 
     #[test]
     fn management_down_still_observes_with_unacked_unknown() {
-        let read = combine(&queue(), Err(management_down()), peek(7, 1), Utc::now()).unwrap();
+        let read = combine("jobs", "/", Err(management_down()), peek(7, 1), Utc::now()).unwrap();
         assert_eq!(read.ready, 7);
         assert_eq!(read.unacked, None);
         assert_eq!(read.publish_rate, None);
@@ -434,25 +541,32 @@ mod tests {
 
         // A queue the management API has no counts (or no row) for yet.
         let fresh = no_counts();
-        let read = combine(&queue(), Ok(Some(&fresh)), peek(2, 0), Utc::now()).unwrap();
+        let read = combine("jobs", "/", Ok(Some(&fresh)), peek(2, 0), Utc::now()).unwrap();
         assert_eq!((read.ready, read.unacked), (2, None));
-        let read = combine(&queue(), Ok(None), peek(2, 0), Utc::now()).unwrap();
+        let read = combine("jobs", "/", Ok(None), peek(2, 0), Utc::now()).unwrap();
         assert_eq!((read.ready, read.unacked), (2, None));
     }
 
     #[test]
     fn declare_down_falls_back_to_the_management_counts() {
         let counts = row(12, 3, 2);
-        let read = combine(&queue(), Ok(Some(&counts)), peek_failed(), Utc::now()).unwrap();
+        let read = combine("jobs", "/", Ok(Some(&counts)), peek_failed(), Utc::now()).unwrap();
         assert_eq!((read.ready, read.unacked, read.consumers), (12, Some(3), 2));
         assert_eq!(read.ready_source, ReadySource::Management);
 
         let fresh = no_counts();
-        let err = combine(&queue(), Ok(Some(&fresh)), peek_failed(), Utc::now()).unwrap_err();
+        let err = combine("jobs", "/", Ok(Some(&fresh)), peek_failed(), Utc::now()).unwrap_err();
         assert_eq!(err.metric_label(), "timeout");
-        let err = combine(&queue(), Ok(None), peek_failed(), Utc::now()).unwrap_err();
+        let err = combine("jobs", "/", Ok(None), peek_failed(), Utc::now()).unwrap_err();
         assert_eq!(err.condition_reason(), "QueueNotFound");
-        let err = combine(&queue(), Err(management_down()), peek_failed(), Utc::now()).unwrap_err();
+        let err = combine(
+            "jobs",
+            "/",
+            Err(management_down()),
+            peek_failed(),
+            Utc::now(),
+        )
+        .unwrap_err();
         assert!(matches!(err, MetricsError::Management(_)), "{err:?}");
     }
 
@@ -460,7 +574,7 @@ mod tests {
     fn a_404_from_the_declare_is_queue_not_found_whatever_management_says() {
         let stale = row(5, 0, 1);
         for management in [Ok(Some(&stale)), Ok(None), Err(management_down())] {
-            let err = combine(&queue(), management, peek_404(), Utc::now()).unwrap_err();
+            let err = combine("jobs", "/", management, peek_404(), Utc::now()).unwrap_err();
             assert!(
                 matches!(&err, MetricsError::QueueNotFound { queue, .. } if queue == "jobs"),
                 "{err:?}"

@@ -38,7 +38,8 @@ pub struct TickOutcome<'a> {
     pub paused: bool,
     /// Set when this reconcile patched the target's replicas.
     pub scaled_at: Option<DateTime<Utc>>,
-    /// `queue` on `vhost`, for messages.
+    /// What the scaler watches ([`warren_crd::QueueRef::summary`]), for
+    /// messages and `status.queueSummary`.
     pub queue: &'a str,
     /// The read had no unacked count (the management API failed): the
     /// observation carries the last known one.
@@ -64,6 +65,7 @@ pub fn after_tick(previous: &QueueScalerStatus, tick: &TickOutcome<'_>) -> Queue
     let now = tick.now;
     let generation = tick.generation;
     status.observed_generation = generation;
+    status.queue_summary = Some(tick.queue.to_owned());
     if let Some(observation) = &tick.observation {
         status.observation = Some(observation.clone());
     }

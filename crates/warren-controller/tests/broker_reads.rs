@@ -375,10 +375,7 @@ fn target(management_url: String, amqp_port: u16, queue: &str) -> BrokerTarget {
                 password_key: "password".into(),
             },
         },
-        queue: QueueRef {
-            name: queue.into(),
-            vhost: "/".into(),
-        },
+        queue: QueueRef::single(queue, "/"),
     }
 }
 
@@ -712,4 +709,87 @@ async fn a_scaler_on_a_missing_queue_gets_queue_not_found_without_a_declare_per_
         "/",
         &queue
     ));
+}
+
+#[tokio::test]
+async fn a_scaler_over_names_and_a_pattern_reads_every_matching_queue_with_one_listing() {
+    let node = node().await;
+    let (_server, credentials) = credentials_cache().await;
+    let management = ManagementClient::new(ManagementConfig::default()).unwrap();
+    let hub = Arc::new(QueueStatsHub::new(management, Duration::from_secs(30)));
+    let peeker = Arc::new(QueuePeeker::new(Duration::from_secs(5)));
+    let source = BrokerMetrics::new(credentials, hub.clone(), peeker.clone());
+    let probe = ManagementClient::new(ManagementConfig::default()).unwrap();
+    let endpoint = guest(&node);
+
+    // Three "notify" queues the pattern matches, one named queue, one other.
+    let prefix = unique_name("notify");
+    let matched: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|s| format!("{prefix}-{s}"))
+        .collect();
+    let named = unique_name("tasks");
+    let other = unique_name("other");
+    let conn = connect(&node, "setup").await;
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for (queue, count) in matched.iter().zip([4usize, 0, 7]) {
+        declare(&channel, queue).await;
+        publish(&channel, queue, count).await;
+    }
+    declare(&channel, &named).await;
+    publish(&channel, &named, 2).await;
+    declare(&channel, &other).await;
+    publish(&channel, &other, 50).await;
+    wait_for_stats(&probe, &endpoint, |s| {
+        matched
+            .iter()
+            .chain([&named, &other])
+            .all(|q| s.get(q).is_some())
+    })
+    .await;
+
+    let mut target = target(node.management_url(), node.amqp_port(), &named);
+    target.queue.pattern = Some(format!("^{prefix}-"));
+    target.queue.operation = warren_crd::Operation::Max;
+    let requests_before = hub.client().requests_sent();
+    let read = source.observe(&target).await.unwrap();
+    let names: Vec<&str> = read.queues.iter().map(|(n, _)| n.as_str()).collect();
+    let mut expected = vec![named.as_str()];
+    expected.extend(matched.iter().map(String::as_str));
+    assert_eq!(names, expected, "named first, then the matches, sorted");
+    let ready: Vec<u64> = read.queues.iter().map(|(_, r)| r.ready).collect();
+    assert_eq!(ready, vec![2, 4, 0, 7]);
+    assert_eq!(read.ready, 13, "the other queue is not counted");
+    assert_eq!(read.ready_source, ReadySource::PassiveDeclare);
+    // One listing (cached) served the pattern and every queue's row; one
+    // passive declare per queue.
+    assert_eq!(hub.client().requests_sent() - requests_before, 1);
+    assert_eq!(peeker.declares_sent(), 4);
+    let observation = read.observation(None);
+    assert_eq!(observation.queues.len(), 4);
+    assert_eq!(observation.ready, 13);
+
+    // A queue created later is matched at the next listing.
+    let late = format!("{prefix}-d");
+    declare(&channel, &late).await;
+    publish(&channel, &late, 3).await;
+    let fresh_hub = Arc::new(QueueStatsHub::new(
+        ManagementClient::new(ManagementConfig::default()).unwrap(),
+        Duration::from_millis(100),
+    ));
+    let (_server2, credentials2) = credentials_cache().await;
+    let fresh = BrokerMetrics::new(credentials2, fresh_hub, peeker.clone());
+    wait_for_stats(&probe, &endpoint, |s| s.get(&late).is_some()).await;
+    let read = fresh.observe(&target).await.unwrap();
+    assert_eq!(read.queues.len(), 5);
+    assert_eq!(read.ready, 16);
+
+    // A named queue that does not exist fails the whole read.
+    target.queue.names = vec![unique_name("missing")];
+    let err = fresh.observe(&target).await.unwrap_err();
+    assert_eq!(err.condition_reason(), "QueueNotFound", "{err:?}");
 }

@@ -80,7 +80,7 @@ struct FakeAudit(Mutex<Vec<ScaleRecord>>);
 
 impl ScaleAudit for FakeAudit {
     fn publish(&self, target: &BrokerTarget, record: &ScaleRecord) {
-        assert_eq!(target.queue.name, "jobs");
+        assert!(target.queue.named().contains(&"jobs"), "{:?}", target.queue);
         self.0.lock().unwrap().push(record.clone());
     }
 }
@@ -106,7 +106,27 @@ fn unacked_unknown(ready: u64) -> Result<QueueRead, MetricsError> {
         ack_rate: None,
         ready_source: ReadySource::PassiveDeclare,
         observed_at: Utc::now(),
+        queues: Vec::new(),
     })
+}
+
+/// A read of several queues, each (name, ready, unacked).
+fn observed_queues(queues: &[(&str, u64, u64)]) -> Result<QueueRead, MetricsError> {
+    let reads = queues
+        .iter()
+        .map(|(name, ready, unacked)| {
+            let read = QueueRead::from(Observation::new(
+                *ready,
+                *unacked,
+                1,
+                None,
+                None,
+                Utc::now(),
+            ));
+            (name.to_string(), read)
+        })
+        .collect();
+    Ok(QueueRead::of_queues(reads, Utc::now()))
 }
 
 fn broker_down() -> Result<QueueRead, MetricsError> {
@@ -851,4 +871,116 @@ async fn statefulset_targets_use_their_scale_subresource_and_skip_deletion_costs
     .await
     .unwrap();
     assert_eq!(*h.source.unacked_calls.lock().unwrap(), 0);
+}
+
+// ------------------------------------------------- several queues
+
+#[tokio::test]
+async fn a_scaler_over_several_queues_sizes_by_its_operation_and_shows_each_queue() {
+    // jobs 12, sms 9 at 5 per replica: max counts 12 -> 3 replicas (sum would be 5).
+    let mut h = harness(FakeSource::with(vec![observed_queues(&[
+        ("jobs", 12, 0),
+        ("sms", 9, 0),
+    ])]));
+    let qs = scaler(json!({
+        "messagesPerReplica": 5,
+        "queue": {"names": ["sms"], "operation": "max"}
+    }));
+    let mut status = None;
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect_get_scale(1).await;
+        api.expect_scale_patch(3).await;
+        let event = api.expect_event("Normal", "Scaled").await;
+        let note = event["note"].as_str().unwrap();
+        assert!(
+            note.starts_with("from 1 to 3: 12 messages at 5 per replica"),
+            "{note}"
+        );
+        status = Some(api.expect_status_patch(&qs).await);
+    })
+    .await
+    .unwrap();
+    let status = status.unwrap();
+    assert_eq!(status.queue_summary.as_deref(), Some("jobs,sms (max)"));
+    let observation = status.observation.unwrap();
+    assert_eq!((observation.ready, observation.unacked), (21, 0));
+    let per_queue: Vec<(String, u64)> = observation
+        .queues
+        .iter()
+        .map(|q| (q.name.clone(), q.ready))
+        .collect();
+    assert_eq!(
+        per_queue,
+        vec![("jobs".to_string(), 12), ("sms".to_string(), 9)]
+    );
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert!(
+        ready.message.contains("jobs,sms (max)"),
+        "{}",
+        ready.message
+    );
+    let audit = h.audit.0.lock().unwrap().clone();
+    assert_eq!((audit[0].from, audit[0].to), (1, 3));
+}
+
+#[tokio::test]
+async fn avg_over_several_queues_rounds_up_and_never_scales_a_waiting_message_away() {
+    // jobs 12, sms 0: avg 6 -> 2 replicas (sum and max would ask for 3).
+    let mut h = harness(FakeSource::with(vec![
+        observed_queues(&[("jobs", 12, 0), ("sms", 0, 0)]),
+        // Later: one message left on one queue of two: avg 1 (0.5 rounded up).
+        observed_queues(&[("jobs", 0, 0), ("sms", 1, 0)]),
+    ]));
+    let qs = scaler(json!({
+        "messagesPerReplica": 5,
+        "queue": {"names": ["sms"], "operation": "avg"}
+    }));
+    let mut written = None;
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect_get_scale(0).await;
+        api.expect_scale_patch(2).await;
+        api.expect_event("Normal", "Scaled").await;
+        written = Some(api.expect_status_patch(&qs).await);
+    })
+    .await
+    .unwrap();
+    let qs = with_status(qs, written.unwrap());
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect_get_scale(2).await;
+        api.expect_pod_list(vec![pod("worker-a", None), pod("worker-b", None)])
+            .await;
+        api.expect_pod_cost("worker-a", "0").await;
+        api.expect_pod_cost("worker-b", "0").await;
+        api.expect_scale_patch(1).await;
+        api.expect_event("Normal", "Scaled").await;
+        let status = api.expect_status_patch(&qs).await;
+        assert_eq!(status.last_decision.unwrap().reason, "Backlog");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn an_invalid_pattern_is_an_invalid_spec() {
+    let mut h = harness(FakeSource::with(vec![observed(1, 0)]));
+    let qs = scaler(json!({"queue": {"pattern": "sms(["}}));
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        let event = api.expect_event("Warning", "InvalidSpec").await;
+        let note = event["note"].as_str().unwrap();
+        assert!(note.contains("queue.pattern \"sms([\""), "{note}");
+        let status = api.expect_status_patch(&qs).await;
+        let ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
+        assert_eq!(ready.reason, "InvalidSpec");
+    })
+    .await
+    .unwrap();
+    assert_eq!(h.source.calls(), 0);
 }

@@ -19,12 +19,13 @@ use kube::{CustomResourceExt, ResourceExt};
 
 pub use spec::{
     Behavior, BrokerRef, CredentialsSecretRef, DEFAULT_SCALE_DOWN_POLICIES,
-    DEFAULT_SCALE_UP_POLICIES, DirectionRules, Fallback, PolicyType, QueueRef, QueueScaler,
-    QueueScalerSpec, ScaleDownRules, ScaleTargetRef, ScaleUpRules, ScalingPolicy, SelectPolicy,
-    TargetKind,
+    DEFAULT_SCALE_UP_POLICIES, DirectionRules, Fallback, Operation, PolicyType, QueueRef,
+    QueueScaler, QueueScalerSpec, ScaleDownRules, ScaleTargetRef, ScaleUpRules, ScalingPolicy,
+    SelectPolicy, TargetKind,
 };
 pub use status::{
-    Condition, ConditionStatus, LastDecision, Observation, QueueScalerStatus, condition_type,
+    Condition, ConditionStatus, LastDecision, Observation, QueueObservation, QueueScalerStatus,
+    condition_type,
 };
 pub use validate::{MAX_POLICY_PERIOD_SECONDS, MAX_STABILIZATION_WINDOW_SECONDS, SpecError};
 

@@ -38,7 +38,7 @@ use crate::status::QueueScalerStatus;
         type_ = "string",
         json_path = ".spec.scaleTargetRef.name"
     ),
-    printcolumn(name = "Queue", type_ = "string", json_path = ".spec.queue.name"),
+    printcolumn(name = "Queue", type_ = "string", json_path = ".status.queueSummary"),
     printcolumn(
         name = "Messages",
         type_ = "integer",
@@ -71,6 +71,10 @@ use crate::status::QueueScalerStatus;
         {
             "rule": "!has(self.fallback) || !has(self.fallback.replicas) || self.fallback.replicas <= self.maxReplicas",
             "message": "fallback.replicas must not exceed maxReplicas"
+        },
+        {
+            "rule": "!has(self.targetDrainSeconds) || !has(self.queue.operation) || self.queue.operation == 'sum'",
+            "message": "targetDrainSeconds needs queue.operation sum"
         }
     ])
 )]
@@ -78,7 +82,7 @@ pub struct QueueScalerSpec {
     /// The workload whose replica count this scaler owns.
     pub scale_target_ref: ScaleTargetRef,
 
-    /// The queue whose depth drives the scaling.
+    /// The queue (or queues) whose depth drives the scaling.
     pub queue: QueueRef,
 
     /// How to reach RabbitMQ (management API for depth and rates, AMQP for
@@ -186,17 +190,171 @@ impl std::fmt::Display for TargetKind {
     }
 }
 
-/// A queue on a RabbitMQ virtual host.
+/// The queues of one RabbitMQ virtual host that drive a scaler: `name` (one
+/// queue, the original form), `names` and `pattern`, in any combination (at
+/// least one). The scaler watches the union, each queue once.
+///
+/// With several queues, `operation` combines their per-queue counts (ready,
+/// plus unacked when `countUnacked`) into the one count the sizing rule
+/// divides by `messagesPerReplica` (KEDA's `operation` of its RabbitMQ
+/// scaler): `sum` adds them, `max` takes the largest, `avg` divides the sum by
+/// the number of queues watched, rounded up (KEDA rounds down; up means one
+/// waiting message is never averaged away). A scaler over one queue counts the
+/// same under every operation.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "(has(self.name) && size(self.name) > 0) || (has(self.names) && size(self.names) > 0) || (has(self.pattern) && size(self.pattern) > 0)",
+        "message": "queue needs name, names or pattern"
+    }
+]))]
 pub struct QueueRef {
-    /// Queue name.
-    #[schemars(length(min = 1))]
+    /// One queue by name. May be left out when `names` or `pattern` is given.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(min = 1, max = 255))]
     pub name: String,
-    /// Virtual host of the queue.
+    /// More queues by name, on the same vhost.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 255)))]
+    pub names: Vec<String>,
+    /// A regular expression (Rust `regex` syntax) matched against the name of
+    /// every queue of the vhost, as listed by the management API. Unanchored,
+    /// like RabbitMQ's `use_regex` filter that KEDA's `useRegex` relies on:
+    /// `sms` matches `sms` and `bulk-sms-2`; write `^sms$` for one name.
+    /// Queues matching no listing (a new queue, before the listing shows it)
+    /// are not watched until listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub pattern: Option<String>,
+    /// Virtual host of the queues.
     #[serde(default = "default_vhost")]
     #[schemars(length(min = 1))]
     pub vhost: String,
+    /// How several queues' counts combine: `sum` (default), `max` or `avg`.
+    #[serde(default, skip_serializing_if = "Operation::is_default")]
+    pub operation: Operation,
+}
+
+impl QueueRef {
+    /// One queue on `vhost` (the original form).
+    pub fn single(name: impl Into<String>, vhost: impl Into<String>) -> Self {
+        QueueRef {
+            name: name.into(),
+            names: Vec::new(),
+            pattern: None,
+            vhost: vhost.into(),
+            operation: Operation::default(),
+        }
+    }
+
+    /// The queues named explicitly (`name`, then `names`), each once, in order.
+    pub fn named(&self) -> Vec<&str> {
+        let mut named: Vec<&str> = Vec::new();
+        let listed =
+            std::iter::once(self.name.as_str()).chain(self.names.iter().map(String::as_str));
+        for queue in listed {
+            if !queue.is_empty() && !named.contains(&queue) {
+                named.push(queue);
+            }
+        }
+        named
+    }
+
+    /// More than one queue may be watched: `names` or `pattern` is set.
+    /// Such a scaler reports per-queue observations in its status.
+    pub fn is_multi(&self) -> bool {
+        !self.names.is_empty() || self.pattern.is_some()
+    }
+
+    /// The compiled `pattern` (`None` without one; an error when it is not a
+    /// valid regular expression).
+    pub fn pattern_regex(&self) -> Option<Result<regex::Regex, regex::Error>> {
+        self.pattern.as_deref().map(regex::Regex::new)
+    }
+
+    /// The queues this selector watches, given the names the vhost lists:
+    /// the named queues (listed or not: their absence is an error to report),
+    /// then the listed queues the pattern matches, each once, sorted after
+    /// the named ones. An invalid pattern matches nothing (validation
+    /// reports it).
+    pub fn resolve<'l>(&self, listed: impl IntoIterator<Item = &'l str>) -> Vec<String> {
+        let mut queues: Vec<String> = self.named().into_iter().map(str::to_owned).collect();
+        if let Some(Ok(pattern)) = self.pattern_regex() {
+            let mut matched: Vec<String> = listed
+                .into_iter()
+                .filter(|name| pattern.is_match(name) && !queues.iter().any(|q| q == name))
+                .map(str::to_owned)
+                .collect();
+            matched.sort();
+            matched.dedup();
+            queues.extend(matched);
+        }
+        queues
+    }
+
+    /// One line for the printer column and messages: `tasks`;
+    /// `sms,email (sum)`; `sms,/^mail-/ (max)`.
+    pub fn summary(&self) -> String {
+        if !self.is_multi() {
+            return self.name.clone();
+        }
+        let mut parts: Vec<String> = self.named().into_iter().map(str::to_owned).collect();
+        if let Some(pattern) = &self.pattern {
+            parts.push(format!("/{pattern}/"));
+        }
+        format!("{} ({})", parts.join(","), self.operation)
+    }
+}
+
+/// How the counts of several queues combine (KEDA's `operation`).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    /// The total over the queues.
+    #[default]
+    Sum,
+    /// The largest per-queue count.
+    Max,
+    /// The total divided by the number of queues watched, rounded up.
+    Avg,
+}
+
+impl Operation {
+    fn is_default(&self) -> bool {
+        *self == Operation::default()
+    }
+
+    /// The operation as written in the spec (`sum`, `max`, `avg`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Sum => "sum",
+            Operation::Max => "max",
+            Operation::Avg => "avg",
+        }
+    }
+
+    /// Combines per-queue counts; no queue at all counts 0.
+    pub fn combine(self, counts: &[u64]) -> u64 {
+        match self {
+            Operation::Sum => counts.iter().fold(0u64, |a, b| a.saturating_add(*b)),
+            Operation::Max => counts.iter().copied().max().unwrap_or(0),
+            Operation::Avg => {
+                let n = counts.len() as u64;
+                if n == 0 {
+                    0
+                } else {
+                    Operation::Sum.combine(counts).div_ceil(n)
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Where RabbitMQ is and which Secret holds its credentials.

@@ -14,7 +14,12 @@ pub struct QueueScalerStatus {
     /// The `metadata.generation` this status was computed for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// The last successful read of the queue.
+    /// What the scaler watches, in one line (the `Queue` printer column):
+    /// `tasks`, or for several queues `sms,email (sum)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_summary: Option<String>,
+    /// The last successful read of the queue (of every queue, for a scaler
+    /// over several: totals, and each queue under `queues`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observation: Option<Observation>,
     /// Replicas of the target when the controller last looked.
@@ -41,7 +46,9 @@ pub struct QueueScalerStatus {
     pub conditions: Vec<Condition>,
 }
 
-/// One read of the queue's depth and rates.
+/// One read of the queue's depth and rates. For a scaler over several queues
+/// the counts and rates are totals over them, `queues` holds each queue's
+/// own, and `operation` (in the spec) decides how the decision combines them.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Observation {
@@ -63,6 +70,30 @@ pub struct Observation {
     pub per_replica_ack_rate: Option<f64>,
     /// When the read was made.
     pub observed_at: DateTime<Utc>,
+    /// Per queue, for a scaler over several queues (`queue.names` or
+    /// `queue.pattern`); empty for the single-queue form.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queues: Vec<QueueObservation>,
+}
+
+/// One queue's counts within an observation of several queues.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueObservation {
+    /// Queue name.
+    pub name: String,
+    /// Messages waiting to be delivered.
+    pub ready: u64,
+    /// Messages delivered to consumers and not yet acknowledged.
+    pub unacked: u64,
+    /// Consumers attached to the queue.
+    pub consumers: u64,
+    /// Messages published per second, if measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_rate: Option<f64>,
+    /// Messages acknowledged per second, if measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack_rate: Option<f64>,
 }
 
 impl Observation {
@@ -90,7 +121,33 @@ impl Observation {
             ack_rate,
             per_replica_ack_rate,
             observed_at,
+            queues: Vec::new(),
         }
+    }
+
+    /// The observation of several queues: counts and rates are totals, each
+    /// queue is kept under `queues`. A worker of the pool consumes every one
+    /// of them, so the replicas are estimated as the largest consumer count
+    /// of a queue, and `perReplicaAckRate` is the total ack rate over that.
+    /// No queue at all is an empty observation.
+    pub fn of_queues(queues: Vec<QueueObservation>, observed_at: DateTime<Utc>) -> Self {
+        let total =
+            |f: fn(&QueueObservation) -> u64| queues.iter().map(f).fold(0u64, u64::saturating_add);
+        let rate = |f: fn(&QueueObservation) -> Option<f64>| {
+            queues.iter().filter_map(f).reduce(|a, b| a + b)
+        };
+        let replicas = queues.iter().map(|q| q.consumers).max().unwrap_or(0);
+        let mut observation = Observation::new(
+            total(|q| q.ready),
+            total(|q| q.unacked),
+            replicas,
+            rate(|q| q.publish_rate),
+            rate(|q| q.ack_rate),
+            observed_at,
+        );
+        observation.consumers = total(|q| q.consumers);
+        observation.queues = queues;
+        observation
     }
 
     /// No message is waiting and none is being processed.

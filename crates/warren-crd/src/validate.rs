@@ -14,7 +14,7 @@
 use thiserror::Error;
 use url::Url;
 
-use crate::spec::{QueueScalerSpec, ScalingPolicy};
+use crate::spec::{Operation, QueueScalerSpec, ScalingPolicy};
 
 /// Longest stabilization window accepted (HPA's limit).
 pub const MAX_STABILIZATION_WINDOW_SECONDS: u32 = 3600;
@@ -54,6 +54,12 @@ pub enum SpecError {
     },
     #[error("{field} must not contain credentials; use broker.credentialsSecretRef")]
     CredentialsInUrl { field: &'static str },
+    #[error("queue needs name, names or pattern")]
+    NoQueue,
+    #[error("queue.pattern {pattern:?} is not a valid regular expression: {reason}")]
+    BadPattern { pattern: String, reason: String },
+    #[error("targetDrainSeconds needs queue.operation sum, got {0}")]
+    DrainNeedsSum(Operation),
 }
 
 impl SpecError {
@@ -71,8 +77,7 @@ impl QueueScalerSpec {
                 self.scale_target_ref.api_version.clone(),
             ));
         }
-        non_empty("queue.name", &self.queue.name)?;
-        non_empty("queue.vhost", &self.queue.vhost)?;
+        self.validate_queue()?;
         let secret = &self.broker.credentials_secret_ref;
         non_empty("broker.credentialsSecretRef.name", &secret.name)?;
         non_empty(
@@ -151,6 +156,39 @@ impl QueueScalerSpec {
                 replicas,
                 max: self.max_replicas,
             });
+        }
+        Ok(())
+    }
+}
+
+impl QueueScalerSpec {
+    fn validate_queue(&self) -> Result<(), SpecError> {
+        let queue = &self.queue;
+        non_empty("queue.vhost", &queue.vhost)?;
+        if !queue.name.is_empty() {
+            non_empty("queue.name", &queue.name)?;
+        }
+        if queue.names.iter().any(|name| name.trim().is_empty()) {
+            return Err(SpecError::Empty {
+                field: "queue.names[]",
+            });
+        }
+        if queue.pattern.as_deref().is_some_and(|p| p.is_empty()) {
+            return Err(SpecError::Empty {
+                field: "queue.pattern",
+            });
+        }
+        if queue.named().is_empty() && queue.pattern.is_none() {
+            return Err(SpecError::NoQueue);
+        }
+        if let Some(Err(err)) = queue.pattern_regex() {
+            return Err(SpecError::BadPattern {
+                pattern: queue.pattern.clone().unwrap_or_default(),
+                reason: err.to_string(),
+            });
+        }
+        if self.target_drain_seconds.is_some() && queue.operation != Operation::Sum {
+            return Err(SpecError::DrainNeedsSum(queue.operation));
         }
         Ok(())
     }

@@ -196,12 +196,36 @@ fn validate_rejects_each_broken_rule() {
                 field: "scaleTargetRef.name",
             },
         ),
+        ("no queue", |s| s.queue.name = String::new(), NoQueue),
         (
-            "empty queue",
-            |s| s.queue.name = String::new(),
+            "blank queue",
+            |s| s.queue.name = " ".into(),
             Empty {
                 field: "queue.name",
             },
+        ),
+        (
+            "blank queue in names",
+            |s| s.queue.names = vec!["sms".into(), String::new()],
+            Empty {
+                field: "queue.names[]",
+            },
+        ),
+        (
+            "bad pattern",
+            |s| s.queue.pattern = Some("sms([".into()),
+            BadPattern {
+                pattern: "sms([".into(),
+                reason: regex::Regex::new("sms([").unwrap_err().to_string(),
+            },
+        ),
+        (
+            "drain with max",
+            |s| {
+                s.target_drain_seconds = Some(60);
+                s.queue.operation = warren_crd::Operation::Max;
+            },
+            DrainNeedsSum(warren_crd::Operation::Max),
         ),
         (
             "empty vhost",
@@ -371,7 +395,7 @@ fn crd_has_names_scope_subresource_and_printer_columns() {
         .collect();
     let expected = [
         ("Target", "string", ".spec.scaleTargetRef.name"),
-        ("Queue", "string", ".spec.queue.name"),
+        ("Queue", "string", ".status.queueSummary"),
         ("Messages", "integer", ".status.observation.ready"),
         ("Replicas", "integer", ".status.currentReplicas"),
         ("Desired", "integer", ".status.desiredReplicas"),
@@ -541,4 +565,87 @@ fn observation_derives_per_replica_ack_rate() {
     );
     assert!(Observation::new(0, 0, 3, None, None, now).is_empty());
     assert!(!Observation::new(0, 1, 3, None, None, now).is_empty());
+}
+
+#[test]
+fn several_queues_by_names_and_pattern() {
+    let spec = spec_from(json!({
+        "scaleTargetRef": {"name": "warren-worker-notify"},
+        "queue": {"names": ["sms", "email", "sms"], "pattern": "^push-", "operation": "avg"},
+        "broker": {"credentialsSecretRef": {"name": "warren-rabbitmq"}},
+        "maxReplicas": 10
+    }));
+    assert_eq!(spec.validate(), Ok(()));
+    let queue = &spec.queue;
+    assert!(queue.is_multi());
+    assert_eq!(queue.name, "");
+    assert_eq!(queue.vhost, "/");
+    assert_eq!(queue.operation, warren_crd::Operation::Avg);
+    assert_eq!(queue.named(), vec!["sms", "email"]);
+    // Named queues first (listed or not), then the listed matches, sorted, once.
+    let listed = ["push-b", "email", "other", "push-a", "sms.dead", "mypush-x"];
+    assert_eq!(
+        queue.resolve(listed),
+        vec!["sms", "email", "push-a", "push-b"]
+    );
+    assert_eq!(queue.summary(), "sms,email,/^push-/ (avg)");
+    // Unanchored, like RabbitMQ's use_regex filter.
+    let mut loose = queue.clone();
+    loose.pattern = Some("push".into());
+    assert_eq!(
+        loose.resolve(listed),
+        vec!["sms", "email", "mypush-x", "push-a", "push-b"]
+    );
+    // The single form is unchanged, and serializes as before.
+    let single = valid();
+    assert!(!single.queue.is_multi());
+    assert_eq!(single.queue.summary(), "tasks");
+    assert_eq!(single.queue.resolve(listed), vec!["tasks"]);
+    assert_eq!(
+        serde_json::to_value(&single.queue).unwrap(),
+        json!({"name": "tasks", "vhost": "/"})
+    );
+}
+
+#[test]
+fn operations_combine_counts_as_documented() {
+    use warren_crd::Operation::{Avg, Max, Sum};
+    assert_eq!(Sum.combine(&[12, 3, 0]), 15);
+    assert_eq!(Max.combine(&[12, 3, 0]), 12);
+    assert_eq!(Avg.combine(&[12, 3, 0]), 5);
+    assert_eq!(Avg.combine(&[1, 0, 0]), 1, "avg rounds up");
+    for op in [Sum, Max, Avg] {
+        assert_eq!(op.combine(&[]), 0);
+        assert_eq!(op.combine(&[7]), 7);
+    }
+    assert_eq!(Sum.combine(&[u64::MAX, 1]), u64::MAX);
+}
+
+#[test]
+fn schema_shows_the_queue_selector_rules() {
+    let schema = crd_schema();
+    let spec = &schema["properties"]["spec"];
+    let queue = &spec["properties"]["queue"];
+    assert_eq!(
+        queue["properties"]["operation"]["enum"],
+        json!(["sum", "max", "avg"])
+    );
+    assert_eq!(queue["properties"]["names"]["maxItems"], 64);
+    assert_eq!(queue["properties"]["names"]["items"]["minLength"], 1);
+    assert_eq!(queue["properties"]["pattern"]["maxLength"], 256);
+    assert_eq!(queue["required"], Value::Null, "name is no longer required");
+    let rules = queue["x-kubernetes-validations"].as_array().unwrap();
+    assert_eq!(rules.len(), 1);
+    assert!(
+        rules[0]["rule"]
+            .as_str()
+            .unwrap()
+            .contains("has(self.pattern)")
+    );
+    let spec_rules = spec["x-kubernetes-validations"].as_array().unwrap();
+    assert!(
+        spec_rules
+            .iter()
+            .any(|r| r["message"] == "targetDrainSeconds needs queue.operation sum")
+    );
 }

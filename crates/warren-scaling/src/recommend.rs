@@ -1,6 +1,7 @@
 //! Step 1: from one observation to a recommended replica count.
 //!
-//! - Counted messages: `ready`, plus `unacked` when `countUnacked`.
+//! - Counted messages: `ready`, plus `unacked` when `countUnacked`; over
+//!   several queues, that count per queue combined by `queue.operation`.
 //! - Sizing ([`size`]): with `targetDrainSeconds` set and a measured
 //!   per-replica ack rate (> 0), `ceil((publishRate + counted /
 //!   targetDrainSeconds) / perReplicaAckRate)`; otherwise (no rates yet, e.g.
@@ -27,13 +28,27 @@ pub(crate) struct Target {
     pub reason: Reason,
 }
 
-/// Messages that call for workers.
+/// Messages that call for workers. For one queue: `ready`, plus `unacked`
+/// when `countUnacked`. For several (`observation.queues`): that count per
+/// queue, combined by `queue.operation` (sum, max, or avg rounded up), so
+/// the count is 0 only when every queue's count is 0.
 pub fn counted_messages(spec: &QueueScalerSpec, observation: &Observation) -> u64 {
-    if spec.count_unacked {
-        observation.ready.saturating_add(observation.unacked)
-    } else {
-        observation.ready
+    let count = |ready: u64, unacked: u64| {
+        if spec.count_unacked {
+            ready.saturating_add(unacked)
+        } else {
+            ready
+        }
+    };
+    if observation.queues.is_empty() {
+        return count(observation.ready, observation.unacked);
     }
+    let per_queue: Vec<u64> = observation
+        .queues
+        .iter()
+        .map(|q| count(q.ready, q.unacked))
+        .collect();
+    spec.queue.operation.combine(&per_queue)
 }
 
 /// Replicas the sizing rule asks for (unbounded; 0 when nothing calls for a
