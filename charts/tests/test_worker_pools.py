@@ -105,7 +105,7 @@ def test_each_scaled_pool_gets_its_own_queuescaler(render):
 
 def test_network_policy_admits_every_pool(render):
     rendered = render("pools")
-    (policy,) = rendered.kinds("NetworkPolicy")
+    policy = rendered.one("NetworkPolicy", "warren-rabbitmq")
     (expression,) = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchExpressions"]
     components = {d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
                   for d in pools_of(rendered).values()}
