@@ -953,8 +953,9 @@ async fn avg_over_several_queues_rounds_up_and_never_scales_a_waiting_message_aw
         api.expect_get_scale(2).await;
         api.expect_pod_list(vec![pod("worker-a", None), pod("worker-b", None)])
             .await;
-        api.expect_pod_cost("worker-a", "0").await;
-        api.expect_pod_cost("worker-b", "0").await;
+        // No connection at the broker for either pod: the cheapest cost.
+        api.expect_pod_cost("worker-a", "-1000").await;
+        api.expect_pod_cost("worker-b", "-1000").await;
         api.expect_scale_patch(1).await;
         api.expect_event("Normal", "Scaled").await;
         let status = api.expect_status_patch(&qs).await;
