@@ -45,7 +45,7 @@ VARIATIONS: dict[str, list[str]] = {
         "--set", "queue.extra={sms,email}",
         "--set", "queueScaler.enabled=true",
         "--set-json", 'worker.pools=[{"name":"worker"},'
-                      '{"name":"worker-sms","queues":["sms"],"secondsPerDot":0.1,"prefetch":2,'
+                      '{"name":"worker-sms","queues":["sms"],"secondsPerDot":0.1,"prefetch":2,"concurrency":2,'
                       '"terminationGracePeriodSeconds":45,'
                       '"resources":{"requests":{"cpu":"10m","memory":"16Mi"},"limits":{"cpu":"200m","memory":"32Mi"}},'
                       '"queueScaler":{"maxReplicas":4,"messagesPerReplica":20}},'

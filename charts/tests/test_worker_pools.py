@@ -62,6 +62,7 @@ def test_three_pools_with_their_own_settings(render):
     sms = pools["warren-worker-sms"]
     assert env(sms)["WARREN_SECONDS_PER_DOT"]["value"] == "0.1"
     assert env(sms)["WARREN_PREFETCH"]["value"] == "2"
+    assert env(sms)["WARREN_CONCURRENCY"]["value"] == "2"
     assert sms["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 45
     assert sms["spec"]["template"]["spec"]["containers"][0]["resources"] == {
         "requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"cpu": "200m", "memory": "32Mi"}}
