@@ -147,9 +147,11 @@ fn print(value: impl serde::Serialize) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    warren_telemetry::init_tracing(&cli.log).context("setting up logging")?;
     warren_telemetry::install_crypto_provider();
     if let Command::Serve(args) = &cli.command {
+        // Only the server logs: the CLI's standard output is its answer
+        // (`TOKEN=$(warren-admin tokens create … --secret-only)`), errors go to stderr.
+        warren_telemetry::init_tracing(&cli.log).context("setting up logging")?;
         let shutdown = CancellationToken::new();
         let admin = warren_admin::serve(&cli.db, args, shutdown.clone()).await?;
         tracing::info!(addr = %admin.addr, "warren-admin listening");
