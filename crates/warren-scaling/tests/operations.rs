@@ -51,11 +51,13 @@ fn replicas(spec: &QueueScalerSpec, current: i32, observation: Observation) -> i
     .replicas
 }
 
+/// (operation, per-queue (ready, unacked), counted, replicas at 5 per replica from 1)
+type Row = (Operation, &'static [(u64, u64)], u64, i32);
+
 #[test]
 fn operations_table() {
     use Operation::{Avg, Max, Sum};
-    // (operation, per-queue (ready, unacked), counted, replicas at 5 per replica from 1)
-    let table: &[(Operation, &[(u64, u64)], u64, i32)] = &[
+    let table: &[Row] = &[
         (Sum, &[(12, 0), (3, 0), (0, 0)], 15, 3),
         (Max, &[(12, 0), (3, 0), (0, 0)], 12, 3),
         (Avg, &[(12, 0), (3, 0), (0, 0)], 5, 1),
