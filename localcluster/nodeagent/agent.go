@@ -49,6 +49,7 @@ type Config struct {
 	KubeletPort   int
 	PodCIDR       string // e.g. 10.244.0.0/24; the bridge takes its first address
 	ClusterDNS    string // DNS server address (a /32 on the bridge), e.g. 10.96.0.10
+	ServiceCIDR   string // ClusterIP range, routed to the services namespace (default 10.96.0.0/16)
 	ClusterDomain string
 	Bridge        string // host bridge name (default warren0)
 	// WritableRoot ignores readOnlyRootFilesystem (debugging aid).
@@ -155,6 +156,13 @@ func Run(ctx context.Context, cfg Config) error {
 	defer nw.teardown()
 	if err := nw.addHostAddr(ctx, netip.MustParseAddr(cfg.ClusterDNS)); err != nil {
 		return fmt.Errorf("cluster DNS address: %w", err)
+	}
+	serviceCIDR := cfg.ServiceCIDR
+	if serviceCIDR == "" {
+		serviceCIDR = "10.96.0.0/16"
+	}
+	if err := nw.setupServices(ctx, serviceCIDR, cfg.ClusterDNS); err != nil {
+		return fmt.Errorf("services namespace: %w", err)
 	}
 
 	shared := informers.NewSharedInformerFactory(client, 10*time.Minute)

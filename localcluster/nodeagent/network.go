@@ -18,19 +18,87 @@ import (
 )
 
 // network: a host bridge holding the first address of the pod CIDR; each pod a network
-// namespace (ip netns) with a veth whose host end is on the bridge. Service ClusterIPs and the
-// cluster DNS address are /32 addresses on the bridge (this kernel has no dummy interfaces), so
-// pods reach them through their default route and the host answers for them.
+// namespace (ip netns) with a veth whose host end is on the bridge. The cluster DNS address is
+// a /32 on the bridge (this kernel has no dummy interfaces). Service ClusterIPs live in a
+// namespace of their own (servicesNS, on the bridge at the pod CIDR's last address) where the
+// service proxy listens: in the host's namespace a ClusterIP:port listener cannot bind when a
+// host program listens on the same port on every address (the machine's own RabbitMQ on
+// *:5672), and the pods' connections would reach that program instead.
 type network struct {
 	bridge  string
 	gateway netip.Addr
 	prefix  netip.Prefix
 
+	serviceCIDR netip.Prefix // routed to servicesAddr, from the host and from every pod
+	clusterDNS  netip.Addr   // stays on the host (routed to the gateway from pods)
+
 	mu    sync.Mutex
 	inUse map[netip.Addr]string // ip -> pod uid
 }
 
-const nsPrefix = "lc-"
+const (
+	nsPrefix = "lc-"
+	// servicesNS holds the ClusterIPs and the service proxy's listeners; servicesVeth is its
+	// veth's host end on the bridge.
+	servicesNS   = nsPrefix + "services"
+	servicesVeth = "lvservices"
+)
+
+func servicesNSPath() string { return filepath.Join("/run/netns", servicesNS) }
+
+// servicesAddr is the last address of the pod CIDR before its broadcast address.
+func (n *network) servicesAddr() netip.Addr {
+	b := n.prefix.Addr().AsSlice()
+	for i := n.prefix.Bits(); i < len(b)*8; i++ {
+		b[i/8] |= 0x80 >> (i % 8)
+	}
+	last, _ := netip.AddrFromSlice(b)
+	return last.Prev()
+}
+
+// setupServices creates servicesNS on the bridge and routes the service CIDR to it from the
+// host (pods get the same route in sandbox). Call after setup.
+func (n *network) setupServices(ctx context.Context, serviceCIDR, clusterDNS string) error {
+	cidr, err := netip.ParsePrefix(serviceCIDR)
+	if err != nil {
+		return fmt.Errorf("service CIDR %q: %w", serviceCIDR, err)
+	}
+	dns, err := netip.ParseAddr(clusterDNS)
+	if err != nil {
+		return fmt.Errorf("cluster DNS %q: %w", clusterDNS, err)
+	}
+	n.serviceCIDR, n.clusterDNS = cidr.Masked(), dns
+	ip := n.servicesAddr()
+	n.mu.Lock()
+	n.inUse[ip] = servicesNS
+	n.mu.Unlock()
+	_ = ipCmd(ctx, "netns", "del", servicesNS)
+	_ = ipCmd(ctx, "link", "del", servicesVeth)
+	steps := [][]string{
+		{"netns", "add", servicesNS},
+		{"link", "add", servicesVeth, "type", "veth", "peer", "name", "eth0", "netns", servicesNS},
+		{"link", "set", servicesVeth, "master", n.bridge, "up"},
+		{"-n", servicesNS, "link", "set", "lo", "up"},
+		{"-n", servicesNS, "addr", "add", fmt.Sprintf("%s/%d", ip, n.prefix.Bits()), "dev", "eth0"},
+		{"-n", servicesNS, "link", "set", "eth0", "up"},
+		{"route", "replace", n.serviceCIDR.String(), "via", ip.String(), "dev", n.bridge},
+	}
+	for _, s := range steps {
+		if err := ipCmd(ctx, s...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// addServiceAddr puts a ClusterIP in servicesNS (idempotent).
+func (n *network) addServiceAddr(ctx context.Context, a netip.Addr) error {
+	return ipCmd(ctx, "-n", servicesNS, "addr", "replace", a.String()+"/32", "dev", "lo")
+}
+
+func (n *network) delServiceAddr(ctx context.Context, a netip.Addr) {
+	_ = ipCmd(ctx, "-n", servicesNS, "addr", "del", a.String()+"/32", "dev", "lo")
+}
 
 func newNetwork(bridge, podCIDR string) (*network, error) {
 	prefix, err := netip.ParsePrefix(podCIDR)
@@ -95,25 +163,20 @@ func (n *network) hasAddr(a netip.Addr) bool {
 	return false
 }
 
-// teardown removes the bridge (with the service addresses on it) when the agent stops.
+// teardown removes the services namespace and the bridge when the agent stops.
 func (n *network) teardown() {
+	_ = ipCmd(context.Background(), "netns", "del", servicesNS)
 	if _, err := net.InterfaceByName(n.bridge); err == nil {
 		_ = ipCmd(context.Background(), "link", "del", n.bridge)
 	}
 }
 
-// addHostAddr puts a service address on the bridge.
+// addHostAddr puts an address (the cluster DNS) on the bridge.
 func (n *network) addHostAddr(ctx context.Context, a netip.Addr) error {
 	if n.hasAddr(a) {
 		return nil
 	}
 	return ipCmd(ctx, "addr", "add", a.String()+"/32", "dev", n.bridge)
-}
-
-func (n *network) delHostAddr(ctx context.Context, a netip.Addr) {
-	if n.hasAddr(a) {
-		_ = ipCmd(ctx, "addr", "del", a.String()+"/32", "dev", n.bridge)
-	}
 }
 
 func nsName(uid string) string {
@@ -152,6 +215,11 @@ func (n *network) sandbox(ctx context.Context, uid string) (netip.Addr, error) {
 		{"-n", name, "addr", "add", fmt.Sprintf("%s/%d", ip, n.prefix.Bits()), "dev", "eth0"},
 		{"-n", name, "link", "set", "eth0", "up"},
 		{"-n", name, "route", "add", "default", "via", n.gateway.String()},
+	}
+	if n.serviceCIDR.IsValid() {
+		steps = append(steps,
+			[]string{"-n", name, "route", "add", n.serviceCIDR.String(), "via", n.servicesAddr().String()},
+			[]string{"-n", name, "route", "add", n.clusterDNS.String() + "/32", "via", n.gateway.String()})
 	}
 	for _, s := range steps {
 		if err := ipCmd(ctx, s...); err != nil {

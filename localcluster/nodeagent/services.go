@@ -127,7 +127,7 @@ func (p *serviceProxy) run(ctx context.Context) {
 			}
 			for ip := range p.ips {
 				if a, err := netip.ParseAddr(ip); err == nil {
-					p.a.net.delHostAddr(context.Background(), a)
+					p.a.net.delServiceAddr(context.Background(), a)
 				}
 			}
 			p.mu.Unlock()
@@ -170,7 +170,7 @@ func (p *serviceProxy) reconcile(ctx context.Context) {
 			if err != nil {
 				continue
 			}
-			if err := p.a.net.addHostAddr(ctx, a); err != nil {
+			if err := p.a.net.addServiceAddr(ctx, a); err != nil {
 				klog.ErrorS(err, "service address", "ip", ip)
 				continue
 			}
@@ -188,7 +188,12 @@ func (p *serviceProxy) reconcile(ctx context.Context) {
 		if _, ok := p.active[k]; ok {
 			continue
 		}
-		ln, err := net.Listen("tcp", net.JoinHostPort(k.ip, strconv.Itoa(int(k.port))))
+		var ln net.Listener
+		err := inNetns(servicesNSPath(), func() error {
+			var err error
+			ln, err = net.Listen("tcp", net.JoinHostPort(k.ip, strconv.Itoa(int(k.port))))
+			return err
+		})
 		if err != nil {
 			klog.ErrorS(err, "service listener", "service", s.Namespace+"/"+s.Name, "port", k.port)
 			continue
@@ -200,7 +205,7 @@ func (p *serviceProxy) reconcile(ctx context.Context) {
 	for ip := range p.ips {
 		if !wantIPs[ip] {
 			if a, err := netip.ParseAddr(ip); err == nil {
-				p.a.net.delHostAddr(ctx, a)
+				p.a.net.delServiceAddr(ctx, a)
 			}
 			delete(p.ips, ip)
 		}

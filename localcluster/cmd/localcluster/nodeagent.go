@@ -23,6 +23,7 @@ func nodeAgent(cfg controlplane.Config, f upFlags) func(ctx context.Context) err
 			KubeletPort:   controlplane.KubeletPort,
 			PodCIDR:       controlplane.NodePodCIDR,
 			ClusterDNS:    controlplane.ClusterDNSIP,
+			ServiceCIDR:   controlplane.ServiceCIDR,
 			ClusterDomain: controlplane.ClusterDomain,
 		})
 	}
