@@ -292,24 +292,32 @@ def main():
 
     # Scale-in: every time a worker pod starts terminating, its deletion cost must
     # not exceed the cost of any pod the ReplicaSet kept.
-    seen, decisions, last_ready = set(), [], {}
+    # An idle worker exits at once on SIGTERM, so its pod may be gone before a poll sees
+    # it terminating: a pod of the previous poll missing from this one was deleted too
+    # (judged with its cost and readiness as of that poll).
+    seen, decisions, last_ready, prev = set(), [], {}, {}
     deadline = time.time() + 2 * TIMEOUT
+
+    def cost_of(p):
+        return int(p["metadata"].get("annotations", {}).get(COST, "0"))
     while True:
         pods = kjson("get", "pods", "-l", "app.kubernetes.io/component=worker")["items"]
         live = {p["metadata"]["name"]: p for p in pods if not p["metadata"].get("deletionTimestamp")}
-        for p in pods:
+        present = {p["metadata"]["name"] for p in pods}
+        deleted = [p for p in pods if p["metadata"].get("deletionTimestamp")]
+        deleted += [p for n, p in prev.items() if n not in present]
+        for p in deleted:
             name = p["metadata"]["name"]
-            if p["metadata"].get("deletionTimestamp") and name not in seen:
+            if name not in seen:
                 seen.add(name)
                 # The ReplicaSet ranks not-Ready pods before Ready ones and only then
                 # by deletion cost: compare with the kept pods of the same readiness.
-                cost = int(p["metadata"].get("annotations", {}).get(COST, "0"))
                 # (Readiness as of the previous poll: a terminating pod turns not Ready.)
                 was_ready = last_ready.get(name, is_ready(p))
-                kept = {n: int(q["metadata"].get("annotations", {}).get(COST, "0"))
-                        for n, q in live.items() if is_ready(q) == was_ready}
-                decisions.append((name, cost, kept))
+                kept = {n: cost_of(q) for n, q in live.items() if is_ready(q) == was_ready}
+                decisions.append((name, cost_of(prev.get(name, p)), kept))
         last_ready = {p["metadata"]["name"]: is_ready(p) for p in pods}
+        prev = live
         q = rabbit_queue(mgmt.port, user, password, "tasks") or {}
         peak = max(peak, worker_replicas())
         if q.get("messages", 1) == 0 and worker_replicas() < peak and len(live) <= worker_replicas():
