@@ -38,6 +38,12 @@ func startProcess(self string, spec launchSpec, logPath string) (*process, error
 		return nil, fmt.Errorf("log file: %w", err)
 	}
 	defer logf.Close()
+	// The container's user owns its log: a program that reopens /dev/stdout or /dev/stderr
+	// (curl -o /dev/stderr in the chart's helm test) opens this file anew, with permission
+	// checks, as that user (under a container runtime those are pipes it may reopen).
+	if err := logf.Chown(int(spec.UID), int(spec.GID)); err != nil {
+		return nil, fmt.Errorf("log file owner: %w", err)
+	}
 	raw, err := json.Marshal(spec)
 	if err != nil {
 		return nil, err

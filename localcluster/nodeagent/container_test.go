@@ -232,3 +232,30 @@ func TestProgramBehindPrivateDirectory(t *testing.T) {
 		t.Errorf("exit %d, output %q", p.exitCode, out)
 	}
 }
+
+// TestReopenStderrAsContainerUser: a non-root program that reopens /dev/stderr (curl -o
+// /dev/stderr in the chart's helm test) must be able to write its log.
+func TestReopenStderrAsContainerUser(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("this test starts processes in new namespaces and needs root")
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	logPath := filepath.Join(t.TempDir(), "0.log")
+	p, err := startProcess(self, launchSpec{UID: 65534, GID: 65534, Argv: []string{"sh", "-c", "echo reopened > /dev/stderr"}, Env: []string{"PATH=" + defaultPath}}, logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-p.exited:
+	case <-time.After(30 * time.Second):
+		p.stop(0)
+		t.Fatal("the program did not finish")
+	}
+	out, _ := os.ReadFile(logPath)
+	if p.exitCode != 0 || string(out) != "reopened\n" {
+		t.Errorf("exit %d, output %q", p.exitCode, out)
+	}
+}
