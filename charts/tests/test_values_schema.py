@@ -53,6 +53,10 @@ BAD_VALUES = {
     "fallback threshold zero": ["--set", "queueScaler.fallback.failureThreshold=0"],
     "unknown fallback key": ["--set", "queueScaler.fallback.replica=2"],
     "scaler enabled as text": ["--set-string", "queueScaler.enabled=true"],
+    "events max age without unit": ["--set-string", "events.maxAge=7"],
+    "events max age lowercase day": ["--set-string", "events.maxAge=7d"],
+    "events max bytes tiny": ["--set", "events.maxBytes=1000"],
+    "events max bytes as text": ["--set-string", "events.maxBytes=lots"],
 }
 
 

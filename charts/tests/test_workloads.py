@@ -310,23 +310,25 @@ def test_images_follow_registry_and_tag(render):
 # --- the environment contract (shared/contracts.md) -----------------------------------
 
 LOG_ENV = {"WARREN_LOG_FORMAT", "WARREN_LOG"}
+# The events log retention (warren_broker::EventsLogArgs), in every process that declares it.
+EVENTS_ENV = {"WARREN_EVENTS_MAX_AGE", "WARREN_EVENTS_MAX_BYTES"}
 # Variables each binary reads (clap `env = ...`), per the contract between the components.
 # RABBITMQ_USERNAME / RABBITMQ_PASSWORD exist only so that AMQP_URL can expand them.
 CONTRACT_ENV = {
     "sender": {"AMQP_URL", "WARREN_QUEUE", "WARREN_QUEUES", "WARREN_QUEUE_TYPE", "WARREN_LISTEN_ADDR",
-               "WARREN_AUTH", "WARREN_DATABASE_URL"} | LOG_ENV,
+               "WARREN_AUTH", "WARREN_DATABASE_URL"} | LOG_ENV | EVENTS_ENV,
     "worker": {"AMQP_URL", "WARREN_QUEUE", "WARREN_QUEUES", "WARREN_QUEUE_TYPE", "WARREN_LISTEN_ADDR",
-               "WARREN_SECONDS_PER_DOT", "WARREN_CONCURRENCY", "WARREN_PREFETCH", "POD_NAME"} | LOG_ENV,
+               "WARREN_SECONDS_PER_DOT", "WARREN_CONCURRENCY", "WARREN_PREFETCH", "POD_NAME"} | LOG_ENV | EVENTS_ENV,
     "controller": {"WARREN_LISTEN_ADDR", "WARREN_LEADER_ELECTION", "WARREN_LEASE_NAME", "POD_NAMESPACE",
-                   "POD_NAME", "WARREN_WATCH_NAMESPACE"} | LOG_ENV,
+                   "POD_NAME", "WARREN_WATCH_NAMESPACE"} | LOG_ENV | EVENTS_ENV,
 }
 EXPANSION_ONLY = {"RABBITMQ_USERNAME", "RABBITMQ_PASSWORD"}
 REQUIRED_ENV = {
-    "sender": {"AMQP_URL", "WARREN_QUEUE", "WARREN_QUEUE_TYPE", "WARREN_LISTEN_ADDR", "WARREN_AUTH"} | LOG_ENV,
+    "sender": {"AMQP_URL", "WARREN_QUEUE", "WARREN_QUEUE_TYPE", "WARREN_LISTEN_ADDR", "WARREN_AUTH"} | LOG_ENV | EVENTS_ENV,
     "worker": {"AMQP_URL", "WARREN_QUEUE", "WARREN_QUEUE_TYPE", "WARREN_LISTEN_ADDR", "WARREN_SECONDS_PER_DOT",
-               "WARREN_CONCURRENCY", "WARREN_PREFETCH", "POD_NAME"} | LOG_ENV,
+               "WARREN_CONCURRENCY", "WARREN_PREFETCH", "POD_NAME"} | LOG_ENV | EVENTS_ENV,
     "controller": {"WARREN_LISTEN_ADDR", "WARREN_LEADER_ELECTION", "WARREN_LEASE_NAME", "POD_NAMESPACE",
-                   "POD_NAME"} | LOG_ENV,
+                   "POD_NAME"} | LOG_ENV | EVENTS_ENV,
 }
 
 
@@ -370,3 +372,18 @@ def test_every_variable_the_chart_sets_is_read_by_warren(defaults):
     for component in CONTRACT_ENV:
         names = {e["name"] for e in container(deployment(defaults, component))["env"]}
         assert names - EXPANSION_ONLY <= declared, (component, sorted(names - EXPANSION_ONLY - declared))
+
+
+# --- the audit events log ---------------------------------------------------------------
+
+def test_every_process_gets_the_events_log_retention(render):
+    """Whichever process declares warren.events.log first applies the retention, so all
+    three get it; large byte counts stay integers (not 1e+10)."""
+    for args, age, size in ((VARIATIONS["defaults"], "7D", "100000000"),
+                            (["--set", "events.maxAge=36h", "--set", "events.maxBytes=10000000000"],
+                             "36h", "10000000000")):
+        rendered = render(args)
+        for component in ("sender", "worker", "controller"):
+            env = env_of(container(deployment(rendered, component)))
+            assert env["WARREN_EVENTS_MAX_AGE"]["value"] == age, component
+            assert env["WARREN_EVENTS_MAX_BYTES"]["value"] == size, component

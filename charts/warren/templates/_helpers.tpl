@@ -97,6 +97,14 @@ Call with (dict "root" $ "queue" "<WARREN_QUEUE>").
 {{- end -}}
 {{- end -}}
 
+{{/* Retention of the audit events log, applied by whichever process declares it first. */}}
+{{- define "warren.eventsEnv" -}}
+- name: WARREN_EVENTS_MAX_AGE
+  value: {{ .Values.events.maxAge | quote }}
+- name: WARREN_EVENTS_MAX_BYTES
+  value: {{ .Values.events.maxBytes | int64 | toString | quote }}
+{{- end -}}
+
 {{- define "warren.logEnv" -}}
 - name: WARREN_LOG_FORMAT
   value: {{ .Values.log.format | quote }}

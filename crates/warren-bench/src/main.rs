@@ -334,9 +334,8 @@ async fn raw_publisher(
 ) -> anyhow::Result<LoadResult> {
     let queue = unique_name("bench-raw");
     let connection = Connection::connect(url, ConnectionProperties::default()).await?;
-    let setup = connection.create_channel().await?;
     Topology::new(vec![queue.clone()], queue_type)
-        .declare(&setup)
+        .declare(&connection)
         .await?;
     let started = Instant::now();
     let deadline = started + duration;
@@ -714,10 +713,10 @@ async fn http_load(
 async fn worker_rate(args: &Args, url: &str, prefetch: u16) -> anyhow::Result<f64> {
     let queue = unique_name("bench-worker");
     let connection = Connection::connect(url, ConnectionProperties::default()).await?;
-    let channel = connection.create_channel().await?;
     Topology::new(vec![queue.clone()], QueueType::Quorum)
-        .declare(&channel)
+        .declare(&connection)
         .await?;
+    let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;

@@ -1,6 +1,8 @@
 //! The broker settings every warren process shares, as clap arguments.
 
-use crate::topology::QueueType;
+use crate::topology::{
+    DEFAULT_EVENTS_MAX_AGE, DEFAULT_EVENTS_MAX_BYTES, EventsLogRetention, QueueType, parse_max_age,
+};
 
 /// Where RabbitMQ is and which work queue to use. Flattened into the
 /// sender's and the worker's arguments so both read the same variables.
@@ -19,4 +21,33 @@ pub struct BrokerArgs {
     /// Type of the work queues, when this process declares them first.
     #[arg(long, env = "WARREN_QUEUE_TYPE", value_enum, default_value_t = QueueType::Quorum)]
     pub queue_type: QueueType,
+    #[command(flatten)]
+    pub events_log: EventsLogArgs,
+}
+
+/// Retention of the audit events log `warren.events.log` (a RabbitMQ stream),
+/// applied by whichever process declares it first. Flattened into the
+/// sender's, the worker's and the controller's arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EventsLogArgs {
+    /// Events older than this leave the log: a number and a unit, Y, M, D, h, m or s.
+    #[arg(long, env = "WARREN_EVENTS_MAX_AGE", default_value = DEFAULT_EVENTS_MAX_AGE, value_parser = parse_max_age)]
+    pub events_max_age: String,
+    /// The log's size bound in bytes (its on-disk segments); the oldest events leave first.
+    #[arg(
+        long,
+        env = "WARREN_EVENTS_MAX_BYTES",
+        default_value_t = DEFAULT_EVENTS_MAX_BYTES,
+        value_parser = clap::value_parser!(u64).range(65_536..)
+    )]
+    pub events_max_bytes: u64,
+}
+
+impl EventsLogArgs {
+    pub fn retention(&self) -> EventsLogRetention {
+        EventsLogRetention {
+            max_age: self.events_max_age.clone(),
+            max_bytes: self.events_max_bytes,
+        }
+    }
 }

@@ -8,19 +8,22 @@
 //! - [`blocked`]: RabbitMQ's `connection.blocked`/`unblocked` (resource alarms).
 //! - [`audit`]: best-effort audit events on the `warren.events` exchange that
 //!   never block or fail a job.
+//! - [`events_log`]: reading the bounded audit log `warren.events.log` (a
+//!   stream) live or from a point in time.
 
 pub mod args;
 pub mod audit;
 pub mod blocked;
 pub mod connect;
 pub mod envelope;
+pub mod events_log;
 pub mod publisher;
 pub mod topology;
 
-pub use args::BrokerArgs;
+pub use args::{BrokerArgs, EventsLogArgs};
 pub use audit::{AuditEvent, AuditSink, Batching, events_in};
 pub use blocked::blocked_transition;
 pub use connect::{ConnectError, connect};
 pub use envelope::{ENVELOPE_VERSION, Envelope, EnvelopeError};
 pub use publisher::{PublishError, Publisher, PublisherConfig};
-pub use topology::{QueueType, Topology};
+pub use topology::{EventsLogRetention, EventsLogStatus, QueueType, Topology};

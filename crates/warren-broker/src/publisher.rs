@@ -349,12 +349,7 @@ async fn open_session(
     )
     .await?;
     let result = async {
-        let setup = connection
-            .create_channel()
-            .await
-            .map_err(SessionError::Channel)?;
-        topology.declare(&setup).await?;
-        let _ = setup.close(200, "topology declared".into()).await;
+        topology.declare(&connection).await?;
         let mut confirm_channels = Vec::with_capacity(config.channels.max(1));
         for _ in 0..config.channels.max(1) {
             let channel = connection

@@ -20,9 +20,9 @@ async fn a_job_that_keeps_failing_is_dead_lettered_after_the_delivery_limit() {
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
     let topology = Topology::new(vec![queue.clone()], QueueType::Quorum);
-    topology.declare(&channel).await.unwrap();
+    topology.declare(&connection).await.unwrap();
     topology
-        .declare(&channel)
+        .declare(&connection)
         .await
         .expect("declaring twice is a no-op");
     channel
@@ -89,14 +89,12 @@ async fn a_conflicting_existing_queue_is_reported_by_name() {
     let connection = Connection::connect(&url, ConnectionProperties::default())
         .await
         .unwrap();
-    let channel = connection.create_channel().await.unwrap();
     Topology::new(vec![queue.clone()], QueueType::Classic)
-        .declare(&channel)
+        .declare(&connection)
         .await
         .unwrap();
-    let channel = connection.create_channel().await.unwrap();
     let err = Topology::new(vec![queue.clone()], QueueType::Quorum)
-        .declare(&channel)
+        .declare(&connection)
         .await
         .unwrap_err();
     assert_eq!(err.name, queue);

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, SecondsFormat, Utc};
 use lapin::{Channel, Connection, ConnectionProperties};
 use serde_json::{Map, Value, json};
-use warren_broker::{AuditEvent, AuditSink, QueueType, Topology};
+use warren_broker::{AuditEvent, AuditSink, EventsLogRetention, QueueType, Topology};
 
 use crate::credentials::CredentialsCache;
 use crate::metrics::ControllerMetrics;
@@ -119,6 +119,7 @@ pub struct BrokerAudit {
     timeout: Duration,
     metrics: ControllerMetrics,
     links: Arc<Links>,
+    events_log: Arc<EventsLogRetention>,
 }
 
 #[derive(Default)]
@@ -139,7 +140,14 @@ impl BrokerAudit {
             timeout,
             metrics,
             links: Arc::default(),
+            events_log: Arc::default(),
         }
+    }
+
+    /// The retention `warren.events.log` gets when the controller declares it first.
+    pub fn with_events_log(mut self, retention: EventsLogRetention) -> Self {
+        self.events_log = Arc::new(retention);
+        self
     }
 }
 
@@ -187,7 +195,12 @@ impl Links {
 impl AuditLink {
     /// Opens the connection and channel (and declares the audit exchange)
     /// unless they are up, or a recent attempt failed.
-    async fn ensure_connected(&self, key: &LinkKey, timeout: Duration) {
+    async fn ensure_connected(
+        &self,
+        key: &LinkKey,
+        timeout: Duration,
+        events_log: &EventsLogRetention,
+    ) {
         let mut state = self.connection.lock().await;
         let up = self
             .channel
@@ -204,7 +217,7 @@ impl AuditLink {
         {
             return;
         }
-        match tokio::time::timeout(timeout, open(key)).await {
+        match tokio::time::timeout(timeout, open(key, events_log)).await {
             Ok(Ok((connection, channel))) => {
                 if let Ok(mut slot) = self.channel.lock() {
                     *slot = Some(channel);
@@ -224,23 +237,27 @@ impl AuditLink {
     }
 }
 
-async fn open(key: &LinkKey) -> Result<(Connection, Channel), String> {
+async fn open(
+    key: &LinkKey,
+    events_log: &EventsLogRetention,
+) -> Result<(Connection, Channel), String> {
     let uri = amqp_uri(&key.url, &key.credentials, &key.vhost).map_err(|e| e.to_string())?;
     let properties =
         ConnectionProperties::default().with_connection_name("warren-controller-audit".into());
     let connection = Connection::connect_uri(uri, properties)
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", key.url))?;
+    // The exchange may not exist yet if the controller talks to the broker
+    // before the sender or a worker does; declaring is idempotent.
+    Topology::new(Vec::new(), QueueType::Quorum)
+        .with_events_log(events_log.clone())
+        .declare(&connection)
+        .await
+        .map_err(|e| e.to_string())?;
     let channel = connection
         .create_channel()
         .await
         .map_err(|e| format!("cannot open a channel on {}: {e}", key.url))?;
-    // The exchange may not exist yet if the controller talks to the broker
-    // before the sender or a worker does; declaring is idempotent.
-    Topology::new(Vec::new(), QueueType::Quorum)
-        .declare(&channel)
-        .await
-        .map_err(|e| e.to_string())?;
     Ok((connection, channel))
 }
 
@@ -254,6 +271,7 @@ impl ScaleAudit for BrokerAudit {
         let timeout = self.timeout;
         let metrics = self.metrics.clone();
         let links = self.links.clone();
+        let events_log = self.events_log.clone();
         tokio::spawn(async move {
             let credentials = match credentials.get(&keys).await {
                 Ok(c) => c,
@@ -269,7 +287,7 @@ impl ScaleAudit for BrokerAudit {
                 vhost,
             };
             let link = links.link(&key);
-            link.ensure_connected(&key, timeout).await;
+            link.ensure_connected(&key, timeout, &events_log).await;
             link.sink.emit(event);
             // The sink publishes in the background; give it a moment, then
             // mirror its drop counter into the metric.

@@ -67,6 +67,9 @@ struct Args {
     #[arg(long, env = "WARREN_AUDIT_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
     audit_events: bool,
 
+    #[command(flatten)]
+    events_log: warren_broker::EventsLogArgs,
+
     /// Rewrite a QueueScaler's status at least this often (seconds) even
     /// when only the observation time changed.
     #[arg(long, env = "WARREN_STATUS_HEARTBEAT_SECONDS", default_value_t = 60)]
@@ -152,11 +155,10 @@ async fn main() -> anyhow::Result<()> {
     let peeker = Arc::new(QueuePeeker::new(broker_timeout).with_metrics(metrics.clone()));
     let source = Arc::new(BrokerMetrics::new(credentials.clone(), hub, peeker));
     let audit: Arc<dyn ScaleAudit> = if args.audit_events {
-        Arc::new(BrokerAudit::new(
-            credentials,
-            broker_timeout,
-            metrics.clone(),
-        ))
+        Arc::new(
+            BrokerAudit::new(credentials, broker_timeout, metrics.clone())
+                .with_events_log(args.events_log.retention()),
+        )
     } else {
         Arc::new(NoAudit)
     };

@@ -20,6 +20,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+use warren_broker::events_log::{self, StartAt};
 use warren_broker::{QueueType, Topology};
 use warren_controller::audit::BrokerAudit;
 use warren_controller::credentials::CredentialsCache;
@@ -32,7 +33,7 @@ use warren_controller::reconcile::{self, Context, Settings};
 use warren_controller::source::BrokerMetrics;
 use warren_fakekube::FakeApiServer;
 use warren_fakekube::resources::{DEPLOYMENTS, LEASES, PODS, QUEUESCALERS, SECRETS};
-use warren_testkit::{EventTap, RabbitNode, RabbitOptions, unique_name};
+use warren_testkit::{RabbitNode, RabbitOptions, unique_name};
 
 const STEP: Duration = Duration::from_secs(30);
 const COST: &str = "controller.kubernetes.io/pod-deletion-cost";
@@ -113,7 +114,7 @@ async fn channel(node: &RabbitNode, name: &str) -> (Connection, Channel) {
     (connection, channel)
 }
 
-async fn declare(channel: &Channel, queue: &str) {
+async fn declare(connection: &Connection, channel: &Channel, queue: &str) {
     channel
         .queue_declare(
             queue.into(),
@@ -127,7 +128,7 @@ async fn declare(channel: &Channel, queue: &str) {
         .unwrap();
     // warren.events for the audit tap.
     Topology::new(Vec::new(), QueueType::Quorum)
-        .declare(channel)
+        .declare(connection)
         .await
         .unwrap();
 }
@@ -242,9 +243,8 @@ async fn scales_up_on_backlog_in_busy_aware_to_zero_and_back_against_fake_cluste
     let node = rabbit().await;
     let server = FakeApiServer::start().await.unwrap();
     let queue = unique_name("qs-e2e");
-    let (_admin_conn, admin) = channel(&node, "test-admin").await;
-    declare(&admin, &queue).await;
-    let tap = EventTap::bind(&node.amqp_url(), "scaler.#").await.unwrap();
+    let (admin_conn, admin) = channel(&node, "test-admin").await;
+    declare(&admin_conn, &admin, &queue).await;
     seed(&server, &node, &queue, 1, json!({}));
     for pod in ["worker-a", "worker-b", "worker-c"] {
         server
@@ -280,17 +280,14 @@ async fn scales_up_on_backlog_in_busy_aware_to_zero_and_back_against_fake_cluste
         notes.iter().any(|n| n.starts_with("from 1 to 3: ")),
         "{notes:?}"
     );
-    assert!(
-        tap.wait_until(STEP, |events| events
-            .iter()
-            .any(|e| e["event"] == "scaler.scaled"
-                && e["from"] == 1
-                && e["to"] == 3))
-            .await,
-        "no scaler.scaled audit event: {:?}",
-        tap.all()
-    );
-    let audit = tap.of("scaler.scaled").remove(0);
+    // The audit event, read back from the events log like an operator would.
+    let audit = events_log::find(&admin_conn, &StartAt::First, STEP, |e| {
+        e.routing_key == "scaler.scaled" && e.event["from"] == 1 && e.event["to"] == 3
+    })
+    .await
+    .unwrap()
+    .expect("no scaler.scaled audit event from 1 to 3 in warren.events.log")
+    .event;
     assert_eq!(audit["queue"], queue.as_str());
     assert_eq!(audit["scaler"], "jobs");
     assert_eq!(audit["target"]["name"], "worker");
@@ -462,15 +459,19 @@ async fn scales_up_on_backlog_in_busy_aware_to_zero_and_back_against_fake_cluste
             "{expected:?} missing from {notes:?}"
         );
     }
+    // The fourth scale's audit event, from the log (offsets count every event).
+    let mut scaled = 0;
+    let fourth = events_log::find(&admin_conn, &StartAt::First, STEP, |e| {
+        if e.routing_key == "scaler.scaled" {
+            scaled += 1;
+        }
+        scaled >= 4
+    })
+    .await
+    .unwrap();
     assert!(
-        tap.wait_until(STEP, |events| events
-            .iter()
-            .filter(|e| e["event"] == "scaler.scaled")
-            .count()
-            >= 4)
-            .await,
-        "{:?}",
-        tap.all()
+        fourth.is_some(),
+        "only {scaled} scaler.scaled events in warren.events.log"
     );
 
     stop.cancel();
@@ -497,8 +498,8 @@ async fn the_binary_runs_against_a_kubeconfig_holds_the_lease_scales_and_stops_o
     let node = rabbit().await;
     let server = FakeApiServer::start().await.unwrap();
     let queue = unique_name("qs-bin");
-    let (_admin_conn, admin) = channel(&node, "test-admin").await;
-    declare(&admin, &queue).await;
+    let (admin_conn, admin) = channel(&node, "test-admin").await;
+    declare(&admin_conn, &admin, &queue).await;
     seed(&server, &node, &queue, 1, json!({}));
     publish(&admin, &queue, 12).await;
 

@@ -14,7 +14,9 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use lapin::{Connection, ConnectionProperties};
 use serde_json::{Value, json};
+use warren_broker::events_log::{self, StartAt};
 use warren_crd::{ConditionStatus, condition_type};
 use warren_e2e::{
     DATA_LAG_COOLDOWN, DATA_LAG_WINDOW, DEPLOYMENT, Harness, HarnessError, HarnessOptions, JobKind,
@@ -22,7 +24,6 @@ use warren_e2e::{
 };
 use warren_fakekube::Signal;
 use warren_fakekube::resources::DEPLOYMENTS;
-use warren_testkit::EventTap;
 
 /// Unwraps a harness result, panicking with its Display (which carries the
 /// diagnostics of a timeout).
@@ -59,9 +60,6 @@ async fn burst_from_zero_activates_and_scales_to_the_needed_replicas() {
         s.messages_per_replica = 3;
     }))
     .await);
-    let tap = EventTap::bind(&h.node.amqp_url(), "scaler.#")
-        .await
-        .expect("binding an audit tap");
 
     // An empty queue keeps the target at zero.
     tokio::time::sleep(secs(3.0)).await;
@@ -125,13 +123,18 @@ async fn burst_from_zero_activates_and_scales_to_the_needed_replicas() {
         }),
         "no Kubernetes Event about the scale: {events:?}"
     );
+    // The audit event, read back from the events log like an operator would.
+    let connection = Connection::connect(&h.node.amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let scaled = events_log::find(&connection, &StartAt::First, secs(5.0), |e| {
+        e.routing_key == "scaler.scaled"
+    })
+    .await
+    .expect("reading warren.events.log");
     assert!(
-        tap.wait_until(secs(5.0), |events| {
-            events.iter().any(|e| e["event"] == "scaler.scaled")
-        })
-        .await,
-        "no scaler.scaled audit event: {:?}",
-        tap.all()
+        scaled.is_some(),
+        "no scaler.scaled event in warren.events.log"
     );
 }
 

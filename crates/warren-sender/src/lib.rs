@@ -178,7 +178,8 @@ pub async fn start(args: &Args, shutdown: CancellationToken) -> anyhow::Result<R
     config.confirm_timeout = Duration::from_millis(args.confirm_timeout_ms.max(1));
     let publisher = Publisher::start(
         config,
-        Topology::new(queues.clone(), args.broker.queue_type),
+        Topology::new(queues.clone(), args.broker.queue_type)
+            .with_events_log(args.broker.events_log.retention()),
         shutdown.clone(),
     );
     let audit_source = publisher.clone();

@@ -331,6 +331,43 @@ impl RabbitNode {
         let _ = std::fs::remove_file(self.base().join("rabbit.pid"));
     }
 
+    /// Bytes in the segment files of stream `queue` (vhost `/`) on disk: what a
+    /// stream's `x-max-length-bytes` bounds. `None` when the stream has no directory.
+    pub fn stream_segment_bytes(&self, queue: &str) -> Option<u64> {
+        let prefix = format!("__{queue}_");
+        let mnesia = self.base().join("mnesia");
+        let mut total = None;
+        for node_dir in std::fs::read_dir(&mnesia).ok()?.flatten() {
+            let Ok(streams) = std::fs::read_dir(node_dir.path().join("stream")) else {
+                continue;
+            };
+            for stream in streams.flatten() {
+                if !stream.file_name().to_string_lossy().starts_with(&prefix) {
+                    continue;
+                }
+                let Ok(files) = std::fs::read_dir(stream.path()) else {
+                    continue;
+                };
+                let bytes: u64 = files
+                    .flatten()
+                    .filter(|f| f.path().extension().is_some_and(|e| e == "segment"))
+                    .filter_map(|f| f.metadata().ok().map(|m| m.len()))
+                    .sum();
+                *total.get_or_insert(0) += bytes;
+            }
+        }
+        total
+    }
+
+    /// The node's resource alarms (memory, disk) as RabbitMQ prints them:
+    /// `[]` when there is none.
+    pub fn alarms(&self) -> Result<String, TestkitError> {
+        Ok(self
+            .rabbitmqctl(&["eval", "rabbit_alarm:get_alarms()."])?
+            .trim()
+            .to_string())
+    }
+
     /// Runs `rabbitmqctl` against this node (e.g. `["list_queues", "name", "messages"]`)
     /// and returns its standard output.
     pub fn rabbitmqctl(&self, args: &[&str]) -> Result<String, TestkitError> {

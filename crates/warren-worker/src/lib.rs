@@ -123,7 +123,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let prefetch = args.prefetch()?;
-    let topology = Topology::new(vec![args.broker.queue.clone()], args.broker.queue_type);
+    let topology = Topology::new(vec![args.broker.queue.clone()], args.broker.queue_type)
+        .with_events_log(args.broker.events_log.retention());
     let audit_channel: Arc<Mutex<Option<Channel>>> = Arc::default();
     let audit_source = audit_channel.clone();
     let audit = AuditSink::spawn_batched(
