@@ -9,9 +9,10 @@
 //!
 //! Reading a stream over AMQP 0-9-1 needs a prefetch and manual acks (the
 //! ack only moves the credit window; nothing is removed). Reading anything
-//! else the same way would consume it: [`EventsLogReader`] refuses a queue
-//! whose deliveries carry no `x-stream-offset` (the unbounded queue of an
-//! earlier version) and hands its messages back.
+//! else the same way would consume it: RabbitMQ refuses `x-stream-offset` on
+//! a classic queue (the unbounded log of an earlier version), and
+//! [`EventsLogReader`] also refuses any delivery without an `x-stream-offset`
+//! header, handing it back.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -23,7 +24,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, Consumer};
 use serde_json::Value;
 
-use crate::topology::EVENTS_LOG_QUEUE;
+use crate::topology::{EVENTS_LOG_QUEUE, is_precondition_failed};
 
 /// Where a reader starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,7 +158,15 @@ impl EventsLogReader {
                 BasicConsumeOptions::default(),
                 arguments,
             )
-            .await?;
+            .await
+            .map_err(|err| {
+                // RabbitMQ 3.10 refuses x-stream-offset on a classic queue.
+                if is_precondition_failed(&err) && err.to_string().contains("x-stream-offset") {
+                    ReadError::NotAStream
+                } else {
+                    ReadError::Amqp(err)
+                }
+            })?;
         let since = match start {
             StartAt::Time(time) => Some(*time),
             _ => None,

@@ -133,7 +133,14 @@ pub enum EventsLogStatus {
     /// A `warren.events.log` declared otherwise exists (the unbounded queue of
     /// earlier versions): the broker refused the bounded declaration.
     Legacy { reason: String },
+    /// The broker did not declare it (no answer in time, or another error):
+    /// the process runs on, audit events are not kept until it is back.
+    Unavailable { reason: String },
 }
+
+/// How long a process waits for the events log's declaration before it goes
+/// on without it.
+pub const EVENTS_LOG_DECLARE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The upgrade path printed when an old, unbounded log is found.
 pub const EVENTS_LOG_UPGRADE_HINT: &str = "replace it with the bounded stream: `warren-events migrate --amqp-url ...` \
@@ -230,11 +237,24 @@ impl Topology {
             .map_err(|source| TopologyError::at("a channel for the topology", source))?;
         self.declare_on(&channel).await?;
         let _ = channel.close(200, "topology declared".into()).await;
-        self.declare_events_log(connection).await
+        match self.declare_events_log(connection).await {
+            Ok(status) => Ok(status),
+            Err(err) => {
+                let reason = err.to_string();
+                tracing::warn!(
+                    queue = EVENTS_LOG_QUEUE,
+                    error = %reason,
+                    "the events log is unavailable; jobs go on, audit events are not kept until it is back"
+                );
+                Ok(EventsLogStatus::Unavailable { reason })
+            }
+        }
     }
 
     /// The events log, on a channel of its own: a refused declaration closes
-    /// the channel it was made on.
+    /// the channel it was made on, and one that gets no answer (a stream that
+    /// is down, as a single-node 3.10 stream is after a broker crash) is
+    /// abandoned after [`EVENTS_LOG_DECLARE_TIMEOUT`].
     async fn declare_events_log(
         &self,
         connection: &Connection,
@@ -243,16 +263,22 @@ impl Topology {
             .create_channel()
             .await
             .map_err(|source| TopologyError::at(EVENTS_LOG_QUEUE, source))?;
-        let declared = channel
-            .queue_declare(
-                ShortString::from(EVENTS_LOG_QUEUE),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                self.events_log.arguments(),
-            )
-            .await;
+        let declare = channel.queue_declare(
+            ShortString::from(EVENTS_LOG_QUEUE),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            self.events_log.arguments(),
+        );
+        let Ok(declared) = tokio::time::timeout(EVENTS_LOG_DECLARE_TIMEOUT, declare).await else {
+            tokio::spawn(async move {
+                let _ = channel
+                    .close(200, "events log declare timed out".into())
+                    .await;
+            });
+            return Err(TopologyError::timeout(EVENTS_LOG_QUEUE));
+        };
         match declared {
             Ok(_) => {}
             Err(err) if is_precondition_failed(&err) => {
@@ -403,6 +429,16 @@ impl TopologyError {
             name: name.to_string(),
             source,
         }
+    }
+
+    fn timeout(name: &str) -> Self {
+        Self::at(
+            name,
+            lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {EVENTS_LOG_DECLARE_TIMEOUT:?}"),
+            )),
+        )
     }
 }
 

@@ -151,6 +151,9 @@ async fn main() -> anyhow::Result<()> {
                 EventsLogStatus::Bounded => eprintln!(
                     "{EVENTS_LOG_QUEUE} is already the bounded stream with this retention; nothing to do"
                 ),
+                EventsLogStatus::Unavailable { reason } => {
+                    anyhow::bail!("{EVENTS_LOG_QUEUE} is unavailable: {reason}")
+                }
                 EventsLogStatus::Legacy { reason } => eprintln!(
                     "replaced the old {EVENTS_LOG_QUEUE} ({reason}) by a stream (max age {}, max bytes {})",
                     retention.events_max_age, retention.events_max_bytes
