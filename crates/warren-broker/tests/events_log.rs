@@ -224,8 +224,8 @@ async fn readers_read_in_order_from_the_start_from_a_time_and_live_without_consu
         let ns: Vec<u64> = all.iter().filter_map(|e| e.event["n"].as_u64()).collect();
         assert_eq!(ns, (0..10).collect::<Vec<_>>());
         assert!(
-            all.windows(2).all(|w| w[1].offset == w[0].offset + 1),
-            "offsets are consecutive"
+            all.windows(2).all(|w| w[1].offset > w[0].offset),
+            "offsets increase"
         );
     }
     let later = read_retained(&connection, &cut, idle, None)

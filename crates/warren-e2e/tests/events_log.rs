@@ -133,27 +133,17 @@ async fn a_load_ten_times_the_retention_keeps_the_log_bounded_while_jobs_flow() 
         accepted += statuses.iter().filter(|s| **s == 202).count();
         refused.extend(statuses.into_iter().filter(|s| *s != 202));
         assert!(refused.is_empty(), "the sender refused jobs: {refused:?}");
-        let last = read_retained(
-            &connection,
-            &StartAt::Last,
-            Duration::from_millis(500),
-            None,
-        )
-        .await
-        .expect("read the newest events");
-        let first = read_retained(
-            &connection,
-            &StartAt::First,
-            Duration::from_millis(500),
-            Some(1),
-        )
-        .await
-        .expect("read the oldest event");
-        let (Some(newest), Some(oldest)) = (last.last(), first.first()) else {
+        let retained_now =
+            read_retained(&connection, &StartAt::First, Duration::from_secs(1), None)
+                .await
+                .expect("read the retained events");
+        let Some(newest) = retained_now.last() else {
             panic!("the log is empty after {accepted} jobs");
         };
-        let written = newest.offset + 1;
-        let retained = written - oldest.offset;
+        // Events written: one message.accepted and one message.processed per job, and
+        // never more than the stream's next offset (offsets increase with every event).
+        let written = (2 * accepted as u64).min(newest.offset + 1);
+        let retained = retained_now.len() as u64;
         if written >= 10 * retained {
             break (written, retained);
         }
@@ -191,8 +181,13 @@ async fn a_load_ten_times_the_retention_keeps_the_log_bounded_while_jobs_flow() 
         .await
         .expect("read the retained events");
     assert!(
-        all.windows(2).all(|w| w[1].offset == w[0].offset + 1),
-        "offsets out of order or missing"
+        all.windows(2).all(|w| w[1].offset > w[0].offset),
+        "offsets out of order"
+    );
+    assert!(
+        all.len() as u64 <= retained + 100,
+        "{} events retained after the drain, {retained} during the load",
+        all.len()
     );
     let kinds: std::collections::BTreeSet<&str> =
         all.iter().map(|e| e.routing_key.as_str()).collect();

@@ -334,7 +334,18 @@ impl RabbitNode {
     /// Bytes in the segment files of stream `queue` (vhost `/`) on disk: what a
     /// stream's `x-max-length-bytes` bounds. `None` when the stream has no directory.
     pub fn stream_segment_bytes(&self, queue: &str) -> Option<u64> {
-        let prefix = format!("__{queue}_");
+        // The directory is `<vhost>_<queue>_<id>` with `/` and `.` turned into `_`.
+        let escaped: String = queue
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let prefix = format!("__{escaped}_");
         let mnesia = self.base().join("mnesia");
         let mut total = None;
         for node_dir in std::fs::read_dir(&mnesia).ok()?.flatten() {
