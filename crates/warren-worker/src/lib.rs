@@ -328,11 +328,11 @@ impl Session<'_> {
 
     /// The channel and consumer for jobs; the events channel goes to the audit sink.
     async fn setup(&self, connection: &Connection) -> Result<(Channel, Consumer), lapin::Error> {
-        let channel = connection.create_channel().await?;
         self.topology
-            .declare(&channel)
+            .declare(connection)
             .await
             .map_err(|err| err.source)?;
+        let channel = connection.create_channel().await?;
         channel
             .basic_qos(self.prefetch, BasicQosOptions::default())
             .await?;

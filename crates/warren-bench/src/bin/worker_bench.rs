@@ -127,7 +127,7 @@ async fn main() -> anyhow::Result<()> {
     let channel = connection.create_channel().await?;
     let queue = unique_name("bench-worker");
     Topology::new(vec![queue.clone()], QueueType::Classic)
-        .declare(&channel)
+        .declare(&connection)
         .await
         .context("declaring the classic work queue")?;
     channel
