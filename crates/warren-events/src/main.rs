@@ -165,18 +165,22 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints `entry` as one JSON line when its routing key starts with `only`.
+/// Prints `entry` as JSON lines, one per event (a batched message, as the
+/// worker publishes `message.processed`, carries several under one offset),
+/// when its routing key starts with `only`.
 fn print_entry(entry: &LogEntry, only: &str) -> anyhow::Result<bool> {
     if !entry.routing_key.starts_with(only) {
         return Ok(false);
     }
-    let line = serde_json::json!({
-        "offset": entry.offset,
-        "routing_key": entry.routing_key,
-        "event": entry.event,
-    });
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{line}").context("writing to standard output")?;
+    for event in warren_broker::events_in(entry.event.clone()) {
+        let line = serde_json::json!({
+            "offset": entry.offset,
+            "routing_key": entry.routing_key,
+            "event": event,
+        });
+        writeln!(out, "{line}").context("writing to standard output")?;
+    }
     out.flush().context("writing to standard output")?;
     Ok(true)
 }
