@@ -148,12 +148,20 @@ async fn wait_gate(client: &reqwest::Client, addr: &str) {
             Ok(r) => r.status().as_u16() == 401,
             Err(_) => false,
         };
-        if ok {
+        // Checking tokens is not enough: a job sent before the broker connection is up
+        // gets 503 broker_unavailable, so wait for /readyz too.
+        let ready = ok
+            && client
+                .get(format!("http://{addr}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().as_u16() == 200);
+        if ready {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "sender at {addr} never checked tokens"
+            "sender at {addr} never checked tokens and became ready"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
