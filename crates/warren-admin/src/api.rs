@@ -144,13 +144,14 @@ pub(crate) fn collection(name: &str) -> Option<SubjectKind> {
     }
 }
 
-fn no_collection(state: &AdminState, name: &str) -> Response {
+/// A counted 404 with its problem code.
+fn not_found(state: &AdminState, code: &str, detail: &str) -> Response {
     state.metrics.count("api", StatusCode::NOT_FOUND);
-    problem(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        &format!("no collection {name:?}"),
-    )
+    problem(StatusCode::NOT_FOUND, code, detail)
+}
+
+fn no_collection(state: &AdminState, name: &str) -> Response {
+    not_found(state, "not_found", &format!("no collection {name:?}"))
 }
 
 async fn create_subject(
@@ -210,12 +211,7 @@ async fn list_tokens(_: AdminAuth, State(state): State<AdminState>) -> Response 
 }
 
 fn not_a_token(state: &AdminState, id: &str) -> Response {
-    state.metrics.count("api", StatusCode::NOT_FOUND);
-    problem(
-        StatusCode::NOT_FOUND,
-        "no_such_token",
-        &format!("{id:?} is not a token id"),
-    )
+    not_found(state, "no_such_token", &format!("{id:?} is not a token id"))
 }
 
 async fn show_token(
