@@ -265,4 +265,122 @@ mod tests {
         assert_eq!(job.extra["priority"], 3);
         assert!(!job.extra.contains_key("message"));
     }
+
+    /// What the worker decodes from the envelope the sender would publish for `body`.
+    fn through_the_queue(body: &str) -> (JobRequest, warren_broker::Envelope) {
+        let job = parse_job(JSON, body.as_bytes(), &DotRule::default())
+            .unwrap_or_else(|rejection| panic!("{body} rejected: {rejection:?}"));
+        let sent = warren_broker::Envelope::new(job.message.clone(), job.extra.clone());
+        let decoded = warren_broker::Envelope::from_bytes(&sent.to_bytes())
+            .unwrap_or_else(|err| panic!("{body}: the worker cannot decode it: {err}"));
+        assert_eq!(
+            decoded, sent,
+            "{body}: the job changed on its way to the worker"
+        );
+        assert_eq!(decoded.extra, job.extra, "{body}: extra fields changed");
+        (job, decoded)
+    }
+
+    /// Found by `make fuzz` (send_request): serde_json's default float parser
+    /// is not correctly rounded, so parse → print → parse changed this number
+    /// (2.2222226262222225e20 in the sender, ...222e20 in the worker).
+    #[test]
+    fn fuzz_regression_a_float_in_an_extra_field_reaches_the_worker_unchanged() {
+        let body =
+            r#"{"message": "x.....2.................+........", "phone":222222262622222222222.5}"#;
+        let (job, decoded) = through_the_queue(body);
+        let expected: f64 = "222222262622222222222.5".parse().unwrap();
+        assert_eq!(job.extra["phone"].as_f64(), Some(expected));
+        assert_eq!(decoded.extra["phone"].as_f64(), Some(expected));
+    }
+
+    #[test]
+    fn awkward_numbers_reach_the_worker_as_the_sender_read_them() {
+        let floats = [
+            "0.1",
+            "0.30000000000000004",
+            "1e23",
+            "8.98846567431158e307",
+            "1.7976931348623157e308",
+            "2.2250738585072011e-308",
+            "2.2250738585072014e-308",
+            "4.9406564584124654e-324",
+            "5e-324",
+            "9007199254740993.0",
+            "123456789.123456789e-5",
+            "-222222262622222222222.5",
+            "7.0e-10",
+            "3.141592653589793238462643383279",
+        ];
+        // A small deterministic generator adds long decimal literals near the
+        // edge of what an f64 holds (where fast parsers round wrongly).
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut generated = Vec::new();
+        for _ in 0..200 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let digits = format!("{}{}", state, state.rotate_left(29) % 1_000_000);
+            let exponent = (state % 40) as i64 - 20;
+            generated.push(format!("{}.{}e{exponent}", &digits[..1], &digits[1..]));
+        }
+        for literal in floats.iter().map(|s| s.to_string()).chain(generated) {
+            let body = format!(r#"{{"message": "m", "n": {literal}, "list": [{literal}]}}"#);
+            let (job, decoded) = through_the_queue(&body);
+            let expected: f64 = literal.parse().unwrap();
+            assert_eq!(
+                job.extra["n"].as_f64(),
+                Some(expected),
+                "{literal} in the sender"
+            );
+            assert_eq!(
+                decoded.extra["n"].as_f64(),
+                Some(expected),
+                "{literal} in the worker"
+            );
+            assert_eq!(
+                decoded.extra["list"][0].as_f64(),
+                Some(expected),
+                "{literal} in an array"
+            );
+        }
+    }
+
+    /// Numbers JSON allows but an f64/i64/u64 cannot hold exactly: what the
+    /// worker gets is what the sender read (no change in transit), and what
+    /// the sender read is documented in the README (send such values as
+    /// strings to keep every digit).
+    #[test]
+    fn big_integers_and_negative_zero_through_the_queue() {
+        // Within u64 / i64: exact, still integers.
+        let (_, decoded) = through_the_queue(
+            r#"{"message": "m", "max": 18446744073709551615, "min": -9223372036854775808}"#,
+        );
+        assert_eq!(decoded.extra["max"].as_u64(), Some(u64::MAX));
+        assert_eq!(decoded.extra["min"].as_i64(), Some(i64::MIN));
+        // Beyond them: read as the nearest f64 (digits beyond ~17 are lost at
+        // the sender, then carried unchanged).
+        let (_, decoded) = through_the_queue(
+            r#"{"message": "m", "big": 18446744073709551616, "neg": -9223372036854775809, "huge": 123456789012345678901234567890}"#,
+        );
+        assert!(decoded.extra["big"].is_f64());
+        assert_eq!(decoded.extra["big"].as_f64(), Some(18446744073709551616.0));
+        assert_eq!(decoded.extra["neg"].as_f64(), Some(-9223372036854775809.0));
+        assert_eq!(
+            decoded.extra["huge"].to_string(),
+            "1.2345678901234568e+29",
+            "the worker sees the f64 the sender read"
+        );
+        // -0.0 keeps its sign; serde_json reads the integer -0 as the float -0.0.
+        let (_, decoded) = through_the_queue(r#"{"message": "m", "z": -0.0, "i": -0}"#);
+        let z = decoded.extra["z"].as_f64().unwrap();
+        assert!(z == 0.0 && z.is_sign_negative(), "-0.0 became {z}");
+        assert_eq!(decoded.extra["z"].to_string(), "-0.0");
+        assert_eq!(decoded.extra["i"].to_string(), "-0.0");
+        // Beyond f64's range JSON numbers are a client error, not infinity.
+        assert_eq!(
+            code(JSON, r#"{"message": "m", "n": 1e400}"#).unwrap_err(),
+            "malformed_json"
+        );
+    }
 }
