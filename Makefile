@@ -14,7 +14,7 @@ else
 TEST_CMD = $(CARGO) test --workspace --no-fail-fast
 endif
 
-.PHONY: help test lint fmt rust-test crds bench bench-worker bench-venv bench-hostile fuzz bench-controller bench-scaling e2e e2e-bench
+.PHONY: help test lint fmt rust-test crds bench bench-worker bench-venv bench-hostile fuzz bench-controller bench-scaling e2e e2e-bench dashboard-snapshot
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -87,6 +87,10 @@ bench-scaling: ## decisions per second of the pure scaling function
 e2e: ## end-to-end scenarios: real binaries, a private RabbitMQ, the fake Kubernetes API server
 	$(CARGO) build --bins -p warren-controller -p warren-worker -p warren-sender
 	$(CARGO) nextest run -p warren-e2e --no-fail-fast
+
+dashboard-snapshot: ## draw the overview dashboard's main panels from a real Prometheus watching a short load (PNG for the README)
+	$(CARGO) build --bins -p warren-controller -p warren-worker -p warren-sender -p warren-e2e
+	$(CARGO_TARGET_DIR)/debug/dashboard-snapshot $(SNAPSHOT_ARGS)
 
 e2e-bench: ## reaction latency, drain time, interrupted jobs, controller RSS, broker requests per tick
 	$(CARGO) build --release --bins -p warren-controller -p warren-worker -p warren-sender -p warren-e2e

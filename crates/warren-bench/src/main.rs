@@ -8,8 +8,11 @@
 //! 5. Tokens (with a private PostgreSQL): the sender with `WARREN_AUTH=required`
 //!    and one hot monthly token vs the same sender with auth off, and two
 //!    senders racing one token limited to `--race-limit` uses under load.
+//! 6. What a 1 s Prometheus scrape costs the loaded sender ([`scrape`]).
 //!
 //! Prints a table and the ratios. Not a test: nothing here asserts timings.
+
+mod scrape;
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -166,6 +169,8 @@ async fn main() -> anyhow::Result<()> {
     } else {
         None
     };
+    eprintln!("warren-sender with and without a 1 s Prometheus scrape...");
+    let scrape_cost = scrape::measure(&args, &args.sender_bin, &url).await?;
 
     eprintln!("Flask + pika (seed design, classic queue)...");
     let flask_queue = unique_name("bench-flask");
@@ -282,6 +287,7 @@ async fn main() -> anyhow::Result<()> {
     println!("|---|---:|");
     println!("| warren-worker, zero-work jobs, prefetch 1 (quorum) | {worker_p1:.0} |");
     println!("| warren-worker, zero-work jobs, prefetch 10 (quorum) | {worker_p10:.0} |");
+    scrape_cost.print();
     drop(node);
     Ok(())
 }

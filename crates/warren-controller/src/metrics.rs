@@ -4,6 +4,8 @@
 //! registry (served on `/metrics` by `warren_telemetry::ops_router`) and
 //! shared by the reconciler and the broker readers.
 
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -12,6 +14,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
+use warren_crd::{ConditionStatus, QueueScalerStatus, condition_type};
+
+fn saturating_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
 
 /// `result` label of a reconcile: `ok` or the error's metric label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -19,10 +26,30 @@ pub struct ResultLabels {
     pub result: String,
 }
 
-/// `reason` label of a scaling decision.
+/// One QueueScaler: the labels of its per-scaler gauges. Bounded by the
+/// number of QueueScaler objects; the series go when the object does.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScalerLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// A scaling decision of one QueueScaler and its `reason` (a
+/// `warren_scaling::Reason` label: a fixed set).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
+    pub namespace: String,
+    pub name: String,
     pub reason: String,
+}
+
+/// A failure while reconciling one QueueScaler: a queue read that failed
+/// (the `MetricsError` label) or a failed reconcile (the `Error` label).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScalerErrorLabels {
+    pub namespace: String,
+    pub name: String,
+    pub error: String,
 }
 
 /// Which broker request (`queues`, `connections`, `channels`, `passive_declare`).
@@ -85,6 +112,90 @@ pub struct ControllerMetrics {
     pub deletion_cost_patches: Counter,
     pub audit_events_dropped: Counter,
     pub leader: Gauge,
+    /// The per-QueueScaler view: what the last reconcile saw and decided.
+    pub scaler: ScalerMetrics,
+    pub scaler_errors: Family<ScalerErrorLabels, Counter>,
+    /// Error labels each scaler has used, so [`Self::forget_scaler`] can
+    /// remove its series.
+    scaler_error_labels: Arc<Mutex<HashMap<(String, String), BTreeSet<&'static str>>>>,
+}
+
+/// Gauges per QueueScaler (labels [`ScalerLabels`]), set from the status
+/// each reconcile computes, so they always agree with `kubectl get qs`.
+#[derive(Clone, Default)]
+pub struct ScalerMetrics {
+    pub ready_messages: Family<ScalerLabels, Gauge>,
+    pub unacked_messages: Family<ScalerLabels, Gauge>,
+    pub consumers: Family<ScalerLabels, Gauge>,
+    pub current_replicas: Family<ScalerLabels, Gauge>,
+    pub desired_replicas: Family<ScalerLabels, Gauge>,
+    /// Condition Ready (1 true, 0 otherwise).
+    pub ready: Family<ScalerLabels, Gauge>,
+    /// Condition Active.
+    pub active: Family<ScalerLabels, Gauge>,
+    /// Condition Fallback.
+    pub fallback: Family<ScalerLabels, Gauge>,
+    /// Condition Paused.
+    pub paused: Family<ScalerLabels, Gauge>,
+    /// Failed queue reads in a row.
+    pub consecutive_failures: Family<ScalerLabels, Gauge>,
+}
+
+impl ScalerMetrics {
+    fn families(&self) -> [(&'static str, &'static str, &Family<ScalerLabels, Gauge>); 10] {
+        [
+            (
+                "scaler_ready_messages",
+                "Messages ready in the scaler's queue at the last observation",
+                &self.ready_messages,
+            ),
+            (
+                "scaler_unacked_messages",
+                "Messages delivered and not yet acknowledged at the last observation",
+                &self.unacked_messages,
+            ),
+            (
+                "scaler_consumers",
+                "Consumers on the scaler's queue at the last observation",
+                &self.consumers,
+            ),
+            (
+                "scaler_current_replicas",
+                "Replicas of the scale target when last reconciled",
+                &self.current_replicas,
+            ),
+            (
+                "scaler_desired_replicas",
+                "Replicas the last decision wants",
+                &self.desired_replicas,
+            ),
+            (
+                "scaler_ready",
+                "1 while the QueueScaler's Ready condition is True",
+                &self.ready,
+            ),
+            (
+                "scaler_active",
+                "1 while the QueueScaler's Active condition is True (the target runs)",
+                &self.active,
+            ),
+            (
+                "scaler_fallback",
+                "1 while the QueueScaler's Fallback condition is True (metrics missing)",
+                &self.fallback,
+            ),
+            (
+                "scaler_paused",
+                "1 while the QueueScaler is paused",
+                &self.paused,
+            ),
+            (
+                "scaler_consecutive_failures",
+                "Failed queue reads in a row",
+                &self.consecutive_failures,
+            ),
+        ]
+    }
 }
 
 impl Default for ControllerMetrics {
@@ -103,6 +214,9 @@ impl Default for ControllerMetrics {
             deletion_cost_patches: Counter::default(),
             audit_events_dropped: Counter::default(),
             leader: Gauge::default(),
+            scaler: ScalerMetrics::default(),
+            scaler_errors: Family::default(),
+            scaler_error_labels: Arc::default(),
         }
     }
 }
@@ -110,6 +224,7 @@ impl Default for ControllerMetrics {
 impl ControllerMetrics {
     /// Creates the metrics and registers them under `warren_controller_`.
     pub fn register(registry: &mut Registry) -> Self {
+        warren_telemetry::register_process_start_time(registry);
         let metrics = Self::default();
         let r = registry.sub_registry_with_prefix("warren_controller");
         r.register(
@@ -125,7 +240,7 @@ impl ControllerMetrics {
         );
         r.register(
             "decisions",
-            "Scaling decisions by reason",
+            "Scaling decisions by QueueScaler and reason",
             metrics.decisions.clone(),
         );
         r.register(
@@ -179,7 +294,112 @@ impl ControllerMetrics {
             "1 while this replica holds the leader lease (or leader election is off)",
             metrics.leader.clone(),
         );
+        for (name, help, family) in metrics.scaler.families() {
+            r.register(name, help, family.clone());
+        }
+        r.register(
+            "scaler_errors",
+            "Failed queue reads and failed reconciles by QueueScaler and error",
+            metrics.scaler_errors.clone(),
+        );
         metrics
+    }
+
+    /// Sets the per-scaler gauges from the status a reconcile computed.
+    pub fn record_status(&self, namespace: &str, name: &str, status: &QueueScalerStatus) {
+        let labels = ScalerLabels {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        };
+        let set = |family: &Family<ScalerLabels, Gauge>, value: i64| {
+            family.get_or_create(&labels).set(value);
+        };
+        let s = &self.scaler;
+        if let Some(o) = &status.observation {
+            set(&s.ready_messages, saturating_i64(o.ready));
+            set(&s.unacked_messages, saturating_i64(o.unacked));
+            set(&s.consumers, saturating_i64(o.consumers));
+        }
+        if let Some(current) = status.current_replicas {
+            set(&s.current_replicas, i64::from(current));
+        }
+        if let Some(desired) = status.desired_replicas {
+            set(&s.desired_replicas, i64::from(desired));
+        }
+        let is_true = |type_: &str| {
+            i64::from(
+                status
+                    .condition(type_)
+                    .is_some_and(|c| c.status == ConditionStatus::True),
+            )
+        };
+        set(&s.ready, is_true(condition_type::READY));
+        set(&s.active, is_true(condition_type::ACTIVE));
+        set(&s.fallback, is_true(condition_type::FALLBACK));
+        set(&s.paused, is_true(condition_type::PAUSED));
+        set(
+            &s.consecutive_failures,
+            i64::from(status.consecutive_failures),
+        );
+    }
+
+    /// Counts one decision of a scaler.
+    pub fn record_decision(&self, namespace: &str, name: &str, reason: &'static str) {
+        self.decisions
+            .get_or_create(&ReasonLabels {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts one failure of a scaler (`error`: a bounded error label).
+    pub fn record_scaler_error(&self, namespace: &str, name: &str, error: &'static str) {
+        self.scaler_error_labels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((namespace.to_string(), name.to_string()))
+            .or_default()
+            .insert(error);
+        self.scaler_errors
+            .get_or_create(&ScalerErrorLabels {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                error: error.to_string(),
+            })
+            .inc();
+    }
+
+    /// Drops every series of a scaler that no longer exists.
+    pub fn forget_scaler(&self, namespace: &str, name: &str) {
+        let labels = ScalerLabels {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        };
+        for (_, _, family) in self.scaler.families() {
+            family.remove(&labels);
+        }
+        for reason in warren_scaling::Reason::LABELS {
+            self.decisions.remove(&ReasonLabels {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                reason: (*reason).to_string(),
+            });
+        }
+        let seen = self
+            .scaler_error_labels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(namespace.to_string(), name.to_string()))
+            .unwrap_or_default();
+        for error in seen {
+            self.scaler_errors.remove(&ScalerErrorLabels {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                error: error.to_string(),
+            });
+        }
     }
 
     /// Starts timing a broker request; call [`BrokerTimer::finish`] with its outcome.
@@ -219,5 +439,74 @@ impl BrokerTimer<'_> {
                 })
                 .inc();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+    use warren_crd::{Condition, Observation};
+
+    fn encode(registry: &Registry) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn per_scaler_series_follow_the_status_and_go_with_the_scaler() {
+        let mut registry = Registry::default();
+        let metrics = ControllerMetrics::register(&mut registry);
+        let now = Utc::now();
+        let mut status = QueueScalerStatus {
+            observation: Some(Observation::new(12, 3, 2, None, None, now)),
+            current_replicas: Some(2),
+            desired_replicas: Some(4),
+            consecutive_failures: 0,
+            ..QueueScalerStatus::default()
+        };
+        status.set_condition(Condition::new(
+            condition_type::READY,
+            ConditionStatus::True,
+            "Observed",
+            "",
+            now,
+        ));
+        status.set_condition(Condition::new(
+            condition_type::FALLBACK,
+            ConditionStatus::False,
+            "MetricsAvailable",
+            "",
+            now,
+        ));
+        metrics.record_status("team-a", "jobs", &status);
+        metrics.record_decision("team-a", "jobs", "Backlog");
+        metrics.record_scaler_error("team-a", "jobs", "timeout");
+        metrics.record_status("team-b", "other", &QueueScalerStatus::default());
+
+        let text = encode(&registry);
+        for series in [
+            r#"warren_controller_scaler_ready_messages{namespace="team-a",name="jobs"} 12"#,
+            r#"warren_controller_scaler_unacked_messages{namespace="team-a",name="jobs"} 3"#,
+            r#"warren_controller_scaler_current_replicas{namespace="team-a",name="jobs"} 2"#,
+            r#"warren_controller_scaler_desired_replicas{namespace="team-a",name="jobs"} 4"#,
+            r#"warren_controller_scaler_ready{namespace="team-a",name="jobs"} 1"#,
+            r#"warren_controller_scaler_fallback{namespace="team-a",name="jobs"} 0"#,
+            r#"warren_controller_scaler_active{namespace="team-a",name="jobs"} 0"#,
+            r#"warren_controller_decisions_total{namespace="team-a",name="jobs",reason="Backlog"} 1"#,
+            r#"warren_controller_scaler_errors_total{namespace="team-a",name="jobs",error="timeout"} 1"#,
+            r#"warren_controller_scaler_ready{namespace="team-b",name="other"} 0"#,
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
+
+        metrics.forget_scaler("team-a", "jobs");
+        let text = encode(&registry);
+        assert!(!text.contains(r#"name="jobs""#), "{text}");
+        assert!(
+            text.contains(r#"warren_controller_scaler_ready{namespace="team-b",name="other"} 0"#),
+            "the other scaler's series stay:\n{text}"
+        );
     }
 }

@@ -54,9 +54,7 @@ use warren_scaling::{Decision, DecisionInput, History, Reason, decide};
 use crate::audit::{ScaleAudit, ScaleRecord};
 use crate::deletion_cost::{self, DELETION_COST_ANNOTATION, PodView};
 use crate::error::Error;
-use crate::metrics::{
-    ControllerMetrics, DirectionLabels, ObservationLabels, ReasonLabels, ResultLabels,
-};
+use crate::metrics::{ControllerMetrics, DirectionLabels, ObservationLabels, ResultLabels};
 use crate::source::{BrokerTarget, MetricsError, MetricsSource};
 use crate::status::{self, REASON_INVALID_SPEC, REASON_TARGET_NOT_FOUND, TickOutcome};
 
@@ -206,7 +204,11 @@ impl Context {
     fn forget_missing(&self, store: &Store<QueueScaler>) {
         let mut map = self.memory.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|(namespace, name), _| {
-            store.get(&ObjectRef::new(name).within(namespace)).is_some()
+            let exists = store.get(&ObjectRef::new(name).within(namespace)).is_some();
+            if !exists {
+                self.metrics.forget_scaler(namespace, name);
+            }
+            exists
         });
     }
 
@@ -277,7 +279,13 @@ pub async fn reconcile(scaler: Arc<QueueScaler>, ctx: Arc<Context>) -> Result<Ac
     let result = reconcile_inner(&scaler, &ctx).await;
     let label = match &result {
         Ok((outcome, _)) => outcome.label(),
-        Err(err) => err.metric_label(),
+        Err(err) => {
+            if let Some(namespace) = scaler.namespace() {
+                ctx.metrics
+                    .record_scaler_error(&namespace, &scaler.name_any(), err.metric_label());
+            }
+            err.metric_label()
+        }
     };
     let labels = ResultLabels {
         result: label.to_string(),
@@ -476,11 +484,11 @@ async fn reconcile_inner(scaler: &QueueScaler, ctx: &Context) -> Result<(Outcome
     history.record(spec, &input, &decision, now);
     ctx.remember(&key, history.clone(), failures);
     ctx.metrics
-        .decisions
-        .get_or_create(&ReasonLabels {
-            reason: decision.reason.label().to_string(),
-        })
-        .inc();
+        .record_decision(&namespace, &name, decision.reason.label());
+    if let Some(err) = &metrics_error {
+        ctx.metrics
+            .record_scaler_error(&namespace, &name, err.metric_label());
+    }
     if previous_failures == 0
         && let Some(err) = &metrics_error
     {
@@ -613,6 +621,7 @@ async fn write_status(
     next: &QueueScalerStatus,
     now: DateTime<Utc>,
 ) -> Result<(), Error> {
+    ctx.metrics.record_status(namespace, name, next);
     if !status::needs_patch(previous, next, now, ctx.settings.status_heartbeat) {
         return Ok(());
     }

@@ -568,8 +568,15 @@ async fn the_binary_runs_against_a_kubeconfig_holds_the_lease_scales_and_stops_o
         "warren_controller_scale_patches_total{direction=\"up\"}",
         "warren_controller_leader 1",
         "warren_controller_broker_requests_total{request=\"queues\"}",
-        "warren_controller_decisions_total{reason=\"Backlog\"}",
+        "warren_controller_decisions_total{namespace=\"default\",name=\"jobs\",reason=\"Backlog\"}",
         "warren_controller_reconcile_duration_seconds_bucket",
+        // The per-QueueScaler view agrees with what the scaler saw and did.
+        "warren_controller_scaler_desired_replicas{namespace=\"default\",name=\"jobs\"} 3",
+        "warren_controller_scaler_current_replicas{namespace=\"default\",name=\"jobs\"}",
+        "warren_controller_scaler_ready_messages{namespace=\"default\",name=\"jobs\"} 12",
+        "warren_controller_scaler_ready{namespace=\"default\",name=\"jobs\"} 1",
+        "warren_controller_scaler_active{namespace=\"default\",name=\"jobs\"} 1",
+        "warren_controller_scaler_fallback{namespace=\"default\",name=\"jobs\"} 0",
     ] {
         assert!(metrics.contains(series), "{series} missing:\n{metrics}");
     }

@@ -76,6 +76,9 @@ pub struct HarnessOptions {
     pub grace_seconds: u64,
     /// The node's `collect_statistics_interval` (management API lag).
     pub stats_interval_ms: u64,
+    /// Enable RabbitMQ's Prometheus plugin on the node (see
+    /// `RabbitNode::prometheus_url`).
+    pub rabbit_prometheus: bool,
     /// How many controller processes to start (0: none; start them later
     /// with [`Harness::start_controller`]).
     pub controllers: usize,
@@ -111,6 +114,7 @@ impl Default for HarnessOptions {
             seconds_per_dot: 0.1,
             grace_seconds: 30,
             stats_interval_ms: 500,
+            rabbit_prometheus: false,
             controllers: 1,
             leader_election: None,
             lease_duration_seconds: 3,
@@ -289,6 +293,7 @@ impl Harness {
         let queue = warren_testkit::unique_name("e2e");
         let node = RabbitNode::start(RabbitOptions {
             management: true,
+            prometheus: options.rabbit_prometheus,
             stats_interval_ms: options.stats_interval_ms,
             ..RabbitOptions::default()
         })

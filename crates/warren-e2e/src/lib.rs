@@ -31,6 +31,7 @@ mod binaries;
 mod harness;
 mod jobs;
 mod metrics;
+pub mod observability;
 mod process;
 mod proxy;
 mod recorder;

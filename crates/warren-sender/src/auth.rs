@@ -120,6 +120,11 @@ impl AppState {
             detail: refusal.detail.clone(),
         };
         let unavailable = refusal.reason == Reason::AuthUnavailable;
+        if !unavailable {
+            self.inner
+                .metrics
+                .record_token_refusal(refusal.reason.code());
+        }
         let mut response = self.reject(rejection, unavailable);
         let headers = response.headers_mut();
         if refusal.reason.challenges() {

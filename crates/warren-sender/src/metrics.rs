@@ -20,6 +20,25 @@ pub struct PublishErrorLabels {
     pub kind: String,
 }
 
+/// `reason` of a refused token (the problem `code` of the refusal).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub reason: String,
+}
+
+/// Every reason a token can be refused for (the refusals' problem codes;
+/// `auth_unavailable` is a 503, not a refusal, and counts in the responses).
+/// Each series exists from the start at 0, so a rate over it is 0, not empty.
+pub const TOKEN_REFUSAL_REASONS: [&str; 7] = [
+    "missing_token",
+    "invalid_token",
+    "token_revoked",
+    "token_expired",
+    "queue_not_allowed",
+    "usage_exceeded",
+    "monthly_limit_reached",
+];
+
 /// Every metric the sender exports.
 #[derive(Clone)]
 pub struct SenderMetrics {
@@ -29,6 +48,8 @@ pub struct SenderMetrics {
     pub broker_connected: Gauge,
     pub broker_blocked: Gauge,
     pub audit_dropped: Gauge,
+    /// Requests refused by token checks, by reason.
+    pub token_refusals: Family<RefusalLabels, Counter>,
 }
 
 impl SenderMetrics {
@@ -41,7 +62,14 @@ impl SenderMetrics {
             broker_connected: Gauge::default(),
             broker_blocked: Gauge::default(),
             audit_dropped: Gauge::default(),
+            token_refusals: Family::default(),
         };
+        warren_telemetry::register_process_start_time(registry);
+        for reason in TOKEN_REFUSAL_REASONS {
+            drop(metrics.token_refusals.get_or_create(&RefusalLabels {
+                reason: reason.to_string(),
+            }));
+        }
         registry.register(
             "warren_sender_responses",
             "Responses to POST /send by status and outcome code",
@@ -72,6 +100,36 @@ impl SenderMetrics {
             "Audit events dropped (buffer full or broker unavailable) since start",
             metrics.audit_dropped.clone(),
         );
+        registry.register(
+            "warren_sender_token_refusals",
+            "Requests refused by the token check, by reason (missing_token, invalid_token, token_revoked, token_expired, queue_not_allowed, usage_exceeded, monthly_limit_reached)",
+            metrics.token_refusals.clone(),
+        );
         metrics
+    }
+
+    /// Counts one refusal; `reason` is one of [`TOKEN_REFUSAL_REASONS`].
+    pub fn record_token_refusal(&self, reason: &'static str) {
+        self.token_refusals
+            .get_or_create(&RefusalLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warren_tokens::Reason;
+
+    #[test]
+    fn refusal_reasons_are_the_token_refusal_codes() {
+        let codes: Vec<&str> = Reason::ALL
+            .into_iter()
+            .filter(|r| *r != Reason::AuthUnavailable)
+            .map(Reason::code)
+            .collect();
+        assert_eq!(codes, TOKEN_REFUSAL_REASONS);
     }
 }

@@ -228,6 +228,12 @@ async fn accepted_jobs_are_persistent_enveloped_and_announced() {
         metrics.contains("warren_sender_broker_connected 1"),
         "{metrics}"
     );
+    // Every refusal reason is exported from the start (0 with auth off), so
+    // dashboards and alerts over it have a series to compute with.
+    for reason in warren_sender::metrics::TOKEN_REFUSAL_REASONS {
+        let series = format!("warren_sender_token_refusals_total{{reason=\"{reason}\"}} 0");
+        assert!(metrics.contains(&series), "{series} missing:\n{metrics}");
+    }
 
     assert!(
         tap.wait_until(Duration::from_secs(10), |events| events

@@ -251,6 +251,35 @@ async fn refusals_have_their_codes_and_headers_and_only_accepted_jobs_spend() {
     }
     let used = store.token(id).await.unwrap();
     assert_eq!(used.used + used.leased, 2, "{used:?}");
+
+    // Each refusal is counted by its reason (warren_sender_token_refusals_total).
+    let metrics = client
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let count = |reason: &str| -> f64 {
+        let prefix = format!("warren_sender_token_refusals_total{{reason=\"{reason}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
+    };
+    for reason in [
+        "missing_token",
+        "invalid_token",
+        "queue_not_allowed",
+        "usage_exceeded",
+        "monthly_limit_reached",
+    ] {
+        assert_eq!(count(reason), 1.0, "{reason}");
+    }
+    assert!(count("token_revoked") >= 1.0);
+    assert_eq!(count("token_expired"), 0.0);
     sender.shutdown.cancel();
 }
 

@@ -138,6 +138,25 @@ async fn metrics(State(state): State<OpsState>) -> Response {
     }
 }
 
+/// Registers `process_start_time_seconds` (the Unix time this process
+/// started), the conventional series for counting restarts: each restart
+/// changes its value, so `changes(process_start_time_seconds[15m])` counts them.
+pub fn register_process_start_time(registry: &mut Registry) {
+    use prometheus_client::metrics::gauge::Gauge;
+    use std::sync::atomic::AtomicU64;
+    let started: Gauge<f64, AtomicU64> = Gauge::default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    started.set(now);
+    registry.register(
+        "process_start_time_seconds",
+        "Start time of the process since the Unix epoch, in seconds",
+        started,
+    );
+}
+
 /// Resolves when the process receives SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -181,6 +200,7 @@ mod tests {
         let jobs: Counter = Counter::default();
         registry.register("warren_test_jobs", "jobs seen", jobs.clone());
         jobs.inc_by(3);
+        register_process_start_time(&mut registry);
         let readiness = Readiness::default();
         let router: Router = ops_router(Arc::new(registry), readiness.clone());
 
@@ -195,6 +215,17 @@ mod tests {
         let (status, body) = get_path(router, "/metrics").await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("warren_test_jobs_total 3"), "{body}");
+        let started: f64 = body
+            .lines()
+            .find_map(|l| l.strip_prefix("process_start_time_seconds "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no process_start_time_seconds in {body}"));
+        // Some time after 2020 and not in the future.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(started > 1.6e9 && started <= now, "{started}");
     }
 
     #[test]

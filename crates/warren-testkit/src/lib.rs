@@ -1,5 +1,5 @@
 //! Test support for warren: private RabbitMQ nodes, private PostgreSQL
-//! clusters ([`PgNode`]) and free ports.
+//! clusters ([`PgNode`]), private Prometheus servers and free ports.
 //!
 //! Tests that kill or restart a broker, or need the management API, start
 //! their own [`RabbitNode`] and never touch the machine's shared broker.
@@ -8,10 +8,12 @@
 pub mod amqp;
 pub mod hostile;
 mod postgres;
+mod prometheus;
 mod rabbit;
 
 pub use amqp::{EventTap, ready_count};
 pub use postgres::PgNode;
+pub use prometheus::{PROMETHEUS_BIN, PrometheusServer};
 pub use rabbit::{RabbitNode, RabbitOptions, TestkitError};
 
 /// The shared broker's AMQP URL for tests that only need a live broker

@@ -43,6 +43,13 @@ pub enum TestkitError {
     },
     #[error("{0}")]
     Postgres(String),
+    #[error("cannot start {program}: {source}; {hint}")]
+    Program {
+        program: String,
+        hint: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot signal RabbitMQ node {node}: {reason}")]
     Signal { node: String, reason: String },
 }
@@ -52,6 +59,8 @@ pub enum TestkitError {
 pub struct RabbitOptions {
     /// Enable the management plugin (HTTP API on `management_port`).
     pub management: bool,
+    /// Enable the Prometheus plugin (`/metrics` on `prometheus_port`).
+    pub prometheus: bool,
     /// `collect_statistics_interval` in milliseconds (RabbitMQ default: 5000).
     pub stats_interval_ms: u64,
     /// How long to wait for the node to accept AMQP connections.
@@ -62,6 +71,7 @@ impl Default for RabbitOptions {
     fn default() -> Self {
         Self {
             management: false,
+            prometheus: false,
             stats_interval_ms: 5000,
             start_timeout: Duration::from_secs(90),
         }
@@ -78,6 +88,7 @@ pub struct RabbitNode {
     node: String,
     amqp_port: u16,
     management_port: u16,
+    prometheus_port: u16,
     dist_port: u16,
     options: RabbitOptions,
     child: Option<Child>,
@@ -96,11 +107,13 @@ impl RabbitNode {
         let amqp_port = free_port()?;
         let management_port = free_port()?;
         let dist_port = free_port()?;
+        let prometheus_port = free_port()?;
         let mut node = Self {
             node: format!("warren-test-{amqp_port}@localhost"),
             dir,
             amqp_port,
             management_port,
+            prometheus_port,
             dist_port,
             options,
             child: None,
@@ -122,6 +135,12 @@ impl RabbitNode {
     /// `http://127.0.0.1:PORT` (only serves when `management` was enabled).
     pub fn management_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.management_port)
+    }
+
+    /// `http://127.0.0.1:PORT` of the Prometheus plugin (only serves when
+    /// `prometheus` was enabled): `/metrics`, `/metrics/detailed?family=…`.
+    pub fn prometheus_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.prometheus_port)
     }
 
     pub fn node_name(&self) -> &str {
@@ -146,17 +165,23 @@ impl RabbitNode {
             "listeners.tcp.default = {}\nloopback_users = none\ncollect_statistics_interval = {}\n",
             self.amqp_port, self.options.stats_interval_ms
         );
-        let plugins = if self.options.management {
+        let mut plugins = Vec::new();
+        if self.options.management {
             conf.push_str(&format!(
                 "management.tcp.port = {}\nmanagement.tcp.ip = 127.0.0.1\n",
                 self.management_port
             ));
-            "[rabbitmq_management]."
-        } else {
-            "[]."
-        };
+            plugins.push("rabbitmq_management");
+        }
+        if self.options.prometheus {
+            conf.push_str(&format!(
+                "prometheus.tcp.port = {}\nprometheus.tcp.ip = 127.0.0.1\n",
+                self.prometheus_port
+            ));
+            plugins.push("rabbitmq_prometheus");
+        }
         write("rabbitmq.conf", conf)?;
-        write("enabled_plugins", plugins.to_string())?;
+        write("enabled_plugins", format!("[{}].", plugins.join(",")))?;
         self.chown_to_rabbitmq()
     }
 
@@ -239,7 +264,9 @@ impl RabbitNode {
             let connect = lapin::Connection::connect(&url, lapin::ConnectionProperties::default());
             if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(2), connect).await {
                 let _ = conn.close(200, "testkit ready check".into()).await;
-                if !self.options.management || self.management_ready().await {
+                if (!self.options.management || port_open(self.management_port).await)
+                    && (!self.options.prometheus || port_open(self.prometheus_port).await)
+                {
                     return Ok(());
                 }
             }
@@ -248,12 +275,6 @@ impl RabbitNode {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-    }
-
-    async fn management_ready(&self) -> bool {
-        tokio::net::TcpStream::connect(("127.0.0.1", self.management_port))
-            .await
-            .is_ok()
     }
 
     fn not_ready(&self, started: Instant, why: &str) -> TestkitError {
@@ -391,6 +412,12 @@ impl RabbitNode {
             .map_err(TestkitError::Spawn)?;
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
+}
+
+async fn port_open(port: u16) -> bool {
+    tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_ok()
 }
 
 impl Drop for RabbitNode {

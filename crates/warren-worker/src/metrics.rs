@@ -30,6 +30,7 @@ impl WorkerMetrics {
             // 1 ms .. ~65 s
             job_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
         };
+        warren_telemetry::register_process_start_time(registry);
         registry.register(
             "warren_worker_broker_blocked",
             "1 while RabbitMQ blocks the worker's connection (memory or disk alarm; nothing it writes, acks included, is read)",
