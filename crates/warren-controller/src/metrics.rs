@@ -16,6 +16,9 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use warren_crd::{ConditionStatus, QueueScalerStatus, condition_type};
 
+/// Error labels used, per (namespace, name) of a QueueScaler.
+type ErrorLabelsSeen = HashMap<(String, String), BTreeSet<&'static str>>;
+
 fn saturating_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
@@ -117,7 +120,7 @@ pub struct ControllerMetrics {
     pub scaler_errors: Family<ScalerErrorLabels, Counter>,
     /// Error labels each scaler has used, so [`Self::forget_scaler`] can
     /// remove its series.
-    scaler_error_labels: Arc<Mutex<HashMap<(String, String), BTreeSet<&'static str>>>>,
+    scaler_error_labels: Arc<Mutex<ErrorLabelsSeen>>,
 }
 
 /// Gauges per QueueScaler (labels [`ScalerLabels`]), set from the status

@@ -180,7 +180,7 @@ fn draw_panel(
         y_min = y_min.min(v);
         y_max = y_max.max(v);
     }
-    if y_max - y_min < f64::EPSILON {
+    if (y_max - y_min).abs() < f64::EPSILON {
         y_max = y_min + 1.0;
     }
     let y_max = y_max + (y_max - y_min) * 0.1;
