@@ -57,6 +57,11 @@ BAD_VALUES = {
     "events max age lowercase day": ["--set-string", "events.maxAge=7d"],
     "events max bytes tiny": ["--set", "events.maxBytes=1000"],
     "events max bytes as text": ["--set-string", "events.maxBytes=lots"],
+    "sender maxInFlight zero": ["--set", "sender.maxInFlight=0"],
+    "sender maxConnections negative": ["--set", "sender.maxConnections=-1"],
+    "sender header timeout as text": ["--set-string", "sender.headerReadTimeoutMs=10s"],
+    "sender idle timeout fractional": ["--set", "sender.idleTimeoutMs=1.5"],
+    "sender unknown limit": ["--set", "sender.maxRequests=10"],
 }
 
 

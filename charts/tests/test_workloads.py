@@ -310,13 +310,24 @@ def test_images_follow_registry_and_tag(render):
 # --- the environment contract (shared/contracts.md) -----------------------------------
 
 LOG_ENV = {"WARREN_LOG_FORMAT", "WARREN_LOG"}
+# The sender's limits against hostile and overloaded clients (chart values sender.*).
+SENDER_LIMITS_ENV = {
+    "WARREN_HEADER_READ_TIMEOUT_MS": "headerReadTimeoutMs",
+    "WARREN_BODY_READ_TIMEOUT_MS": "bodyReadTimeoutMs",
+    "WARREN_IDLE_TIMEOUT_MS": "idleTimeoutMs",
+    "WARREN_MAX_CONNECTIONS": "maxConnections",
+    "WARREN_MAX_BODY_BYTES": "maxBodyBytes",
+    "WARREN_MAX_IN_FLIGHT": "maxInFlight",
+    "WARREN_CONFIRM_TIMEOUT_MS": "confirmTimeoutMs",
+    "WARREN_RETRY_AFTER_SECONDS": "retryAfterSeconds",
+}
 # The events log retention (warren_broker::EventsLogArgs), in every process that declares it.
 EVENTS_ENV = {"WARREN_EVENTS_MAX_AGE", "WARREN_EVENTS_MAX_BYTES"}
 # Variables each binary reads (clap `env = ...`), per the contract between the components.
 # RABBITMQ_USERNAME / RABBITMQ_PASSWORD exist only so that AMQP_URL can expand them.
 CONTRACT_ENV = {
     "sender": {"AMQP_URL", "WARREN_QUEUE", "WARREN_QUEUES", "WARREN_QUEUE_TYPE", "WARREN_LISTEN_ADDR",
-               "WARREN_AUTH", "WARREN_DATABASE_URL"} | LOG_ENV | EVENTS_ENV,
+               "WARREN_AUTH", "WARREN_DATABASE_URL"} | LOG_ENV | EVENTS_ENV | set(SENDER_LIMITS_ENV),
     "worker": {"AMQP_URL", "WARREN_QUEUE", "WARREN_QUEUES", "WARREN_QUEUE_TYPE", "WARREN_LISTEN_ADDR",
                "WARREN_SECONDS_PER_DOT", "WARREN_CONCURRENCY", "WARREN_PREFETCH", "POD_NAME"} | LOG_ENV | EVENTS_ENV,
     "controller": {"WARREN_LISTEN_ADDR", "WARREN_LEADER_ELECTION", "WARREN_LEASE_NAME", "POD_NAMESPACE",
@@ -324,7 +335,8 @@ CONTRACT_ENV = {
 }
 EXPANSION_ONLY = {"RABBITMQ_USERNAME", "RABBITMQ_PASSWORD"}
 REQUIRED_ENV = {
-    "sender": {"AMQP_URL", "WARREN_QUEUE", "WARREN_QUEUE_TYPE", "WARREN_LISTEN_ADDR", "WARREN_AUTH"} | LOG_ENV | EVENTS_ENV,
+    "sender": {"AMQP_URL", "WARREN_QUEUE", "WARREN_QUEUE_TYPE", "WARREN_LISTEN_ADDR", "WARREN_AUTH"} | LOG_ENV | EVENTS_ENV
+              | set(SENDER_LIMITS_ENV),
     "worker": {"AMQP_URL", "WARREN_QUEUE", "WARREN_QUEUE_TYPE", "WARREN_LISTEN_ADDR", "WARREN_SECONDS_PER_DOT",
                "WARREN_CONCURRENCY", "WARREN_PREFETCH", "POD_NAME"} | LOG_ENV | EVENTS_ENV,
     "controller": {"WARREN_LISTEN_ADDR", "WARREN_LEADER_ELECTION", "WARREN_LEASE_NAME", "POD_NAMESPACE",
@@ -387,3 +399,42 @@ def test_every_process_gets_the_events_log_retention(render):
             env = env_of(container(deployment(rendered, component)))
             assert env["WARREN_EVENTS_MAX_AGE"]["value"] == age, component
             assert env["WARREN_EVENTS_MAX_BYTES"]["value"] == size, component
+
+
+# --- the sender's limits against hostile and overloaded clients -----------------------
+
+def binary_defaults(source: str) -> dict[str, int]:
+    """`env = "NAME", default_value_t = EXPR` of a clap struct, EXPR an integer expression."""
+    found = {}
+    for name, expr in re.findall(r'env\s*=\s*"([A-Z0-9_]+)",\s*default_value_t\s*=\s*([0-9_ *+]+)\)', source):
+        found[name] = eval(expr.replace("_", ""), {"__builtins__": {}})  # digits and * + only
+    return found
+
+
+def test_sender_limits_default_to_the_binary_defaults(defaults):
+    """The chart's values are the binary's defaults: a default changed in the code and
+    not in values.yaml (or the other way round) fails here."""
+    from conftest import CHART, REPO
+    import yaml
+
+    source = (REPO / "crates" / "warren-sender" / "src" / "lib.rs").read_text()
+    in_binary = binary_defaults(source)
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["sender"]
+    env = env_of(container(deployment(defaults, "sender")))
+    for name, key in SENDER_LIMITS_ENV.items():
+        assert name in in_binary, f"{name}: no default_value_t found in the sender's flags"
+        assert values[key] == in_binary[name], (key, values[key], name, in_binary[name])
+        assert env[name]["value"] == str(in_binary[name]), name
+
+
+def test_sender_limits_reach_the_pod(render):
+    """Other values become the pod's variables; large numbers stay integers (not 1e+07)."""
+    given = {
+        "headerReadTimeoutMs": 4000, "bodyReadTimeoutMs": 7000, "idleTimeoutMs": 30000,
+        "maxConnections": 1024, "maxBodyBytes": 10000000, "maxInFlight": 256,
+        "confirmTimeoutMs": 2500, "retryAfterSeconds": 5,
+    }
+    args = [a for key, value in given.items() for a in ("--set", f"sender.{key}={value}")]
+    env = env_of(container(deployment(render(args), "sender")))
+    for name, key in SENDER_LIMITS_ENV.items():
+        assert env[name]["value"] == str(given[key]), name
