@@ -71,11 +71,15 @@ FUZZ_TARGETS := send_request envelope_decode
 fuzz: ## fuzz request validation and envelope decoding, FUZZ_SECONDS per target (nightly toolchain; installs cargo-fuzz)
 	@rustup run nightly rustc --version >/dev/null 2>&1 || { echo "make fuzz needs a nightly toolchain (rustup toolchain list): libFuzzer instrumentation is nightly-only"; exit 1; }
 	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install --locked cargo-fuzz
-	cd crates/warren-sender/fuzz && for target in $(FUZZ_TARGETS); do \
+	@# Every target runs even when an earlier one crashes; make fails at the end, naming them.
+	cd crates/warren-sender/fuzz && failed=""; for target in $(FUZZ_TARGETS); do \
 	  mkdir -p $(CARGO_TARGET_DIR)/fuzz-corpus/$$target && \
 	  CARGO_TARGET_DIR=$(CARGO_TARGET_DIR)/fuzz $(CARGO) +nightly fuzz run $$target \
-	    $(CARGO_TARGET_DIR)/fuzz-corpus/$$target corpus/$$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
-	done
+	    $(CARGO_TARGET_DIR)/fuzz-corpus/$$target corpus/$$target -- -max_total_time=$(FUZZ_SECONDS) \
+	    || failed="$$failed $$target"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "make fuzz: crash or error in:$$failed (inputs under crates/warren-sender/fuzz/artifacts/)"; exit 1; fi; \
+	echo "make fuzz: no crash in $(FUZZ_TARGETS) ($(FUZZ_SECONDS) s each)"
 
 bench-controller: ## controller: broker requests per tick, CPU, RSS, burst->scale with 1/100/1000 QueueScalers
 	$(CARGO) build --release -p warren-controller --bins --examples
