@@ -538,7 +538,7 @@ fn denial_table(denials: &[DenialView], tokens: &[TokenView]) -> Markup {
                     } }
                     td.reason { (d.reason) }
                     td { (d.queue.as_deref().unwrap_or("—")) }
-                    td { (d.count) @if d.aggregated { span.muted { " (aggregated, per minute)" } } }
+                    td { (d.count) @if d.aggregated { span.muted { " (aggregated, per " (d.span) ")" } } }
                 }
             }
         }

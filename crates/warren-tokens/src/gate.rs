@@ -26,17 +26,20 @@
 //! `auth_unavailable` (never an accept without a check) and the cache is
 //! cleared on reconnect.
 //!
-//! **Refusals** are queued to a background writer: per token and UTC minute
-//! the first `refusals_per_minute` are stored one row each; past that rate
-//! they are counted into one aggregated row per (token, reason, queue,
-//! minute), so a flood adds at most a handful of rows per minute.
+//! **Refusals** are counted in memory and stored by a background writer:
+//! per token (all refusals without a known token share one key) and UTC
+//! minute the first `refusals_per_minute` are stored one row each; past that
+//! rate they are counted into one row per (token, reason, queue, minute).
+//! Rows older than `refusal_detail_for` are folded into one row per (token,
+//! reason, queue, UTC day), rows older than `refusal_retention` deleted; see
+//! [`crate::refusals`] for the bound this gives.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, NaiveDate, Timelike as _, Utc};
+use chrono::NaiveDate;
 use futures::StreamExt as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -45,6 +48,7 @@ use uuid::Uuid;
 use crate::clock::Clock;
 use crate::error::TokenError;
 use crate::model::{Limit, Reason, Refusal, TokenRecord};
+use crate::refusals::{self, RefusalBuffer, RefusalEvent};
 use crate::secret::{self, SecretHash};
 
 /// Tuning of the gate; the defaults suit production.
@@ -70,6 +74,12 @@ pub struct GateConfig {
     pub exhausted_recheck: Duration,
     /// Refusals stored one row each per token and minute; more are aggregated.
     pub refusals_per_minute: u32,
+    /// Refusal rows older than this are folded into one row per token, reason, queue and day.
+    pub refusal_detail_for: Duration,
+    /// Refusal rows older than this are deleted.
+    pub refusal_retention: Duration,
+    /// How often this replica folds and deletes old refusal rows.
+    pub refusal_compact_every: Duration,
     /// Connections in the pool.
     pub pool_size: usize,
 }
@@ -87,6 +97,9 @@ impl Default for GateConfig {
             ping_interval: Duration::from_millis(250),
             exhausted_recheck: Duration::from_millis(200),
             refusals_per_minute: 10,
+            refusal_detail_for: Duration::from_secs(24 * 3600),
+            refusal_retention: Duration::from_secs(90 * 24 * 3600),
+            refusal_compact_every: Duration::from_secs(600),
             pool_size: 4,
         }
     }
@@ -114,8 +127,10 @@ struct Inner {
     generation: AtomicU64,
     cache: RwLock<HashMap<SecretHash, Arc<TokenRecord>>>,
     quotas: RwLock<HashMap<Uuid, Arc<Quota>>>,
-    refusals: mpsc::Sender<RefusalEvent>,
-    refusals_dropped: AtomicU64,
+    refusals: Mutex<RefusalBuffer>,
+    /// Wakes the refusal writer early when many single rows wait.
+    refusals_waiting: tokio::sync::Notify,
+    refusal_writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     shutdown: CancellationToken,
 }
 
@@ -167,6 +182,9 @@ impl QuotaState {
 pub struct Admission {
     gate: Gate,
     record: Arc<TokenRecord>,
+    hash: SecretHash,
+    /// The gate's invalidation generation when the record was read.
+    generation: u64,
     queue: String,
 }
 
@@ -176,14 +194,6 @@ pub struct Ticket {
     quota: Arc<Quota>,
     period: NaiveDate,
     committed: bool,
-}
-
-#[derive(Debug)]
-struct RefusalEvent {
-    token_id: Option<Uuid>,
-    reason: Reason,
-    queue: Option<String>,
-    at: DateTime<Utc>,
 }
 
 impl Gate {
@@ -199,7 +209,7 @@ impl Gate {
             .parse()
             .map_err(|e: tokio_postgres::Error| TokenError::Config(e.to_string()))?;
         let pool = crate::pool(database_url, config.pool_size)?;
-        let (tx, rx) = mpsc::channel(10_000);
+        let per_minute = config.refusals_per_minute;
         let gate = Self {
             inner: Arc::new(Inner {
                 pool,
@@ -213,14 +223,18 @@ impl Gate {
                 generation: AtomicU64::new(0),
                 cache: RwLock::new(HashMap::new()),
                 quotas: RwLock::new(HashMap::new()),
-                refusals: tx,
-                refusals_dropped: AtomicU64::new(0),
+                refusals: Mutex::new(RefusalBuffer::new(per_minute)),
+                refusals_waiting: tokio::sync::Notify::new(),
+                refusal_writer: Mutex::new(None),
                 shutdown: CancellationToken::new(),
             }),
         };
         tokio::spawn(gate.clone().listen());
         tokio::spawn(gate.clone().flush_loop());
-        tokio::spawn(gate.clone().write_refusals(rx));
+        let writer = tokio::spawn(gate.clone().write_refusals());
+        if let Ok(mut slot) = gate.inner.refusal_writer.lock() {
+            *slot = Some(writer);
+        }
         Ok(gate)
     }
 
@@ -241,9 +255,10 @@ impl Gate {
         true
     }
 
-    /// Refusals that could not be queued for storage (writer overwhelmed).
+    /// Refusals lost because the database could not store them for very
+    /// long (see [`crate::refusals`]); a flood alone loses none.
     pub fn refusals_dropped(&self) -> u64 {
-        self.inner.refusals_dropped.load(Ordering::Relaxed)
+        self.inner.refusals.lock().map(|b| b.dropped()).unwrap_or(0)
     }
 
     /// Checks the `Authorization` header's token for `queue`. Refusals are recorded.
@@ -278,34 +293,47 @@ impl Gate {
                 "this is not a warren token (wrong shape or checksum)",
             ));
         }
+        let hash = secret::hash(candidate);
+        let (record, generation) = self.find(hash).await?;
+        record.check(queue, self.inner.clock.now())?;
+        Ok(Admission {
+            gate: self.clone(),
+            record,
+            hash,
+            generation,
+            queue: queue.to_string(),
+        })
+    }
+
+    /// The token with this hash, from the cache or the database, and the
+    /// invalidation generation it is at least as new as.
+    async fn find(&self, hash: SecretHash) -> Result<(Arc<TokenRecord>, u64), Refusal> {
         if !self.is_ready() {
             return Err(unavailable("the token database cannot be reached"));
         }
-        let hash = secret::hash(candidate);
+        let generation = self.inner.generation.load(Ordering::Acquire);
         let record = match self.cached(&hash) {
             Some(record) => record,
             None => self
-                .lookup(hash)
+                .lookup(hash, generation)
                 .await
                 .map_err(|e| unavailable(&e.to_string()))?
                 .ok_or_else(|| {
                     Refusal::new(Reason::InvalidToken, None, "this token is not known")
                 })?,
         };
-        record.check(queue, self.inner.clock.now())?;
-        Ok(Admission {
-            gate: self.clone(),
-            record,
-            queue: queue.to_string(),
-        })
+        Ok((record, generation))
     }
 
     fn cached(&self, hash: &SecretHash) -> Option<Arc<TokenRecord>> {
         self.inner.cache.read().ok()?.get(hash).cloned()
     }
 
-    async fn lookup(&self, hash: SecretHash) -> Result<Option<Arc<TokenRecord>>, TokenError> {
-        let generation = self.inner.generation.load(Ordering::Acquire);
+    async fn lookup(
+        &self,
+        hash: SecretHash,
+        generation: u64,
+    ) -> Result<Option<Arc<TokenRecord>>, TokenError> {
         let client = self.inner.pool.get().await?;
         let row = client
             .query_opt(
@@ -357,8 +385,15 @@ impl Gate {
             queue: Some(queue.to_string()),
             at: self.inner.clock.now(),
         };
-        if self.inner.refusals.try_send(event).is_err() {
-            self.inner.refusals_dropped.fetch_add(1, Ordering::Relaxed);
+        let waiting = match self.inner.refusals.lock() {
+            Ok(mut buffer) => {
+                buffer.add(event);
+                buffer.pending_rows()
+            }
+            Err(_) => 0,
+        };
+        if waiting >= 200 {
+            self.inner.refusals_waiting.notify_one();
         }
     }
 
@@ -724,8 +759,9 @@ impl Gate {
         Ok(())
     }
 
-    /// Writes back every spent use, returns every unspent lease and stops the
-    /// background tasks. Call at shutdown, after the last request.
+    /// Writes back every spent use, returns every unspent lease, stores the
+    /// refusals still in memory and stops the background tasks. Call at
+    /// shutdown, after the last request.
     pub async fn close(&self) {
         self.inner.shutdown.cancel();
         self.flush(true).await;
@@ -738,42 +774,81 @@ impl Gate {
                 .await;
         }
         self.inner.healthy.store(false, Ordering::Release);
-        // Let the refusal writer store what it holds.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let writer = self
+            .inner
+            .refusal_writer
+            .lock()
+            .ok()
+            .and_then(|mut w| w.take());
+        if let Some(writer) = writer {
+            let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+        }
     }
 
-    async fn write_refusals(self, mut rx: mpsc::Receiver<RefusalEvent>) {
-        let mut writer = RefusalWriter::new(self.inner.config.refusals_per_minute);
+    /// Stores the refusals counted in memory: every 500 ms, sooner when many
+    /// single rows wait, and once more at shutdown. Folds and deletes old
+    /// rows every `refusal_compact_every`.
+    async fn write_refusals(self) {
+        let config = &self.inner.config;
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut compact = tokio::time::interval(config.refusal_compact_every);
+        compact.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let mut open = true;
+            let mut closing = false;
             tokio::select! {
-                event = rx.recv() => match event {
-                    Some(event) => {
-                        writer.add(event);
-                        if writer.pending_rows() < 200 {
-                            continue;
-                        }
-                    }
-                    None => open = false,
-                },
+                _ = self.inner.refusals_waiting.notified() => {}
                 _ = tick.tick() => {}
-                _ = self.inner.shutdown.cancelled() => {
-                    while let Ok(event) = rx.try_recv() {
-                        writer.add(event);
+                _ = compact.tick() => {
+                    if let Err(err) = self.compact_refusals().await {
+                        tracing::warn!(error = %err, "compacting refusals failed; will retry");
                     }
-                    open = false;
                 }
+                _ = self.inner.shutdown.cancelled() => closing = true,
             }
-            if writer.has_pending()
-                && let Err(err) = writer.write(&self.inner.pool).await
-            {
-                tracing::warn!(error = %err, "storing refusals failed; will retry");
-            }
-            if !open {
+            self.store_refusals().await;
+            if closing {
                 break;
             }
         }
+    }
+
+    /// Writes what the refusal buffer holds; puts it back on failure.
+    async fn store_refusals(&self) {
+        let now = self.inner.clock.now();
+        let batch = match self.inner.refusals.lock() {
+            Ok(mut buffer) => buffer.take(now),
+            Err(_) => return,
+        };
+        if batch.is_empty() {
+            return;
+        }
+        let written = match self.inner.pool.get().await {
+            Ok(mut client) => batch.write(&mut client).await,
+            Err(err) => Err(err.into()),
+        };
+        if let Err(err) = written {
+            tracing::warn!(error = %err, "storing refusals failed; will retry");
+            if let Ok(mut buffer) = self.inner.refusals.lock() {
+                buffer.restore(batch);
+            }
+        }
+    }
+
+    /// Folds refusal rows past `refusal_detail_for` into days and deletes
+    /// those past `refusal_retention` (see [`crate::refusals::compact`]).
+    pub async fn compact_refusals(&self) -> Result<refusals::Compaction, TokenError> {
+        let config = &self.inner.config;
+        let mut client = self.inner.pool.get().await?;
+        let to_chrono =
+            |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+        refusals::compact(
+            &mut client,
+            self.inner.clock.now(),
+            to_chrono(config.refusal_detail_for),
+            to_chrono(config.refusal_retention),
+        )
+        .await
     }
 }
 
@@ -813,6 +888,13 @@ impl Admission {
     async fn reserve_inner(&self) -> Result<Ticket, Refusal> {
         let gate = &self.gate;
         let now = gate.inner.clock.now();
+        // The body may have taken a while: a token revoked (any token changed)
+        // since the check is read again, and its expiry is checked again.
+        if gate.inner.generation.load(Ordering::Acquire) != self.generation {
+            let (record, _) = gate.find(self.hash).await?;
+            record.check(&self.queue, now)?;
+        }
+        self.record.check(&self.queue, now)?;
         let limit = self.record.limit;
         let period = limit.period(now);
         let quota = gate.quota(&self.record, period);
@@ -912,124 +994,6 @@ impl Drop for Ticket {
     }
 }
 
-/// (token, reason, queue, UTC minute) of an aggregated refusal row.
-type AggregateKey = (Option<Uuid>, Reason, Option<String>, i64);
-
-/// Batches refusals into rows, aggregating past the per-token rate.
-struct RefusalWriter {
-    per_minute: u32,
-    /// token → (minute, individual rows used in it)
-    budget: HashMap<Option<Uuid>, (i64, u32)>,
-    rows: Vec<RefusalEvent>,
-    /// (token, reason, queue, minute) → (stored row id, count not yet stored)
-    aggregates: HashMap<AggregateKey, (Option<i64>, u64)>,
-}
-
-impl RefusalWriter {
-    fn new(per_minute: u32) -> Self {
-        Self {
-            per_minute,
-            budget: HashMap::new(),
-            rows: Vec::new(),
-            aggregates: HashMap::new(),
-        }
-    }
-
-    fn add(&mut self, event: RefusalEvent) {
-        let minute = event.at.timestamp().div_euclid(60);
-        let slot = self.budget.entry(event.token_id).or_insert((minute, 0));
-        if slot.0 != minute {
-            *slot = (minute, 0);
-        }
-        if slot.1 < self.per_minute && self.rows.len() < 10_000 {
-            slot.1 += 1;
-            self.rows.push(event);
-        } else {
-            let key = (event.token_id, event.reason, event.queue, minute);
-            self.aggregates.entry(key).or_insert((None, 0)).1 += 1;
-        }
-    }
-
-    fn has_pending(&self) -> bool {
-        !self.rows.is_empty() || self.aggregates.values().any(|(_, n)| *n > 0)
-    }
-
-    fn pending_rows(&self) -> usize {
-        self.rows.len()
-    }
-
-    async fn write(&mut self, pool: &deadpool_postgres::Pool) -> Result<(), TokenError> {
-        let mut client = pool.get().await?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(TokenError::db("starting to store refusals"))?;
-        for event in &self.rows {
-            tx.execute(
-                "INSERT INTO token_refusals (token_id, reason, queue, at) VALUES ($1, $2, $3, $4)",
-                &[
-                    &event.token_id,
-                    &event.reason.code(),
-                    &event.queue,
-                    &event.at,
-                ],
-            )
-            .await
-            .map_err(TokenError::db("storing a refusal"))?;
-        }
-        let mut new_ids = Vec::new();
-        for ((token_id, reason, queue, minute), (row_id, pending)) in &self.aggregates {
-            if *pending == 0 {
-                continue;
-            }
-            let count = i64::try_from(*pending).unwrap_or(i64::MAX);
-            match row_id {
-                Some(id) => {
-                    tx.execute(
-                        "UPDATE token_refusals SET count = count + $2 WHERE id = $1",
-                        &[id, &count],
-                    )
-                    .await
-                    .map_err(TokenError::db("counting refusals"))?;
-                }
-                None => {
-                    let at = DateTime::<Utc>::from_timestamp(minute * 60, 0)
-                        .unwrap_or_default()
-                        .with_nanosecond(0)
-                        .unwrap_or_default();
-                    let id: i64 = tx
-                        .query_one(
-                            "INSERT INTO token_refusals (token_id, reason, queue, at, count, aggregated)
-                             VALUES ($1, $2, $3, $4, $5, true) RETURNING id",
-                            &[token_id, &reason.code(), queue, &at, &count],
-                        )
-                        .await
-                        .map_err(TokenError::db("storing aggregated refusals"))?
-                        .get(0);
-                    new_ids.push(((*token_id, *reason, queue.clone(), *minute), id));
-                }
-            }
-        }
-        tx.commit()
-            .await
-            .map_err(TokenError::db("committing refusals"))?;
-        self.rows.clear();
-        for (key, id) in new_ids {
-            if let Some(slot) = self.aggregates.get_mut(&key) {
-                slot.0 = Some(id);
-            }
-        }
-        let now_minute = Utc::now().timestamp().div_euclid(60);
-        self.aggregates.retain(|key, slot| {
-            slot.1 = 0;
-            key.3 >= now_minute - 2
-        });
-        self.budget
-            .retain(|_, (minute, _)| *minute >= now_minute - 2);
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1041,31 +1005,5 @@ mod tests {
         assert_eq!(bearer(Some("Basic abc")), None);
         assert_eq!(bearer(Some("Bearer ")), None);
         assert_eq!(bearer(None), None);
-    }
-
-    #[test]
-    fn refusals_past_the_rate_are_aggregated() {
-        let mut writer = RefusalWriter::new(3);
-        let at: DateTime<Utc> = "2026-05-01T10:00:30Z".parse().unwrap();
-        let token = Some(Uuid::new_v4());
-        for _ in 0..1000 {
-            writer.add(RefusalEvent {
-                token_id: token,
-                reason: Reason::UsageExceeded,
-                queue: Some("jobs".into()),
-                at,
-            });
-        }
-        assert_eq!(writer.rows.len(), 3);
-        assert_eq!(writer.aggregates.len(), 1);
-        assert_eq!(writer.aggregates.values().next().unwrap().1, 997);
-        // A new minute gets a fresh budget.
-        writer.add(RefusalEvent {
-            token_id: token,
-            reason: Reason::UsageExceeded,
-            queue: Some("jobs".into()),
-            at: at + chrono::Duration::seconds(60),
-        });
-        assert_eq!(writer.rows.len(), 4);
     }
 }

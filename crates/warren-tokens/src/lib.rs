@@ -3,6 +3,8 @@
 //! - [`secret`]: the `wrn_…` secret format (checksum, SHA-256 hash).
 //! - [`model`]: subjects, limits, periods (UTC calendar months), refusal reasons.
 //! - [`migrate`]: the PostgreSQL schema, applied by `warren-admin` at start.
+//! - [`refusals`]: how refusals are stored, aggregated past a per-token rate,
+//!   folded into days and deleted after a retention, so floods stay bounded.
 //! - [`store`]: what the admin API and CLI do (subjects, tokens, usage, refusals).
 //! - [`gate`]: what the sender asks before publishing: is this token good for
 //!   this queue, and may it spend one more use? Limits stay exact across
@@ -17,6 +19,7 @@ pub mod error;
 pub mod gate;
 pub mod migrate;
 pub mod model;
+pub mod refusals;
 pub mod secret;
 pub mod store;
 

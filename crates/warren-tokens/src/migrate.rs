@@ -5,8 +5,14 @@
 use crate::error::TokenError;
 
 /// (version, name, SQL), in order.
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "tokens", include_str!("../migrations/0001_tokens.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "tokens", include_str!("../migrations/0001_tokens.sql")),
+    (
+        2,
+        "refusal_spans",
+        include_str!("../migrations/0002_refusal_spans.sql"),
+    ),
+];
 
 /// An arbitrary constant: the advisory lock key for migrations.
 const LOCK_KEY: i64 = 0x7761_7272_656e_0001;

@@ -68,7 +68,8 @@ pub struct SubjectView {
     pub created_at: DateTime<Utc>,
 }
 
-/// A stored refusal (or, when `aggregated`, `count` refusals in one minute).
+/// A stored refusal, or (`aggregated`) `count` refusals of one token, reason
+/// and queue in one UTC minute or day (`span`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DenialView {
     pub id: i64,
@@ -78,6 +79,8 @@ pub struct DenialView {
     pub at: DateTime<Utc>,
     pub count: u64,
     pub aggregated: bool,
+    /// `one`, `minute` or `day`: what the row covers.
+    pub span: String,
 }
 
 /// Which refusals to list.
@@ -387,7 +390,7 @@ impl Store {
         let limit = if filter.limit <= 0 { 100 } else { filter.limit };
         let rows = client
             .query(
-                "SELECT id, token_id, reason, queue, at, count, aggregated FROM token_refusals
+                "SELECT id, token_id, reason, queue, at, count, aggregated, span FROM token_refusals
                  WHERE ($1::uuid IS NULL OR token_id = $1) AND ($2::text IS NULL OR reason = $2)
                  ORDER BY at DESC, id DESC LIMIT $3",
                 &[&filter.token_id, &reason, &limit],
@@ -404,6 +407,7 @@ impl Store {
                 at: r.get(4),
                 count: as_u64(r.get(5)),
                 aggregated: r.get(6),
+                span: r.get(7),
             })
             .collect())
     }

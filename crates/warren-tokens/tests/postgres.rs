@@ -366,3 +366,167 @@ async fn database_down_is_auth_unavailable_then_recovers() {
     .await;
     gate.close().await;
 }
+
+/// Rows and summed counts per reason in `token_refusals`.
+fn refusal_totals(pg: &PgNode) -> (u64, String) {
+    let rows: u64 = pg
+        .psql("SELECT count(*) FROM token_refusals")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let sums = pg
+        .psql(
+            "SELECT reason || '=' || sum(count) FROM token_refusals GROUP BY reason ORDER BY reason",
+        )
+        .unwrap();
+    (rows, sums)
+}
+
+#[tokio::test]
+async fn a_flood_of_refusals_keeps_every_count_in_a_bounded_number_of_rows() {
+    let (pg, store) = database().await;
+    let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+    let clock = ManualClock::new(at("2027-03-10T12:00:05Z"));
+    let a = gate(&pg, Arc::new(clock.clone())).await;
+    let b = gate(&pg, Arc::new(clock.clone())).await;
+    let (id, auth) = user_token(&store, "ana", Limit::MaxUses(1)).await;
+    assert_eq!(send(&a, &auth, "jobs").await, None);
+    // Two replicas, each hit by the same flood: a spent token, malformed
+    // secrets and requests without any token (one client, no known token).
+    const N: usize = 1500;
+    for gate in [&a, &b] {
+        for i in 0..N {
+            assert_eq!(send(gate, &auth, "jobs").await, Some(Reason::UsageExceeded));
+            let garbage = format!("Bearer wrn_{i:064x}");
+            assert_eq!(
+                send(gate, &garbage, "jobs").await,
+                Some(Reason::InvalidToken)
+            );
+            assert_eq!(
+                gate.check(None, "jobs").await.err().map(|r| r.reason),
+                Some(Reason::MissingToken)
+            );
+        }
+    }
+    a.close().await;
+    b.close().await;
+    assert_eq!(a.refusals_dropped() + b.refusals_dropped(), 0);
+    let (rows, sums) = refusal_totals(&pg);
+    let expected = format!(
+        "invalid_token={n}\nmissing_token={n}\nusage_exceeded={n}",
+        n = 2 * N
+    );
+    assert_eq!(sums, expected, "every refusal counted");
+    // Per replica 10 single rows for the token and 10 for "no token"; the
+    // per-minute buckets (token × reason × queue) are shared by the replicas.
+    assert!(
+        rows <= 2 * (10 + 10) + 3,
+        "{rows} rows for {} refusals",
+        6 * N
+    );
+    let buckets = pg
+        .psql("SELECT count(*) FROM token_refusals WHERE span = 'minute'")
+        .unwrap();
+    assert_eq!(
+        buckets, "3",
+        "one bucket per (token, reason, queue, minute)"
+    );
+    let listed = store
+        .denials(&DenialFilter {
+            token_id: Some(id),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.iter().map(|d| d.count).sum::<u64>(),
+        2 * N as u64,
+        "the admin API shows the aggregated counts"
+    );
+
+    // The next minute of the same flood adds rows again, within the same bound.
+    let c = gate(&pg, Arc::new(clock.clone())).await;
+    clock.set(at("2027-03-10T12:01:05Z"));
+    for _ in 0..N {
+        assert_eq!(send(&c, &auth, "jobs").await, Some(Reason::UsageExceeded));
+    }
+    c.close().await;
+    assert_eq!(refusal_totals(&pg).0, rows + 10 + 1);
+    // Rows older than 24 h fold into one per (token, reason, queue, UTC day):
+    // first the first minute's, then the second's.
+    clock.set(at("2027-03-11T12:00:30Z"));
+    let done = c.compact_refusals().await.unwrap();
+    assert_eq!((done.skipped, done.folded, done.deleted), (false, rows, 0));
+    assert_eq!(refusal_totals(&pg).0, 3 + 10 + 1);
+    clock.set(at("2027-03-11T12:30:00Z"));
+    assert_eq!(c.compact_refusals().await.unwrap().folded, 11);
+    let (rows, sums) = refusal_totals(&pg);
+    assert_eq!(rows, 3, "one row per token, reason, queue and day");
+    assert_eq!(
+        sums,
+        format!(
+            "invalid_token={n}\nmissing_token={n}\nusage_exceeded={m}",
+            n = 2 * N,
+            m = 3 * N
+        ),
+        "folding keeps the counts"
+    );
+    let spans = pg
+        .psql("SELECT DISTINCT span || ' ' || to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') FROM token_refusals")
+        .unwrap();
+    assert_eq!(spans, "day 2027-03-10 00:00");
+    // Deleted once their whole day is past the retention (90 days).
+    clock.set(at("2027-06-08T23:59:59Z"));
+    assert_eq!(c.compact_refusals().await.unwrap().deleted, 0);
+    clock.set(at("2027-06-09T00:00:00Z"));
+    assert_eq!(c.compact_refusals().await.unwrap().deleted, 3);
+    assert_eq!(refusal_totals(&pg).0, 0);
+}
+
+#[tokio::test]
+async fn a_slow_body_meets_the_revocation_or_expiry_that_came_meanwhile() {
+    let (pg, store) = database().await;
+    let clock = ManualClock::new(Utc::now());
+    let gate = gate(&pg, Arc::new(clock.clone())).await;
+    store.create_application("billing").await.unwrap();
+    let expires_at = clock.now() + chrono::Duration::minutes(5);
+    let (_, expiring) = store
+        .create_token(&NewToken {
+            subject: SubjectRef {
+                kind: SubjectKind::Application,
+                name: "billing".into(),
+            },
+            limit: Limit::MaxUses(10),
+            queues: None,
+            expires_at: Some(expires_at),
+        })
+        .await
+        .unwrap();
+    let expiring = format!("Bearer {}", expiring.as_str());
+    // Checked before the body arrived; the body ends at the expiry.
+    let admission = gate.check(Some(&expiring), "jobs").await.unwrap();
+    clock.set(expires_at);
+    assert_eq!(
+        admission.reserve().await.err().map(|r| r.reason),
+        Some(Reason::TokenExpired),
+        "refused at its expiry"
+    );
+
+    let (id, auth) = user_token(&store, "ana", Limit::Unlimited).await;
+    let admission = gate.check(Some(&auth), "jobs").await.unwrap();
+    store.revoke(id).await.unwrap();
+    let revoked_at = Instant::now();
+    eventually("revocation seen", Duration::from_secs(1), || async {
+        send(&gate, &auth, "jobs").await == Some(Reason::TokenRevoked)
+    })
+    .await;
+    assert!(revoked_at.elapsed() < Duration::from_secs(1));
+    assert_eq!(
+        admission.reserve().await.err().map(|r| r.reason),
+        Some(Reason::TokenRevoked),
+        "a request checked before the revocation takes no use after it"
+    );
+    gate.close().await;
+    let used = store.token(id).await.unwrap().used;
+    assert_eq!(used, 0);
+}
