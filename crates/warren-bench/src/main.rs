@@ -2,7 +2,9 @@
 //! one private RabbitMQ node.
 //!
 //! 1. The ceiling: a raw lapin publisher with pipelined confirms.
-//! 2. `warren-sender` under a concurrent HTTP load (202 only after confirm).
+//! 2. `warren-sender` under a concurrent HTTP load (202 only after confirm),
+//!    with audit events batched (the default), one audit message per job
+//!    (`WARREN_AUDIT_BATCH=1`, as before batching) and audit events off.
 //! 3. The seed's design: Flask + pika, one connection per request.
 //! 4. `warren-worker` jobs/s with zero-work jobs at prefetch 1 (and 10).
 //! 5. Tokens (with a private PostgreSQL): the sender with `WARREN_AUTH=required`
@@ -10,6 +12,7 @@
 //!    senders racing one token limited to `--race-limit` uses under load.
 //! 6. What a 1 s Prometheus scrape costs the loaded sender ([`scrape`]).
 //!
+//! `--only ceiling,tokens,scrape,flask,worker` picks the parts to run (default all).
 //! Prints a table and the ratios. Not a test: nothing here asserts timings.
 
 mod scrape;
@@ -68,6 +71,23 @@ struct Args {
     /// The limit two senders race for.
     #[arg(long, default_value_t = 10_000)]
     race_limit: u64,
+    /// Which parts to run, comma-separated: `ceiling` (raw publisher and the
+    /// sender on quorum and classic queues), `tokens`, `scrape`, `flask`, `worker`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ceiling,tokens,scrape,flask,worker"
+    )]
+    only: Vec<Section>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    Ceiling,
+    Tokens,
+    Scrape,
+    Flask,
+    Worker,
 }
 
 struct LoadResult {
@@ -120,18 +140,26 @@ async fn main() -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.seconds);
 
     let mut rows: Vec<(String, LoadResult)> = Vec::new();
-    for (queue_type, audit) in [
-        (QueueType::Quorum, true),
-        (QueueType::Quorum, false),
-        (QueueType::Classic, true),
-    ] {
+    // (queue type, audit events, one audit message per job instead of
+    // batches: the sender before batching, for comparison).
+    let runs = if args.only.contains(&Section::Ceiling) {
+        vec![
+            (QueueType::Quorum, true, false),
+            (QueueType::Quorum, true, true),
+            (QueueType::Quorum, false, false),
+            (QueueType::Classic, true, false),
+        ]
+    } else {
+        Vec::new()
+    };
+    for (queue_type, audit, unbatched) in runs {
         let kind = queue_type.as_str();
-        if audit {
+        if audit && !unbatched {
             eprintln!("raw lapin publisher, {kind} queue...");
             let raw = raw_publisher(&url, queue_type, &body, duration).await?;
             rows.push((format!("raw lapin, pipelined confirms ({kind})"), raw));
         }
-        eprintln!("warren-sender, {kind} queue, audit events {audit}...");
+        eprintln!("warren-sender, {kind} queue, audit events {audit}, unbatched {unbatched}...");
         let queue = unique_name("bench-sender");
         let port = free_port()?;
         let mut sender = spawn(
@@ -141,6 +169,7 @@ async fn main() -> anyhow::Result<()> {
                 .env("WARREN_QUEUE_TYPE", kind)
                 .env("WARREN_LISTEN_ADDR", format!("127.0.0.1:{port}"))
                 .env("WARREN_AUDIT_EVENTS", audit.to_string())
+                .env("WARREN_AUDIT_BATCH", if unbatched { "1" } else { "100" })
                 .env("WARREN_LOG", "warn"),
         )?;
         wait_http(&format!("http://127.0.0.1:{port}/readyz")).await?;
@@ -156,7 +185,9 @@ async fn main() -> anyhow::Result<()> {
         if stored as usize != result.ok {
             eprintln!("warning: {} accepted but {stored} in the queue", result.ok);
         }
-        let name = if audit {
+        let name = if unbatched {
+            format!("warren-sender ({kind}, one audit message per job)")
+        } else if audit {
             format!("warren-sender ({kind})")
         } else {
             format!("warren-sender ({kind}, audit events off)")
@@ -164,42 +195,54 @@ async fn main() -> anyhow::Result<()> {
         rows.push((name, result));
     }
 
-    let race = if args.tokens {
+    let race = if args.tokens && args.only.contains(&Section::Tokens) {
         Some(token_runs(&args, &url, duration, &mut rows).await?)
     } else {
         None
     };
-    eprintln!("warren-sender with and without a 1 s Prometheus scrape...");
-    let scrape_cost = scrape::measure(&args, &args.sender_bin, &url).await?;
+    let scrape_cost = if args.only.contains(&Section::Scrape) {
+        eprintln!("warren-sender with and without a 1 s Prometheus scrape...");
+        Some(scrape::measure(&args, &args.sender_bin, &url).await?)
+    } else {
+        None
+    };
 
-    eprintln!("Flask + pika (seed design, classic queue)...");
-    let flask_queue = unique_name("bench-flask");
-    let flask_port = free_port()?;
-    let pika_url = url.replace("%2f", "%2F");
-    let mut flask = spawn(
-        Command::new(&args.python)
-            .arg(&args.flask_script)
-            .env("AMQP_URL", &pika_url)
-            .env("QUEUE", &flask_queue)
-            .env("PORT", flask_port.to_string()),
-    )?;
-    wait_tcp(flask_port).await?;
-    let flask_result = load(
-        &args,
-        &format!("http://127.0.0.1:{flask_port}/send"),
-        200,
-        duration,
-    )
-    .await?;
-    let _ = flask.kill().await;
-    rows.push((
-        "Flask + pika, connection per request (classic)".into(),
-        flask_result,
-    ));
+    if args.only.contains(&Section::Flask) {
+        eprintln!("Flask + pika (seed design, classic queue)...");
+        let flask_queue = unique_name("bench-flask");
+        let flask_port = free_port()?;
+        let pika_url = url.replace("%2f", "%2F");
+        let mut flask = spawn(
+            Command::new(&args.python)
+                .arg(&args.flask_script)
+                .env("AMQP_URL", &pika_url)
+                .env("QUEUE", &flask_queue)
+                .env("PORT", flask_port.to_string()),
+        )?;
+        wait_tcp(flask_port).await?;
+        let flask_result = load(
+            &args,
+            &format!("http://127.0.0.1:{flask_port}/send"),
+            200,
+            duration,
+        )
+        .await?;
+        let _ = flask.kill().await;
+        rows.push((
+            "Flask + pika, connection per request (classic)".into(),
+            flask_result,
+        ));
+    }
 
-    eprintln!("warren-worker, zero-work jobs...");
-    let worker_p1 = worker_rate(&args, &url, 1).await?;
-    let worker_p10 = worker_rate(&args, &url, 10).await?;
+    let workers = if args.only.contains(&Section::Worker) {
+        eprintln!("warren-worker, zero-work jobs...");
+        Some((
+            worker_rate(&args, &url, 1).await?,
+            worker_rate(&args, &url, 10).await?,
+        ))
+    } else {
+        None
+    };
 
     println!();
     println!(
@@ -238,6 +281,13 @@ async fn main() -> anyhow::Result<()> {
         "| warren-sender / raw ceiling (quorum) | {:.2} | >= 0.5 |",
         ratio(
             rate("warren-sender (quorum)"),
+            rate("raw lapin, pipelined confirms (quorum)")
+        )
+    );
+    println!(
+        "| warren-sender, one audit message per job (before batching) / raw ceiling (quorum) | {:.2} | >= 0.5 |",
+        ratio(
+            rate("warren-sender (quorum, one audit message per job)"),
             rate("raw lapin, pipelined confirms (quorum)")
         )
     );
@@ -282,12 +332,16 @@ async fn main() -> anyhow::Result<()> {
             accepted.saturating_sub(limit)
         );
     }
-    println!();
-    println!("| worker | jobs/s |");
-    println!("|---|---:|");
-    println!("| warren-worker, zero-work jobs, prefetch 1 (quorum) | {worker_p1:.0} |");
-    println!("| warren-worker, zero-work jobs, prefetch 10 (quorum) | {worker_p10:.0} |");
-    scrape_cost.print();
+    if let Some((worker_p1, worker_p10)) = workers {
+        println!();
+        println!("| worker | jobs/s |");
+        println!("|---|---:|");
+        println!("| warren-worker, zero-work jobs, prefetch 1 (quorum) | {worker_p1:.0} |");
+        println!("| warren-worker, zero-work jobs, prefetch 10 (quorum) | {worker_p10:.0} |");
+    }
+    if let Some(scrape_cost) = scrape_cost {
+        scrape_cost.print();
+    }
     drop(node);
     Ok(())
 }

@@ -36,7 +36,7 @@ use serde_json::{Map, json};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use warren_broker::{
-    AuditEvent, AuditSink, BrokerArgs, Envelope, Publisher, PublisherConfig, Topology,
+    AuditEvent, AuditSink, Batching, BrokerArgs, Envelope, Publisher, PublisherConfig, Topology,
 };
 use warren_telemetry::{LogArgs, Readiness};
 
@@ -107,6 +107,14 @@ pub struct Args {
     /// Publish a `message.accepted` audit event on `warren.events` for every accepted job.
     #[arg(long, env = "WARREN_AUDIT_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
     pub audit_events: bool,
+    /// Audit events per broker message at most: `message.accepted` events
+    /// are published in batches (1: one message per event).
+    #[arg(long, env = "WARREN_AUDIT_BATCH", default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..))]
+    pub audit_batch: u16,
+    /// Longest wait, in milliseconds, before a batch of audit events that is
+    /// not full is published.
+    #[arg(long, env = "WARREN_AUDIT_LINGER_MS", default_value_t = 1000)]
+    pub audit_linger_ms: u64,
     /// Connection name shown by RabbitMQ (the pod name on Kubernetes).
     #[arg(long, env = "POD_NAME", default_value = "warren-sender")]
     pub pod_name: String,
@@ -176,14 +184,24 @@ pub async fn start(args: &Args, shutdown: CancellationToken) -> anyhow::Result<R
     let mut config = PublisherConfig::new(args.broker.amqp_url.clone(), args.pod_name.clone());
     config.channels = args.publish_channels.max(1);
     config.confirm_timeout = Duration::from_millis(args.confirm_timeout_ms.max(1));
+    // The broker connection outlives the HTTP server's drain, so the last
+    // jobs and their batched audit events still reach the broker.
+    let broker_stop = CancellationToken::new();
     let publisher = Publisher::start(
         config,
         Topology::new(queues.clone(), args.broker.queue_type)
             .with_events_log(args.broker.events_log.retention()),
-        shutdown.clone(),
+        broker_stop.clone(),
     );
     let audit_source = publisher.clone();
-    let audit = AuditSink::spawn(10_000, move || audit_source.audit_channel());
+    let audit = AuditSink::spawn_batched(
+        10_000,
+        Batching {
+            max_events: usize::from(args.audit_batch),
+            linger: Duration::from_millis(args.audit_linger_ms),
+        },
+        move || audit_source.audit_channel(),
+    );
 
     let auth = Auth::start(&args.auth).context("starting the token gate")?;
     let mut registry = Registry::default();
@@ -201,7 +219,7 @@ pub async fn start(args: &Args, shutdown: CancellationToken) -> anyhow::Result<R
     let state = AppState {
         inner: Arc::new(AppInner {
             publisher: publisher.clone(),
-            audit,
+            audit: audit.clone(),
             queues,
             audit_events: args.audit_events,
             dot_rule: args.dot_rule(),
@@ -230,6 +248,8 @@ pub async fn start(args: &Args, shutdown: CancellationToken) -> anyhow::Result<R
         let served = serving.await;
         // Spent uses written back, unspent leases returned to other replicas.
         auth.close().await;
+        audit.flush(Duration::from_secs(2)).await;
+        broker_stop.cancel();
         served
     });
     Ok(RunningSender {
