@@ -52,6 +52,14 @@ VARIATIONS: dict[str, list[str]] = {
                       '{"name":"worker-email","queues":["email"],"managedByQueueScaler":false,"replicas":2,'
                       '"queueScaler":{"enabled":false}}]',
     ],
+    # One pool consuming two queues (in turn), scaled by one QueueScaler over both.
+    "multi-queue-pool": [
+        "--set", "queue.extra={sms,email}",
+        "--set", "queueScaler.enabled=true",
+        "--set-json", 'worker.pools=[{"name":"worker"},'
+                      '{"name":"worker-notify","queues":["sms","email"],"terminationGracePeriodSeconds":90,'
+                      '"queueScaler":{"operation":"max","maxReplicas":3}}]',
+    ],
     # The chart's own QueueScaler, with scaling rules passed through to the CRD.
     "chart-scaler": [
         "--set", "queueScaler.enabled=true",

@@ -168,7 +168,7 @@ def test_example_queuescaler_matches_the_crd_schema():
 
 SCALER_VARIATIONS = ["chart-scaler", "long-jobs"]
 # Variations with one chart QueueScaler per scaled worker pool.
-POOL_SCALER_VARIATIONS = {"pools": 2}
+POOL_SCALER_VARIATIONS = {"pools": 2, "multi-queue-pool": 2}
 
 
 def test_the_chart_scaler_is_a_values_switch(render):

@@ -1,6 +1,6 @@
 """Worker pools: one Deployment (and, when scaled by the chart, one QueueScaler) per pool,
-per-pool settings, disjoint selectors, and the refusal to render a queue the sender
-accepts but no pool consumes."""
+per-pool settings, disjoint selectors, pools of several queues, and the refusal to render
+a queue the sender accepts but no pool consumes."""
 
 from __future__ import annotations
 
@@ -104,6 +104,54 @@ def test_each_scaled_pool_gets_its_own_queuescaler(render):
     assert sms["pollingIntervalSeconds"] == 5
 
 
+def test_a_pool_of_several_queues_consumes_them_all_and_is_scaled_over_them(render):
+    rendered = render("multi-queue-pool")
+    pools = pools_of(rendered)
+    assert set(pools) == {"warren-worker", "warren-worker-notify"}
+    notify = pools["warren-worker-notify"]
+    # WARREN_QUEUE is the first, WARREN_QUEUES the others (the worker takes them in turn).
+    assert env(notify)["WARREN_QUEUE"]["value"] == "sms"
+    assert env(notify)["WARREN_QUEUES"]["value"] == "email"
+    assert "WARREN_QUEUES" not in env(pools["warren-worker"])
+    assert notify["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 90
+
+    scalers = {s["metadata"]["name"]: s["spec"] for s in rendered.kinds("QueueScaler")}
+    assert set(scalers) == {"warren-worker", "warren-worker-notify"}
+    scaler = scalers["warren-worker-notify"]
+    assert scaler["scaleTargetRef"]["name"] == "warren-worker-notify"
+    assert scaler["queue"] == {"names": ["sms", "email"], "operation": "max", "vhost": "/"}
+    assert scaler["maxReplicas"] == 3
+    # The one-queue pool's scaler keeps the single-queue form.
+    assert scalers["warren-worker"]["queue"] == {"name": "tasks", "vhost": "/"}
+
+
+@pytest.mark.parametrize("queues, concurrency, prefetch, grace, accepted", [
+    # 40 s jobs (40 dots x 1 s). One job per queue may be held: 2 queues -> 2 rounds.
+    (["sms", "email"], 1, 1, 81, True),
+    (["sms", "email"], 1, 1, 80, False),
+    (["sms", "email", "push"], 1, 1, 121, True),
+    # Concurrency 2 runs both queues' jobs side by side: one round.
+    (["sms", "email"], 2, 2, 41, False),  # prefetch 2 per queue: 4 jobs, 2 rounds
+    (["sms", "email"], 2, 2, 81, True),
+    (["sms", "email"], 2, 1, 41, False),  # prefetch raised to 2: still 2 rounds
+])
+def test_grace_period_counts_the_jobs_held_from_every_queue(queues, concurrency, prefetch, grace,
+                                                            accepted, helm):
+    extra = "{" + ",".join(q for q in queues if q != "tasks") + "}"
+    pools = ('[{"name":"worker"},{"name":"worker-notify","queues":%s,"concurrency":%d,"prefetch":%d,'
+             '"terminationGracePeriodSeconds":%d}]' % (
+                 "[" + ",".join(f'"{q}"' for q in queues) + "]", concurrency, prefetch, grace))
+    proc = helm_template(helm, ["--set", f"queue.extra={extra}", "--set-json", f"worker.pools={pools}"],
+                         include_crds=False)
+    if accepted:
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert proc.returncode != 0, "accepted"
+        assert "ceil(prefetch x queues / concurrency)" in proc.stderr, proc.stderr
+        assert f"{len(queues)} queue(s)" in proc.stderr, proc.stderr
+        assert 'worker pool "worker-notify"' in proc.stderr, proc.stderr
+
+
 def test_network_policy_admits_every_pool(render):
     rendered = render("pools")
     policy = rendered.one("NetworkPolicy", "warren-rabbitmq")
@@ -126,6 +174,11 @@ def test_notes_list_every_pool_and_its_scaler(helm):
         "kubectl describe queuescaler -n demo warren-worker-sms",
     ):
         assert expected in notes, f"NOTES lack {expected!r}:\n{notes}"
+    proc = run([helm, "install", "--dry-run=client", RELEASE, str(CHART), "--namespace", "demo",
+                *VARIATIONS["multi-queue-pool"]])
+    assert proc.returncode == 0, proc.stderr
+    assert ("Deployment warren-worker-notify consumes sms, email "
+            "(replicas owned by QueueScaler warren-worker-notify)") in proc.stdout
 
 
 REFUSED = {

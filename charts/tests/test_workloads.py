@@ -109,7 +109,7 @@ def test_grace_period_covers_every_job_handed_to_a_worker(helm):
     """prefetch 8 at concurrency 4: two rounds of the longest job (40 s) after SIGTERM."""
     proc = helm_template(helm, ["--set", "worker.concurrency=4", "--set", "worker.prefetch=8"])
     assert proc.returncode != 0
-    assert "must be above the longest job times ceil(prefetch / concurrency)" in proc.stderr
+    assert "must be above the longest job times ceil(prefetch x queues / concurrency)" in proc.stderr
 
 
 # --- AMQP credentials -----------------------------------------------------------------

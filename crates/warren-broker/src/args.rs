@@ -25,6 +25,22 @@ pub struct BrokerArgs {
     pub events_log: EventsLogArgs,
 }
 
+impl BrokerArgs {
+    /// The work queue first, then `more` (WARREN_QUEUES of the sender and of
+    /// the worker), each once, blank entries ignored: the queues a sender
+    /// publishes to, the queues a worker consumes.
+    pub fn queues_with(&self, more: &[String]) -> Vec<String> {
+        let mut queues = vec![self.queue.clone()];
+        for queue in more {
+            let queue = queue.trim();
+            if !queue.is_empty() && !queues.iter().any(|q| q == queue) {
+                queues.push(queue.to_string());
+            }
+        }
+        queues
+    }
+}
+
 /// Retention of the audit events log `warren.events.log` (a RabbitMQ stream),
 /// applied by whichever process declares it first. Flattened into the
 /// sender's, the worker's and the controller's arguments.

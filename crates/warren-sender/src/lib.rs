@@ -127,14 +127,7 @@ pub struct Args {
 impl Args {
     /// The queues this sender may publish to, default first, without duplicates.
     pub fn all_queues(&self) -> Vec<String> {
-        let mut queues = vec![self.broker.queue.clone()];
-        for queue in &self.queues {
-            let queue = queue.trim();
-            if !queue.is_empty() && !queues.iter().any(|q| q == queue) {
-                queues.push(queue.to_string());
-            }
-        }
-        queues
+        self.broker.queues_with(&self.queues)
     }
 
     pub fn dot_rule(&self) -> DotRule {

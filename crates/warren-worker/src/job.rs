@@ -17,8 +17,6 @@ use crate::metrics::WorkerMetrics;
 pub struct JobContext {
     /// This worker's name (the pod name), in logs and events.
     pub worker: String,
-    /// The queue the jobs come from.
-    pub queue: String,
     /// Seconds of simulated work per dot in the message.
     pub seconds_per_dot: f64,
     pub audit: AuditSink,
@@ -52,9 +50,13 @@ pub struct SettleError {
     source: lapin::Error,
 }
 
-/// Processes one delivery to the end: the work, then the ack (or the
-/// dead-lettering reject). Never interrupted by SIGTERM.
-pub async fn process(ctx: Arc<JobContext>, delivery: Delivery) -> Result<Outcome, SettleError> {
+/// Processes one delivery from `queue` to the end: the work, then the ack
+/// (or the dead-lettering reject). Never interrupted by SIGTERM.
+pub async fn process(
+    ctx: Arc<JobContext>,
+    queue: Arc<str>,
+    delivery: Delivery,
+) -> Result<Outcome, SettleError> {
     let redelivered = delivery.redelivered;
     if redelivered {
         ctx.metrics.redelivered.inc();
@@ -62,11 +64,11 @@ pub async fn process(ctx: Arc<JobContext>, delivery: Delivery) -> Result<Outcome
     let envelope = match Envelope::from_bytes(&delivery.data) {
         Ok(envelope) => envelope,
         Err(err) => {
-            dead_letter(&ctx, &delivery, &err).await?;
+            dead_letter(&ctx, &queue, &delivery, &err).await?;
             return Ok(Outcome::DeadLettered);
         }
     };
-    tracing::debug!(id = %envelope.id, job_message = %envelope.message, redelivered, "job started");
+    tracing::debug!(id = %envelope.id, queue = %queue, job_message = %envelope.message, redelivered, "job started");
     let started = Instant::now();
     work(ctx.work_duration(envelope.dots())).await;
     delivery
@@ -77,7 +79,7 @@ pub async fn process(ctx: Arc<JobContext>, delivery: Delivery) -> Result<Outcome
             what: format!("acking job {}", envelope.id),
             source,
         })?;
-    record_done(&ctx, &envelope, redelivered, started.elapsed());
+    record_done(&ctx, &queue, &envelope, redelivered, started.elapsed());
     Ok(Outcome::Done)
 }
 
@@ -89,12 +91,18 @@ async fn work(duration: Duration) {
 }
 
 /// After the ack: metrics, the job's one log line at info, its audit event.
-fn record_done(ctx: &JobContext, envelope: &Envelope, redelivered: bool, elapsed: Duration) {
+fn record_done(
+    ctx: &JobContext,
+    queue: &str,
+    envelope: &Envelope,
+    redelivered: bool,
+    elapsed: Duration,
+) {
     let duration_ms = elapsed.as_millis() as u64;
     ctx.metrics.processed.inc();
     ctx.metrics.job_seconds.observe(elapsed.as_secs_f64());
-    tracing::info!(id = %envelope.id, job_message = %envelope.message, redelivered, duration_ms, "job done");
-    let mut fields = worker_fields(ctx);
+    tracing::info!(id = %envelope.id, queue, job_message = %envelope.message, redelivered, duration_ms, "job done");
+    let mut fields = worker_fields(ctx, queue);
     fields.insert("redelivered".into(), json!(redelivered));
     fields.insert("duration_ms".into(), json!(duration_ms));
     ctx.audit.emit(AuditEvent::job(
@@ -108,6 +116,7 @@ fn record_done(ctx: &JobContext, envelope: &Envelope, redelivered: bool, elapsed
 /// dead-letters it to `<queue>.dead`), count it, say so.
 async fn dead_letter(
     ctx: &JobContext,
+    queue: &str,
     delivery: &Delivery,
     err: &EnvelopeError,
 ) -> Result<(), SettleError> {
@@ -117,7 +126,7 @@ async fn dead_letter(
         .as_ref()
         .map(|id| id.to_string())
         .unwrap_or_default();
-    tracing::warn!(id = %id, error = %err, "poison message: dead-lettering it");
+    tracing::warn!(id = %id, queue, error = %err, "poison message: dead-lettering it");
     delivery
         .acker
         .reject(BasicRejectOptions { requeue: false })
@@ -127,7 +136,7 @@ async fn dead_letter(
             source,
         })?;
     ctx.metrics.dead_lettered.inc();
-    let mut fields = worker_fields(ctx);
+    let mut fields = worker_fields(ctx, queue);
     fields.insert("reason".into(), json!(err.to_string()));
     ctx.audit
         .emit(AuditEvent::job("message.dead_lettered", &id, fields));
@@ -135,10 +144,10 @@ async fn dead_letter(
 }
 
 /// The fields every job event of this worker carries.
-fn worker_fields(ctx: &JobContext) -> Map<String, Value> {
+fn worker_fields(ctx: &JobContext, queue: &str) -> Map<String, Value> {
     let mut fields = Map::new();
     fields.insert("worker".into(), json!(ctx.worker));
-    fields.insert("queue".into(), json!(ctx.queue));
+    fields.insert("queue".into(), json!(queue));
     fields
 }
 
@@ -149,7 +158,6 @@ mod tests {
     fn context(seconds_per_dot: f64) -> JobContext {
         JobContext {
             worker: "w".into(),
-            queue: "q".into(),
             seconds_per_dot,
             audit: AuditSink::spawn(1, || None),
             metrics: WorkerMetrics::register(&mut Default::default()),

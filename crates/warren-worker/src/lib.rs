@@ -1,10 +1,17 @@
 //! warren-worker: consumes jobs (one at a time by default) and never loses one.
 //!
+//! - Queues: `WARREN_QUEUE`, plus any in `WARREN_QUEUES`. One consumer per
+//!   queue on one channel; jobs are taken from the queues in turn
+//!   ([`fair`]), so a flood on one queue never starves another.
 //! - Concurrency (default 1): up to N jobs in hand at once, each acked on its
 //!   own when its work is done. Prefetch per consumer: at least N (default N).
+//!   The prefetch is per consumer (quorum queues have no channel-wide QoS),
+//!   so the broker may hand a worker up to prefetch x queues deliveries
+//!   ([`Args::most_held`]); the ones not started yet wait in the worker.
 //! - Simulated work: `seconds_per_dot` seconds per dot in the message.
-//! - SIGTERM: stop taking jobs, finish every job in hand (and any the broker
-//!   had already pushed), ack them, close, exit 0.
+//! - SIGTERM: cancel every consumer, finish every job in hand (and any the
+//!   broker had already pushed, from every queue: at most `most_held`), ack
+//!   them, close, exit 0. Nothing is handed back, so nothing is redelivered.
 //! - Broker loss: reconnect with backoff. Unacked jobs go back to the queue
 //!   (the broker redelivers them); the worker keeps nothing across reconnects.
 //! - Poison: a body that is not a job envelope is rejected without requeue,
@@ -16,6 +23,7 @@
 //! - Audit events (`message.processed`, `message.dead_lettered`) are
 //!   published in batches: a few broker messages a second, not one per job.
 
+pub mod fair;
 pub mod job;
 pub mod metrics;
 
@@ -33,6 +41,7 @@ use warren_broker::connect::{Backoff, close_quietly, redact_url};
 use warren_broker::{AuditSink, Batching, BrokerArgs, Topology, connect};
 use warren_telemetry::{LogArgs, Readiness};
 
+use crate::fair::{Fair, Turn};
 use crate::job::{JobContext, Outcome, SettleError};
 use crate::metrics::WorkerMetrics;
 
@@ -46,6 +55,13 @@ use crate::metrics::WorkerMetrics;
 pub struct Args {
     #[command(flatten)]
     pub broker: BrokerArgs,
+    /// More queues to consume besides WARREN_QUEUE, comma-separated (e.g.
+    /// `sms,email`; the sender reads the same variable for POST /send/{queue},
+    /// so one setting serves both). Jobs are taken from the queues in turn.
+    /// The broker may hand this worker up to WARREN_PREFETCH jobs per queue;
+    /// on SIGTERM it finishes them all.
+    #[arg(long, env = "WARREN_QUEUES", value_delimiter = ',')]
+    pub queues: Vec<String>,
     /// HTTP listen address for /healthz, /readyz and /metrics.
     #[arg(long, env = "WARREN_LISTEN_ADDR", default_value = "0.0.0.0:9090")]
     pub listen_addr: SocketAddr,
@@ -107,6 +123,29 @@ impl Args {
             Some(prefetch) => Ok(prefetch),
         }
     }
+
+    /// Every queue this worker consumes, in order: WARREN_QUEUE, then
+    /// WARREN_QUEUES, each once; blank entries are ignored (as the sender does).
+    pub fn consumed_queues(&self) -> Vec<String> {
+        self.broker.queues_with(&self.queues)
+    }
+
+    /// The most deliveries the broker may hand this worker at once: the
+    /// prefetch of each consumer, one consumer per queue. On SIGTERM the
+    /// worker finishes all of them, `concurrency` at a time.
+    pub fn most_held(&self) -> Result<usize, ConfigError> {
+        Ok(usize::from(self.prefetch()?) * self.consumed_queues().len())
+    }
+}
+
+/// The consumer tag for `queue`: the pod name, with the queue after a `/`
+/// when the worker consumes several (tags are unique per channel).
+fn consumer_tag(pod_name: &str, queue: &str, several: bool) -> String {
+    if several {
+        format!("{pod_name}/{queue}")
+    } else {
+        pod_name.to_string()
+    }
 }
 
 /// Why a consuming session ended.
@@ -123,7 +162,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let prefetch = args.prefetch()?;
-    let topology = Topology::new(vec![args.broker.queue.clone()], args.broker.queue_type)
+    let most_held = args.most_held()?;
+    let queues = args.consumed_queues();
+    let topology = Topology::new(queues.clone(), args.broker.queue_type)
         .with_events_log(args.broker.events_log.retention());
     let audit_channel: Arc<Mutex<Option<Channel>>> = Arc::default();
     let audit_source = audit_channel.clone();
@@ -137,13 +178,14 @@ pub async fn run(
     );
     let jobs = Arc::new(JobContext {
         worker: args.pod_name.clone(),
-        queue: args.broker.queue.clone(),
         seconds_per_dot: args.seconds_per_dot,
         audit: audit.clone(),
         metrics: metrics.clone(),
     });
+    let queues: Vec<Arc<str>> = queues.into_iter().map(Arc::from).collect();
     let session = Session {
         args: &args,
+        queues: &queues,
         prefetch,
         topology: &topology,
         jobs: &jobs,
@@ -167,7 +209,7 @@ pub async fn run(
         };
         let end = match connected {
             Ok(connection) => {
-                tracing::info!(url = %url, queue = %args.broker.queue, prefetch, concurrency = args.concurrency, "connected");
+                tracing::info!(url = %url, queues = ?queues, prefetch, concurrency = args.concurrency, most_held, "connected");
                 let blocked = tokio::spawn(follow_blocked(
                     connection.events_listener(),
                     metrics.broker_blocked.clone(),
@@ -218,6 +260,8 @@ const AUDIT_BUFFER: usize = 10_000;
 /// What one connection's consuming session works with.
 struct Session<'a> {
     args: &'a Args,
+    /// The queues consumed, one consumer each, in [`Args::consumed_queues`] order.
+    queues: &'a [Arc<str>],
     prefetch: u16,
     topology: &'a Topology,
     jobs: &'a Arc<JobContext>,
@@ -251,9 +295,10 @@ impl<'a> InHand<'a> {
         self.tasks.is_empty()
     }
 
-    /// Starts a job.
-    fn start(&mut self, delivery: lapin::message::Delivery) {
-        self.tasks.spawn(job::process(self.jobs.clone(), delivery));
+    /// Starts a job from `queue`.
+    fn start(&mut self, queue: Arc<str>, delivery: lapin::message::Delivery) {
+        self.tasks
+            .spawn(job::process(self.jobs.clone(), queue, delivery));
         self.update_gauges();
     }
 
@@ -290,12 +335,12 @@ impl Session<'_> {
     /// jobs in hand) or until the connection is lost (then the jobs in hand
     /// are abandoned: unacked, the broker redelivers them).
     async fn serve(&self, connection: &Connection) -> SessionEnd {
-        let (channel, mut consumer) = match self.setup(connection).await {
+        let (channel, mut consumers) = match self.setup(connection).await {
             Ok(parts) => parts,
-            Err(err) => return SessionEnd::Lost(format!("setting up the consumer: {err}")),
+            Err(err) => return SessionEnd::Lost(format!("setting up the consumers: {err}")),
         };
         self.readiness.set(true);
-        tracing::info!(queue = %self.args.broker.queue, consumer = %self.args.pod_name, "waiting for jobs");
+        tracing::info!(queues = ?self.queues, consumer = %self.args.pod_name, "waiting for jobs");
         let concurrency = usize::from(self.args.concurrency);
         let mut in_hand = InHand::new(self.jobs, self.metrics);
         loop {
@@ -307,27 +352,49 @@ impl Session<'_> {
                         return SessionEnd::Lost(reason);
                     }
                 }
-                next = consumer.next(), if in_hand.len() < concurrency => match next {
-                    None => return SessionEnd::Lost("the broker cancelled the consumer".into()),
-                    Some(Err(err)) => return SessionEnd::Lost(format!("consumer error: {err}")),
-                    Some(Ok(delivery)) => in_hand.start(delivery),
+                turn = consumers.next(), if in_hand.len() < concurrency => match turn {
+                    None => return SessionEnd::Lost("no consumer left".into()),
+                    Some(Turn::Ended { index }) => return SessionEnd::Lost(format!(
+                        "the broker cancelled the consumer of queue {}", self.queues[index]
+                    )),
+                    Some(Turn::Item { index, item: Err(err) }) => return SessionEnd::Lost(format!(
+                        "consumer error on queue {}: {err}", self.queues[index]
+                    )),
+                    Some(Turn::Item { index, item: Ok(delivery) }) => {
+                        in_hand.start(self.queues[index].clone(), delivery);
+                    }
                 },
             }
         }
-        // SIGTERM. Cancel the consumer first, so the broker pushes this
+        // SIGTERM. Cancel the consumers first, so the broker pushes this
         // worker nothing more, then finish what is in hand.
         tracing::info!(
             in_hand = in_hand.len(),
             "SIGTERM: no more jobs; finishing the ones in hand"
         );
-        stop_consuming(&channel, &self.args.pod_name).await;
-        finish_in_hand(&mut consumer, &mut in_hand, concurrency).await;
+        for tag in self.consumer_tags() {
+            stop_consuming(&channel, &tag).await;
+        }
+        finish_in_hand(&mut consumers, self.queues, &mut in_hand, concurrency).await;
         close_channel(&channel).await;
         SessionEnd::Shutdown
     }
 
-    /// The channel and consumer for jobs; the events channel goes to the audit sink.
-    async fn setup(&self, connection: &Connection) -> Result<(Channel, Consumer), lapin::Error> {
+    /// The consumer tags, one per queue, in `queues` order.
+    fn consumer_tags(&self) -> Vec<String> {
+        let several = self.queues.len() > 1;
+        self.queues
+            .iter()
+            .map(|queue| consumer_tag(&self.args.pod_name, queue, several))
+            .collect()
+    }
+
+    /// The channel and one consumer per queue (prefetch per consumer); the
+    /// events channel goes to the audit sink.
+    async fn setup(
+        &self,
+        connection: &Connection,
+    ) -> Result<(Channel, Fair<Consumer>), lapin::Error> {
         self.topology
             .declare(connection)
             .await
@@ -336,42 +403,55 @@ impl Session<'_> {
         channel
             .basic_qos(self.prefetch, BasicQosOptions::default())
             .await?;
-        let consumer = channel
-            .basic_consume(
-                ShortString::from(self.args.broker.queue.as_str()),
-                ShortString::from(self.args.pod_name.as_str()),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let mut consumers = Vec::with_capacity(self.queues.len());
+        for (queue, tag) in self.queues.iter().zip(self.consumer_tags()) {
+            let consumer = channel
+                .basic_consume(
+                    ShortString::from(&**queue),
+                    ShortString::from(tag),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            consumers.push(consumer);
+        }
         let events = connection.create_channel().await?;
         if let Ok(mut guard) = self.audit_channel.lock() {
             *guard = Some(events);
         }
-        Ok((channel, consumer))
+        Ok((channel, Fair::new(consumers)))
     }
 }
 
-/// After the consumer was cancelled: runs to their ack the jobs in hand and
-/// any delivery the broker pushed before the cancel (it is this worker's;
-/// handed back it would come again as a redelivery).
-async fn finish_in_hand(consumer: &mut Consumer, in_hand: &mut InHand<'_>, concurrency: usize) {
-    let mut consumer_open = true;
-    while consumer_open || !in_hand.is_empty() {
+/// After the consumers were cancelled: runs to their ack the jobs in hand
+/// and any delivery the broker pushed before the cancel, from every queue
+/// (it is this worker's; handed back it would come again as a redelivery).
+async fn finish_in_hand(
+    consumers: &mut Fair<Consumer>,
+    queues: &[Arc<str>],
+    in_hand: &mut InHand<'_>,
+    concurrency: usize,
+) {
+    let mut consumers_open = true;
+    while consumers_open || !in_hand.is_empty() {
         tokio::select! {
             finished = in_hand.next_finished(), if !in_hand.is_empty() => {
                 if let Err(reason) = finished {
                     tracing::warn!(reason = %reason, "a job in hand could not be acked; the broker will redeliver it");
                 }
             }
-            next = consumer.next(), if consumer_open && in_hand.len() < concurrency => match next {
-                Some(Ok(delivery)) => in_hand.start(delivery),
-                // The cancel took effect (or the connection is gone).
-                None | Some(Err(_)) => consumer_open = false,
+            turn = consumers.next(), if consumers_open && in_hand.len() < concurrency => match turn {
+                Some(Turn::Item { index, item: Ok(delivery) }) => {
+                    in_hand.start(queues[index].clone(), delivery);
+                }
+                // One cancel took effect: the others may still hand over a job.
+                Some(Turn::Ended { .. }) => {}
+                // Every cancel took effect (or the connection is gone).
+                None | Some(Turn::Item { item: Err(_), .. }) => consumers_open = false,
             },
             // A consumer whose cancel never got an answer: stop waiting.
-            _ = tokio::time::sleep(Duration::from_secs(2)), if consumer_open && in_hand.is_empty() => {
-                consumer_open = false;
+            _ = tokio::time::sleep(Duration::from_secs(2)), if consumers_open && in_hand.is_empty() => {
+                consumers_open = false;
             }
         }
     }
@@ -392,7 +472,7 @@ async fn follow_blocked(
     }
 }
 
-/// Cancels the consumer (tag = pod name): the broker sends no more jobs.
+/// Cancels a consumer: the broker sends it no more jobs.
 async fn stop_consuming(channel: &Channel, consumer_tag: &str) {
     let _ = channel
         .basic_cancel(
@@ -424,6 +504,41 @@ mod tests {
         assert_eq!(args.prefetch().unwrap(), 1);
         assert_eq!(args.listen_addr.port(), 9090);
         assert_eq!(args.seconds_per_dot, 1.0);
+    }
+
+    #[test]
+    fn the_queues_are_warren_queue_then_warren_queues_each_once() {
+        let args = Args::try_parse_from(["warren-worker"]).unwrap();
+        assert_eq!(args.consumed_queues(), vec!["tasks"]);
+        assert_eq!(args.most_held().unwrap(), 1);
+        let args = Args::try_parse_from([
+            "warren-worker",
+            "--queue",
+            "sms",
+            "--queues",
+            "email, sms,,push",
+        ])
+        .unwrap();
+        assert_eq!(args.consumed_queues(), vec!["sms", "email", "push"]);
+        assert_eq!(args.most_held().unwrap(), 3, "prefetch 1 per queue");
+        let args = Args::try_parse_from([
+            "warren-worker",
+            "--queues",
+            "sms,email",
+            "--concurrency",
+            "2",
+            "--prefetch",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(args.consumed_queues(), vec!["tasks", "sms", "email"]);
+        assert_eq!(args.most_held().unwrap(), 15, "prefetch x queues");
+    }
+
+    #[test]
+    fn consumer_tags_are_the_pod_name_and_unique_per_queue() {
+        assert_eq!(consumer_tag("pod-1", "tasks", false), "pod-1");
+        assert_eq!(consumer_tag("pod-1", "sms", true), "pod-1/sms");
     }
 
     #[test]

@@ -185,6 +185,36 @@ impl Worker {
         status.code()
     }
 
+    /// `job done` lines as (queue, id), sorted.
+    pub fn done_by_queue(&self) -> Vec<(String, String)> {
+        let mut done = self.job_fields("job done", "queue");
+        done.sort();
+        done
+    }
+
+    /// The queue of each `job started` line, in the order the jobs started.
+    pub fn started_queues(&self) -> Vec<String> {
+        self.job_fields("job started", "queue")
+            .into_iter()
+            .map(|(queue, _)| queue)
+            .collect()
+    }
+
+    /// (field, id) of each log line with this message, in log order.
+    fn job_fields(&self, message: &str, field: &str) -> Vec<(String, String)> {
+        self.log_text()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|line| line["message"] == message)
+            .map(|line| {
+                (
+                    line[field].as_str().unwrap_or_default().to_string(),
+                    line["id"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    }
+
     pub fn done_ids(&self) -> Vec<String> {
         self.done().into_iter().map(|(id, _)| id).collect()
     }
@@ -224,12 +254,26 @@ pub async fn wait_busy(workers: &[&Worker], timeout: Duration) -> usize {
 
 /// An in-process sender publishing to `queue`.
 pub async fn start_sender(amqp_url: &str, queue: &str, queue_type: &str) -> RunningSender {
+    start_sender_with_queues(amqp_url, queue, &[], queue_type).await
+}
+
+/// An in-process sender publishing to `queue` (POST /send) and to `more`
+/// (POST /send/{queue}); it declares them all.
+pub async fn start_sender_with_queues(
+    amqp_url: &str,
+    queue: &str,
+    more: &[&str],
+    queue_type: &str,
+) -> RunningSender {
+    let more = more.join(",");
     let args = warren_sender::Args::try_parse_from([
         "warren-sender",
         "--amqp-url",
         amqp_url,
         "--queue",
         queue,
+        "--queues",
+        &more,
         "--queue-type",
         queue_type,
         "--listen-addr",
@@ -252,8 +296,13 @@ pub async fn start_sender(amqp_url: &str, queue: &str, queue_type: &str) -> Runn
 
 /// POSTs a job; returns (status, id if accepted).
 pub async fn send(sender: &RunningSender, message: &str) -> (u16, Option<String>) {
+    send_path(sender, "/send", message).await
+}
+
+/// POSTs a job to `path`; returns (status, id if accepted).
+async fn send_path(sender: &RunningSender, path: &str, message: &str) -> (u16, Option<String>) {
     let response = http()
-        .post(format!("http://{}/send", sender.addr))
+        .post(format!("http://{}{path}", sender.addr))
         .json(&json!({ "message": message }))
         .send()
         .await
@@ -261,6 +310,13 @@ pub async fn send(sender: &RunningSender, message: &str) -> (u16, Option<String>
     let status = response.status().as_u16();
     let body: Value = response.json().await.unwrap_or(Value::Null);
     (status, body["id"].as_str().map(str::to_string))
+}
+
+/// POSTs a job to `/send/{queue}`, insists on 202; returns the job id.
+pub async fn send_ok_to(sender: &RunningSender, queue: &str, message: &str) -> String {
+    let (status, id) = send_path(sender, &format!("/send/{queue}"), message).await;
+    assert_eq!(status, 202, "job {message:?} to {queue} was not accepted");
+    id.unwrap()
 }
 
 /// Sends and insists on 202; returns the job id.
