@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"k8s.io/component-base/version"
 	"k8s.io/klog/v2"
@@ -59,6 +60,7 @@ type upFlags struct {
 	controlPlaneOnly bool
 	imageMap         string
 	portOffset       int
+	hpaSyncPeriod    time.Duration
 }
 
 func parse(name string, args []string) (upFlags, error) {
@@ -68,6 +70,11 @@ func parse(name string, args []string) (upFlags, error) {
 	fs.BoolVar(&f.controlPlaneOnly, "control-plane-only", false, "do not start the node agent")
 	fs.StringVar(&f.imageMap, "image-map", envOr("LOCALCLUSTER_IMAGE_MAP", "localcluster/images.yaml"), "image -> local program mapping for the node agent [env LOCALCLUSTER_IMAGE_MAP]")
 	fs.IntVar(&f.portOffset, "port-offset", 0, "added to every control-plane port (apiserver 6443, etcd 23790/23800, controller-manager 10257, scheduler 10259), to run a second cluster beside one")
+	hpaSync, err := durationEnv("LOCALCLUSTER_HPA_SYNC_PERIOD", 15*time.Second)
+	if err != nil {
+		return f, err
+	}
+	fs.DurationVar(&f.hpaSyncPeriod, "hpa-sync-period", hpaSync, "kube-controller-manager --horizontal-pod-autoscaler-sync-period: how often the HPA controller reads metrics and scales [env LOCALCLUSTER_HPA_SYNC_PERIOD]")
 	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
 	klog.InitFlags(klogFlags)
 	fs.Var(klogFlags.Lookup("v").Value, "v", "log verbosity of the Kubernetes components")
@@ -84,7 +91,21 @@ func (f upFlags) config() controlplane.Config {
 	c.EtcdPeerPort += f.portOffset
 	c.ControllerManagerPort += f.portOffset
 	c.SchedulerPort += f.portOffset
+	c.HPASyncPeriod = f.hpaSyncPeriod
 	return c
+}
+
+// durationEnv reads a duration ("1s", "15s") from the environment, def when unset.
+func durationEnv(k string, def time.Duration) (time.Duration, error) {
+	v := os.Getenv(k)
+	if v == "" {
+		return def, nil
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		return 0, fmt.Errorf("%s=%q: %w", k, v, err)
+	}
+	return d, nil
 }
 
 func envOr(k, def string) string {

@@ -114,6 +114,9 @@ func prepareControllerManager(c Config) (runner, error) {
 		"allocate-node-cidrs":              "false",
 		"profiling":                        "false",
 	}
+	if c.HPASyncPeriod > 0 {
+		flags["horizontal-pod-autoscaler-sync-period"] = c.HPASyncPeriod.String()
+	}
 	nfs := s.Flags(kcmapp.KnownControllers(), kcmapp.ControllersDisabledByDefault(), kcmapp.ControllerAliases())
 	s.ParsedFlags = &nfs
 	if err := applyFlags("kube-controller-manager", nfs, flags); err != nil {

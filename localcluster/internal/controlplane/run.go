@@ -64,6 +64,9 @@ type Config struct {
 	ControllerManagerPort int
 	SchedulerPort         int
 	PKI                   pki.Layout
+	// HPASyncPeriod is kube-controller-manager's --horizontal-pod-autoscaler-sync-period
+	// (the upstream default, 15s, when zero).
+	HPASyncPeriod time.Duration
 	// NodeAgent, when set, runs once the apiserver is ready and the
 	// cluster's bootstrap objects exist; its error ends the cluster.
 	NodeAgent func(ctx context.Context) error
@@ -79,6 +82,7 @@ func DefaultConfig(stateDir string) Config {
 		ControllerManagerPort: 10257,
 		SchedulerPort:         10259,
 		PKI:                   pki.NewLayout(filepath.Join(stateDir, "pki")),
+		HPASyncPeriod:         15 * time.Second,
 	}
 }
 

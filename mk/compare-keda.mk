@@ -1,0 +1,40 @@
+# KEDA and warren side by side on the local cluster (issue 10). Included by the top-level Makefile.
+#   make keda-build     build KEDA's operator and metrics apiserver from its Go module (compare/keda)
+#   make compare-keda   for each mode of COMPARE_MODES: a fresh local cluster, the chart, KEDA; the
+#                       same workloads under a KEDA ScaledObject and under a QueueScaler; then one
+#                       table for all modes (mk/compare_keda.py). A benchmark: not part of `make test`.
+# The local cluster is one per machine: on a shared machine wrap it in the cluster lock, e.g.
+#   flock /work/agents/cluster.lock make compare-keda
+
+KEDA_MODULE := github.com/kedacore/keda/v2
+KEDA_VERSION := $(shell awk '$$1 == "require" && $$2 == "$(KEDA_MODULE)" { print $$3; exit }' compare/keda/go.mod 2>/dev/null)
+KEDA_BIN_DIR ?= $(HOME)/.cache/keda/bin
+# defaults: KEDA's and warren's default polling (KEDA 30 s + the HPA controller's 15 s sync; warren 5 s).
+# 1s: both at 1 s (ScaledObject pollingInterval 1, kube-controller-manager HPA sync 1 s, QueueScaler 1 s).
+COMPARE_MODES ?= defaults 1s
+COMPARE_OUT ?= $(CURDIR)/.local/compare-keda
+COMPARE_ENV = $(LOCAL_ENV) KEDA_BIN_DIR=$(KEDA_BIN_DIR) KEDA_VERSION=$(KEDA_VERSION) COMPARE_OUT=$(COMPARE_OUT) \
+	HELM_ARGS='-f compare/keda/chart-values.yaml'
+
+.PHONY: keda-build compare-keda
+
+keda-build: ## build KEDA $(KEDA_VERSION) (operator, metrics apiserver) from its Go module into KEDA_BIN_DIR
+	@command -v $(GO) >/dev/null || { echo "keda-build needs Go >= 1.26 on PATH" >&2; exit 1; }
+	@mkdir -p $(KEDA_BIN_DIR)
+	@echo "== go build KEDA $(KEDA_VERSION) (operator, adapter) into $(KEDA_BIN_DIR)"
+	@start=$$(date +%s); cd compare/keda && \
+	  $(GO) build -ldflags '-X $(KEDA_MODULE)/version.Version=$(KEDA_VERSION:v%=%)' -o $(KEDA_BIN_DIR)/ \
+	    $(KEDA_MODULE)/cmd/operator $(KEDA_MODULE)/cmd/adapter && \
+	  echo "== KEDA built in $$(( $$(date +%s) - start ))s"
+
+compare-keda: local-build keda-build ## KEDA vs QueueScaler on the local cluster: bursts, scale-in, request counts; prints one table
+	@rm -rf $(COMPARE_OUT) && mkdir -p $(COMPARE_OUT)
+	@rc=0; for mode in $(COMPARE_MODES); do \
+	  case $$mode in defaults) hpa=15s ;; 1s) hpa=1s ;; *) echo "unknown mode $$mode" >&2; exit 2 ;; esac; \
+	  $(COMPARE_ENV) bash mk/local-cluster.sh down >/dev/null; \
+	  if $(COMPARE_ENV) LOCALCLUSTER_HPA_SYNC_PERIOD=$$hpa bash mk/local-cluster.sh up; then \
+	    $(COMPARE_ENV) COMPARE_MODE=$$mode HPA_SYNC_SECONDS=$${hpa%s} python3 mk/compare_keda.py run || rc=$$?; \
+	  else rc=1; fi; \
+	  $(COMPARE_ENV) bash mk/local-cluster.sh down; \
+	  [ $$rc = 0 ] || exit $$rc; \
+	done; $(COMPARE_ENV) python3 mk/compare_keda.py table
