@@ -2,7 +2,9 @@
 #   make keda-build     build KEDA's operator and metrics apiserver from its Go module (compare/keda)
 #   make compare-keda   for each mode of COMPARE_MODES: a fresh local cluster, the chart, KEDA; the
 #                       same workloads under a KEDA ScaledObject and under a QueueScaler; then one
-#                       table for all modes (mk/compare_keda.py). A benchmark: not part of `make test`.
+#                       table for every mode in COMPARE_OUT (mk/compare_keda.py; a mode run earlier,
+#                       e.g. COMPARE_MODES=1s after COMPARE_MODES=defaults, stays in the table with its
+#                       date). A benchmark: not part of `make test`.
 # The local cluster is one per machine: on a shared machine wrap it in the cluster lock, e.g.
 #   flock /work/agents/cluster.lock make compare-keda
 
@@ -28,7 +30,7 @@ keda-build: ## build KEDA $(KEDA_VERSION) (operator, metrics apiserver) from its
 	  echo "== KEDA built in $$(( $$(date +%s) - start ))s"
 
 compare-keda: local-build keda-build ## KEDA vs QueueScaler on the local cluster: bursts, scale-in, request counts; prints one table
-	@rm -rf $(COMPARE_OUT) && mkdir -p $(COMPARE_OUT)
+	@mkdir -p $(COMPARE_OUT) && rm -f $(foreach m,$(COMPARE_MODES),$(COMPARE_OUT)/$(m).json)
 	@rc=0; for mode in $(COMPARE_MODES); do \
 	  case $$mode in defaults) hpa=15s ;; 1s) hpa=1s ;; *) echo "unknown mode $$mode" >&2; exit 2 ;; esac; \
 	  $(COMPARE_ENV) bash mk/local-cluster.sh down >/dev/null; \

@@ -1,0 +1,533 @@
+#!/usr/bin/env python3
+"""KEDA and warren side by side on the local cluster (issue 10): `make compare-keda`.
+
+`run` (one mode, on the cluster `make local-up` started with the chart): installs KEDA from the
+module `make keda-build` compiled (CRDs, operator, metrics apiserver, the external-metrics
+APIService), then runs the same workloads under a KEDA ScaledObject (rabbitmq trigger, http
+protocol, QueueLength mode) and under a QueueScaler, with the same min/max/target per replica:
+  - burst from zero (min 0) and burst from one (min 1), COMPARE_REPS times each: reaction
+    (burst -> first write to the worker's scale subresource by the scaler, from the apiserver's
+    audit log), burst -> first job acked by a pod created after the burst (worker logs),
+    drain time (burst -> last job acked) against the ideal (the desired replicas from t=0);
+  - a steady stream of long jobs, then quiet: scale-in while jobs run: worker pods stopped while
+    holding a job (their SIGTERM log line), jobs redelivered or dead-lettered (the broker);
+  - an idle minute per scaler (queue empty, min 1) and one with neither scaler: broker requests
+    (RabbitMQ management access log + AMQP frames of the controller's connection) and
+    apiserver requests (apiserver_request_total) per minute above that baseline.
+  Results go to $COMPARE_OUT/<mode>.json.
+`table`: one table from every $COMPARE_OUT/*.json.
+
+Settings (environment): COMPARE_MODE (defaults|1s), HPA_SYNC_SECONDS (the cluster's HPA sync
+period), KEDA_VERSION, KEDA_BIN_DIR, COMPARE_OUT, COMPARE_REPS (3), BURST_JOBS (40), BURST_DOTS (3),
+STREAM_JOBS (30), STREAM_DOTS (30; the sender takes at most 5 dots, or exactly 30 or 40), IDLE_SECONDS (60),
+COMPARE_SCALERS ("keda warren"); plus those of mk/local_e2e.py.
+"""
+import base64
+import concurrent.futures
+import glob
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import local_e2e as e2e  # noqa: E402  (kubectl helpers, port-forward, sender and broker calls)
+from local_e2e import fail, k, kjson, log, wait  # noqa: E402
+
+import yaml  # noqa: E402  (PyYAML: KEDA's kustomize output)
+
+MODE = os.environ.get("COMPARE_MODE", "defaults")
+HPA_SYNC = float(os.environ.get("HPA_SYNC_SECONDS", "15"))
+KEDA_VERSION = os.environ.get("KEDA_VERSION", "v2.19.0").lstrip("v")
+OUT = os.environ.get("COMPARE_OUT", ".local/compare-keda")
+REPS = int(os.environ.get("COMPARE_REPS", "3"))
+BURST_JOBS = int(os.environ.get("BURST_JOBS", "40"))
+BURST_DOTS = int(os.environ.get("BURST_DOTS", "3"))
+STREAM_JOBS = int(os.environ.get("STREAM_JOBS", "30"))
+STREAM_DOTS = int(os.environ.get("STREAM_DOTS", "30"))
+IDLE_SECONDS = int(os.environ.get("IDLE_SECONDS", "60"))
+SCALERS = os.environ.get("COMPARE_SCALERS", "keda warren").split()  # a subset, to debug one side
+MAX_REPLICAS, PER_REPLICA = 10, 5
+SCALE_DOWN_WINDOW = 30  # both scalers, stream scenario only (the defaults, 300 s, would take 5 min)
+NS, RELEASE, STATE = e2e.NS, e2e.RELEASE, e2e.STATE
+WORKER = e2e.WORKER
+KEDA_NS = "keda"
+IDENTITIES = {
+    "keda": {f"system:serviceaccount:{KEDA_NS}:keda-operator",
+             "system:serviceaccount:kube-system:horizontal-pod-autoscaler"},
+    "warren": {f"system:serviceaccount:{NS}:{RELEASE}-controller"},
+}
+# KEDA's polling: the operator's loop (pollingInterval, activation 0 <-> 1) and the HPA's sync.
+KEDA_POLL = 1 if MODE == "1s" else 30
+WARREN_POLL = 1 if MODE == "1s" else 5
+SEP = "-" * 100
+
+
+# ---------------------------------------------------------------- KEDA install
+
+def keda_manifests():
+    """KEDA's own `config/minimal` (CRDs, RBAC, operator, metrics apiserver, APIService; no
+    admission webhooks), rendered from the module `make keda-build` compiled, with the release's
+    image tags. The pods' `command` (/keda, /keda-adapter: paths inside the images) is dropped so
+    the node agent runs the image's entrypoint, which localcluster/images.yaml maps to the binary."""
+    moddir = subprocess.run(["go", "list", "-m", "-f", "{{.Dir}}", "github.com/kedacore/keda/v2"],
+                            cwd="compare/keda", capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run([e2e.KUBECTL, "kustomize", os.path.join(moddir, "config", "minimal")],
+                         capture_output=True, text=True, check=True).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    images = {"keda-operator": "keda", "keda-metrics-apiserver": "keda-metrics-apiserver"}
+    for d in docs:
+        if d["kind"] == "Deployment":
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                c.pop("command", None)
+                if d["metadata"]["name"] == "keda-operator":
+                    # no admission webhooks here (config/minimal), as KEDA's chart does without them
+                    c["args"].append("--enable-webhook-patching=false")
+                c["image"] = f"ghcr.io/kedacore/{images[d['metadata']['name']]}:{KEDA_VERSION}"
+                c["imagePullPolicy"] = "IfNotPresent"
+    return docs
+
+
+def install_keda():
+    docs = keda_manifests()
+    p = subprocess.run([e2e.KUBECTL, "apply", "--server-side", "-f", "-"], input=yaml.safe_dump_all(docs),
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        fail(f"kubectl apply KEDA: {p.stderr}")
+    log(f"KEDA {KEDA_VERSION}: {len(docs)} objects applied (config/minimal)")
+    kk = ["-n", KEDA_NS]
+    def certs():
+        p = k(*kk, "get", "secret", "kedaorg-certs", "-o", "json", check=False)
+        return p.returncode == 0 and "tls.crt" in (json.loads(p.stdout).get("data") or {})
+    wait("KEDA's operator to write its certificates (Secret kedaorg-certs)", certs, timeout=240, every=3)
+    # Secret volumes are written when a pod starts: restart the pods that started before it.
+    k(*kk, "delete", "pod", "-l", "app in (keda-operator,keda-metrics-apiserver)", "--wait=false")
+    for dep in ("keda-operator", "keda-metrics-apiserver"):
+        k(*kk, "rollout", "status", f"deployment/{dep}", "--timeout=240s")
+
+    def available():
+        api = kjson("get", "apiservice", "v1beta1.external.metrics.k8s.io")
+        return any(c["type"] == "Available" and c["status"] == "True" for c in api["status"].get("conditions", []))
+    wait("APIService v1beta1.external.metrics.k8s.io Available", available, timeout=180)
+    log("KEDA operator and metrics apiserver Ready; external metrics APIService Available")
+
+
+# ---------------------------------------------------------------- scaler objects
+
+def broker_credentials():
+    sec = kjson("get", "secret", f"{RELEASE}-rabbitmq")["data"]
+    return tuple(base64.b64decode(sec[x]).decode() for x in ("username", "password"))
+
+
+def keda_objects(min_replicas, scale_down_window=None):
+    user, password = broker_credentials()
+    host = f"http://{user}:{password}@{RELEASE}-rabbitmq.{NS}.svc.cluster.local:15672/"
+    so = {
+        "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": WORKER},
+        "spec": {
+            "scaleTargetRef": {"name": WORKER},
+            "minReplicaCount": min_replicas, "maxReplicaCount": MAX_REPLICAS,
+            "triggers": [{"type": "rabbitmq", "authenticationRef": {"name": "compare-rabbitmq"},
+                          "metadata": {"protocol": "http", "queueName": "tasks", "vhostName": "/",
+                                       "mode": "QueueLength", "value": str(PER_REPLICA),
+                                       "activationValue": "0"}}],
+        },
+    }
+    if MODE == "1s":
+        so["spec"]["pollingInterval"] = 1
+    if scale_down_window is not None:
+        so["spec"]["advanced"] = {"horizontalPodAutoscalerConfig": {"behavior": {
+            "scaleDown": {"stabilizationWindowSeconds": scale_down_window}}}}
+    return [
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "compare-rabbitmq"}, "stringData": {"host": host}},
+        {"apiVersion": "keda.sh/v1alpha1", "kind": "TriggerAuthentication", "metadata": {"name": "compare-rabbitmq"},
+         "spec": {"secretTargetRef": [{"parameter": "host", "name": "compare-rabbitmq", "key": "host"}]}},
+        so,
+    ]
+
+
+def warren_objects(min_replicas, scale_down_window=None):
+    spec = {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": WORKER},
+        "queue": {"name": "tasks", "vhost": "/"},
+        "broker": {"managementUrl": f"http://{RELEASE}-rabbitmq:15672", "amqpUrl": f"amqp://{RELEASE}-rabbitmq:5672",
+                   "credentialsSecretRef": {"name": f"{RELEASE}-rabbitmq"}},
+        "minReplicas": min_replicas, "maxReplicas": MAX_REPLICAS, "messagesPerReplica": PER_REPLICA,
+        "activationMessages": 0, "countUnacked": True,
+    }
+    if MODE == "1s":
+        spec["pollingIntervalSeconds"] = 1
+    if scale_down_window is not None:
+        spec["behavior"] = {"scaleDown": {"stabilizationWindowSeconds": scale_down_window}}
+    return [{"apiVersion": "warren.dev/v1alpha1", "kind": "QueueScaler", "metadata": {"name": WORKER}, "spec": spec}]
+
+
+def delete_scalers():
+    for kind in ("scaledobject" if "keda" in SCALERS else None, "queuescaler"):
+        if kind:
+            k("delete", kind, WORKER, "--ignore-not-found", "--wait=true", "--timeout=120s")
+    if "keda" in SCALERS:
+        wait("KEDA's HPA gone", lambda: k("get", "hpa", f"keda-hpa-{WORKER}", check=False).returncode != 0,
+             timeout=120)
+
+
+def apply_objects(objs):
+    p = subprocess.run([e2e.KUBECTL, "-n", NS, "apply", "-f", "-"], input=yaml.safe_dump_all(objs),
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        fail(f"kubectl apply: {p.stderr}")
+
+
+def worker_pods():
+    return kjson("get", "pods", "-l", "app.kubernetes.io/component=worker")["items"]
+
+
+def settle(replicas):
+    """No scaler; the worker Deployment at `replicas`, every pod Ready, none terminating."""
+    delete_scalers()
+    k("scale", f"deployment/{WORKER}", f"--replicas={replicas}")
+
+    def settled():
+        pods = worker_pods()
+        return len(pods) == replicas and all(e2e.is_ready(p) and not p["metadata"].get("deletionTimestamp")
+                                             for p in pods)
+    wait(f"{WORKER} settled at {replicas}", settled, timeout=240)
+
+
+def arm(scaler, min_replicas, scale_down_window=None):
+    objs = (keda_objects if scaler == "keda" else warren_objects)(min_replicas, scale_down_window)
+    apply_objects(objs)
+    if scaler == "keda":
+        def ready():
+            so = kjson("get", "scaledobject", WORKER)
+            ok = any(c["type"] == "Ready" and c["status"] == "True" for c in so.get("status", {}).get("conditions", []))
+            return ok and k("get", "hpa", f"keda-hpa-{WORKER}", check=False).returncode == 0
+        wait("ScaledObject Ready and its HPA created", ready, timeout=120)
+    else:
+        def observed():
+            return kjson("get", "queuescaler", WORKER).get("status", {}).get("observedGeneration")
+        wait("QueueScaler observed", observed, timeout=120)
+
+
+# ---------------------------------------------------------------- observations
+
+class Broker:
+    """The management API through port-forward (its requests come from 127.0.0.1 in the pod,
+    which the access-log count leaves out)."""
+
+    def __init__(self):
+        self.user, self.password = broker_credentials()
+        self.pf = e2e.PortForward(f"svc/{RELEASE}-rabbitmq", 15672)
+
+    def get(self, path):
+        req = urllib.request.Request(f"http://127.0.0.1:{self.pf.port}{path}")
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{self.user}:{self.password}".encode()).decode())
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def queue(self, name="tasks"):
+        return self.get(f"/api/queues/%2F/{name}")
+
+    def acks(self):
+        return self.queue().get("message_stats", {}).get("ack", 0)
+
+    def controller_frames(self):
+        """AMQP frames received from warren-controller's connection (its passive declares)."""
+        return sum(c.get("recv_cnt", 0) for c in self.get("/api/connections")
+                   if c.get("client_properties", {}).get("connection_name") == "warren-controller")
+
+
+def access_log_requests():
+    """HTTP requests to RabbitMQ's management API so far, except those from 127.0.0.1 (ours)."""
+    p = k("exec", f"{RELEASE}-rabbitmq-0", "--", "sh", "-c", "cat /var/log/rabbitmq/access.log*", check=False)
+    return sum(1 for line in p.stdout.splitlines() if line.strip() and not line.startswith("127.0.0.1"))
+
+
+def apiserver_requests():
+    text = k("get", "--raw", "/metrics").stdout
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("apiserver_request_total{"))
+
+
+def measure_idle(label):
+    """Requests per minute with the queue empty and nothing scaling."""
+    b = Broker()
+    try:
+        http0, amqp0, api0 = access_log_requests(), b.controller_frames(), apiserver_requests()
+        t0 = time.time()
+        time.sleep(IDLE_SECONDS)
+        http1, api1 = access_log_requests(), apiserver_requests()
+        time.sleep(6)  # connection stats are collected every 5 s
+        amqp1 = b.controller_frames()
+        minutes = (time.time() - t0 - 6) / 60
+    finally:
+        b.pf.close()
+    # the exec + /metrics calls of the two snapshots are the same in every window (the baseline too)
+    r = {"broker_http_per_min": (http1 - http0) / minutes, "broker_amqp_per_min": (amqp1 - amqp0) / minutes,
+         "apiserver_per_min": (api1 - api0) / minutes}
+    log(f"idle {label}: broker HTTP {r['broker_http_per_min']:.1f}/min, "
+        f"AMQP frames {r['broker_amqp_per_min']:.1f}/min, apiserver {r['apiserver_per_min']:.1f}/min")
+    return r
+
+
+class Audit:
+    """Writes to the worker Deployment's scale subresource, from the apiserver's audit log."""
+
+    def __init__(self):
+        self.path = os.path.join(STATE, "logs", "audit.log")
+
+    def scale_writes(self, identities, since):
+        out = []
+        with open(self.path) as f:
+            for line in f:
+                if '"scale"' not in line or WORKER not in line:
+                    continue
+                ev = json.loads(line)
+                ref = ev.get("objectRef", {})
+                if ref.get("resource") == "deployments" and ref.get("subresource") == "scale" \
+                        and ref.get("name") == WORKER and ev.get("verb") in ("patch", "update") \
+                        and ev.get("stage") == "ResponseComplete" \
+                        and ev.get("responseStatus", {}).get("code", 0) < 300 \
+                        and ev["user"]["username"] in identities:
+                    t = parse_ts(ev["requestReceivedTimestamp"])
+                    if t >= since:
+                        out.append((t, ev["user"]["username"]))
+        return sorted(out)
+
+
+def parse_ts(s):
+    s = s.rstrip("Z")
+    if "." in s:
+        head, frac = s.split(".", 1)
+        s = f"{head}.{frac[:6]}"
+    return datetime.fromisoformat(s + "+00:00").timestamp()
+
+
+def job_acks(run_id, pods):
+    """(pod, ack time) of every job of this run, from the worker pods' logs ("job done")."""
+    out = []
+    for p in pods:
+        name = p["metadata"]["name"]
+        for line in k("logs", name, check=False).stdout.splitlines():
+            if run_id not in line or "job done" not in line:
+                continue
+            try:
+                out.append((name, parse_ts(json.loads(line)["timestamp"])))
+            except (ValueError, KeyError):
+                continue
+    return out
+
+
+def post_burst(port, run_id, n, dots, workers=8):
+    msg = "." * dots
+    with concurrent.futures.ThreadPoolExecutor(workers) as ex:
+        codes = list(ex.map(lambda i: e2e.post_job(port, f"{run_id} {i}{msg}"), range(n)))
+    if codes.count(202) != n:
+        fail(f"burst {run_id}: {codes.count(202)} of {n} accepted")
+
+
+def ideal_drain(n, dots):
+    replicas = min(MAX_REPLICAS, math.ceil(n / PER_REPLICA))
+    return math.ceil(n / replicas) * dots
+
+
+# ---------------------------------------------------------------- workloads
+
+def burst(scaler, start_replicas, rep, sender, broker, audit):
+    settle(start_replicas)
+    arm(scaler, start_replicas)
+    # a random phase against both scalers' loops (KEDA's operator loop, the HPA sync, warren's tick)
+    period = max(KEDA_POLL, HPA_SYNC) if scaler == "keda" else WARREN_POLL
+    time.sleep(random.uniform(0, period))
+    before = {p["metadata"]["name"] for p in worker_pods()}
+    acks0 = broker.acks()
+    run_id = f"cmp-{scaler}-{start_replicas}-{rep}-{int(time.time())}"
+    t0 = time.time()
+    post_burst(sender.port, run_id, BURST_JOBS, BURST_DOTS)
+    sent = time.time() - t0
+    wait(f"{run_id}: {BURST_JOBS} jobs acked", lambda: broker.acks() - acks0 >= BURST_JOBS, timeout=600, every=1)
+    pods = worker_pods()
+    acks = job_acks(run_id, pods)
+    if len(acks) < BURST_JOBS:
+        fail(f"{run_id}: {len(acks)} 'job done' lines for {BURST_JOBS} jobs")
+    writes = audit.scale_writes(IDENTITIES[scaler], t0)
+    if not writes:
+        fail(f"{run_id}: no scale write by {IDENTITIES[scaler]} after the burst")
+    new_acks = [t for name, t in acks if name not in before]
+    r = {
+        "reaction": writes[0][0] - t0,
+        "first_new_ack": (min(new_acks) - t0) if new_acks else None,
+        "drain": max(t for _, t in acks) - t0,
+        "ideal": ideal_drain(BURST_JOBS, BURST_DOTS),
+        "peak": max(len(pods), len(before)),
+        "send_seconds": sent,
+    }
+    fna = f"{r['first_new_ack']:.1f}s" if r["first_new_ack"] is not None else "none"
+    log(f"{run_id}: first scale write {r['reaction']:.2f}s ({writes[0][1].rsplit(':', 1)[-1]}), "
+        f"first ack by a new pod {fna}, drain {r['drain']:.1f}s (ideal {r['ideal']}s), {len(pods)} pods")
+    return r
+
+
+def stream_then_quiet(scaler, sender, broker):
+    """A steady stream of long jobs, then nothing: the scaler scales in while jobs run."""
+    settle(1)
+    arm(scaler, 1, scale_down_window=SCALE_DOWN_WINDOW)
+    q0 = broker.queue()
+    redeliver0 = q0.get("message_stats", {}).get("redeliver", 0)
+    dead0 = (broker.queue("tasks.dead") or {}).get("messages", 0)
+    run_id = f"cmp-stream-{scaler}-{int(time.time())}"
+    stopped, seen, peak = {}, set(), 1
+    t_end = time.time() + STREAM_JOBS
+    i = 0
+
+    def watch():
+        nonlocal peak
+        pods = worker_pods()
+        peak = max(peak, len(pods))
+        for p in pods:
+            name = p["metadata"]["name"]
+            if p["metadata"].get("deletionTimestamp") and name not in seen:
+                seen.add(name)
+                stopped[name] = sigterm_in_hand(name)
+        return pods
+    while i < STREAM_JOBS:
+        if e2e.post_job(sender.port, f"{run_id} {i}{'.' * STREAM_DOTS}") != 202:
+            fail(f"{run_id}: job {i} refused")
+        i += 1
+        if i % 5 == 0:
+            watch()
+        time.sleep(max(0.0, (t_end - STREAM_JOBS + i) - time.time()))
+    log(f"{run_id}: {STREAM_JOBS} jobs of {STREAM_DOTS}s sent over {STREAM_JOBS}s; waiting for the scale-in to 1")
+    deadline = time.time() + 600
+    while True:
+        pods = watch()
+        q = broker.queue()
+        if q.get("messages", 1) == 0 and len(pods) == 1 and not pods[0]["metadata"].get("deletionTimestamp") \
+                and peak > 1:
+            break
+        if time.time() > deadline:
+            fail(f"{run_id}: no scale-in to 1 within 600 s (pods {len(pods)}, queue {q.get('messages')})")
+        time.sleep(1)
+    time.sleep(6)  # queue stats are collected every 5 s
+    redelivered = broker.queue().get("message_stats", {}).get("redeliver", 0) - redeliver0
+    dead = (broker.queue("tasks.dead") or {}).get("messages", 0) - dead0
+    busy = sum(1 for v in stopped.values() if v)
+    r = {"peak": peak, "stopped": len(stopped), "stopped_busy": busy, "redelivered": redelivered, "dead": dead}
+    log(f"{run_id}: peak {peak} pods, {len(stopped)} stopped by the scale-in ({busy} holding a job), "
+        f"{redelivered} redelivered, {dead} dead-lettered")
+    return r
+
+
+def sigterm_in_hand(pod):
+    """Jobs in hand when the worker got SIGTERM (its log line), 0 if not logged yet."""
+    for _ in range(3):
+        for line in k("logs", pod, check=False).stdout.splitlines():
+            if "SIGTERM" in line:
+                try:
+                    obj = json.loads(line)
+                    return int(obj.get("fields", obj).get("in_hand", 0))
+                except (ValueError, KeyError):
+                    return 0
+        time.sleep(0.3)
+    return 0
+
+
+# ---------------------------------------------------------------- run and table
+
+def run():
+    random.seed()
+    if "keda" in SCALERS:
+        install_keda()
+    sender = e2e.PortForward(f"svc/{RELEASE}-sender", 80)
+    broker = Broker()
+    audit = Audit()
+    result = {"mode": MODE, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "keda_version": KEDA_VERSION, "hpa_sync": HPA_SYNC, "keda_poll": KEDA_POLL,
+              "warren_poll": WARREN_POLL, "reps": REPS,
+              "k8s": json.loads(k("version", "-o", "json").stdout)["serverVersion"]["gitVersion"],
+              "rabbitmq": broker.get("/api/overview").get("rabbitmq_version"),
+              "burst": [BURST_JOBS, BURST_DOTS], "stream": [STREAM_JOBS, STREAM_DOTS]}
+    try:
+        settle(1)
+        result["idle_baseline"] = measure_idle("baseline (no scaler)")
+        for scaler in SCALERS:
+            s = result[scaler] = {}
+            arm(scaler, 1)
+            s["idle"] = measure_idle(scaler)
+            s["from_zero"] = [burst(scaler, 0, i, sender, broker, audit) for i in range(REPS)]
+            s["from_one"] = [burst(scaler, 1, i, sender, broker, audit) for i in range(REPS)]
+            s["scale_in"] = stream_then_quiet(scaler, sender, broker)
+            delete_scalers()
+    finally:
+        sender.close()
+        broker.pf.close()
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, f"{MODE}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    log(f"results in {OUT}/{MODE}.json")
+
+
+def pct(xs, q):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    return xs[min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))]
+
+
+def table():
+    files = sorted(glob.glob(os.path.join(OUT, "*.json")))
+    if not files:
+        print(f"no results in {OUT}", file=sys.stderr)
+        sys.exit(1)
+    f1 = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    print(SEP)
+    for path in files:
+        r = json.load(open(path))
+        base = r["idle_baseline"]
+        print(f"mode {r['mode']} ({r['date']}): KEDA {r['keda_version']} (pollingInterval {r['keda_poll']}s, HPA sync "
+              f"{r['hpa_sync']:g}s) vs QueueScaler (pollingIntervalSeconds {r['warren_poll']}); "
+              f"{r['reps']} reps; burst {r['burst'][0]} jobs x {r['burst'][1]}s; min/max 0|1/{MAX_REPLICAS}, "
+              f"{PER_REPLICA} msgs/replica; Kubernetes {r['k8s']}, RabbitMQ {r['rabbitmq']}")
+        print(f"{'':44} {'KEDA':>12} {'warren':>12} {'KEDA/warren':>12}")
+        rows = []
+        for start in ("from_zero", "from_one"):
+            label = "zero" if start == "from_zero" else "one"
+            for key, what in (("reaction", "burst -> first scale write"),
+                              ("first_new_ack", "burst -> first ack, new pod")):
+                for q in (50, 95):
+                    kv = pct([x[key] for x in r["keda"][start]], q)
+                    wv = pct([x[key] for x in r["warren"][start]], q)
+                    rows.append((f"from {label}: {what} p{q} (s)", kv, wv))
+            kd = pct([x["drain"] / x["ideal"] for x in r["keda"][start]], 50)
+            wd = pct([x["drain"] / x["ideal"] for x in r["warren"][start]], 50)
+            rows.append((f"from {label}: drain / ideal p50 (ideal {r['keda'][start][0]['ideal']}s)", kd, wd))
+        for key, what in (("stopped_busy", "scale-in: pods stopped holding a job"),
+                          ("redelivered", "scale-in: jobs redelivered"), ("dead", "scale-in: jobs dead-lettered")):
+            rows.append((what, r["keda"]["scale_in"][key], r["warren"]["scale_in"][key]))
+        for key, what in (("broker_http_per_min", "idle: broker HTTP requests / min"),
+                          ("broker_amqp_per_min", "idle: broker AMQP frames / min"),
+                          ("apiserver_per_min", "idle: apiserver requests / min (- baseline)")):
+            b = base[key] if key == "apiserver_per_min" else 0
+            rows.append((what, r["keda"]["idle"][key] - b, r["warren"]["idle"][key] - b))
+        polls = f"idle: broker requests per poll ({r['keda_poll']}s / {r['warren_poll']}s)"
+        rows.append((polls, (r["keda"]["idle"]["broker_http_per_min"] + r["keda"]["idle"]["broker_amqp_per_min"])
+                     * r["keda_poll"] / 60,
+                     (r["warren"]["idle"]["broker_http_per_min"] + r["warren"]["idle"]["broker_amqp_per_min"])
+                     * r["warren_poll"] / 60))
+        for what, kv, wv in rows:
+            ratio = f"{kv / wv:.2f}" if isinstance(kv, (int, float)) and isinstance(wv, (int, float)) and wv else "-"
+            print(f"{what:44} {f1(kv):>12} {f1(wv):>12} {ratio:>12}")
+        print(f"scale-in: stream of {r['stream'][0]} jobs x {r['stream'][1]}s, scale-down window "
+              f"{SCALE_DOWN_WINDOW}s for both; peak KEDA {r['keda']['scale_in']['peak']}, "
+              f"warren {r['warren']['scale_in']['peak']} pods; apiserver baseline {base['apiserver_per_min']:.1f}/min")
+        print(SEP)
+
+
+if __name__ == "__main__":
+    {"run": run, "table": table}[sys.argv[1] if len(sys.argv) > 1 else "run"]()
