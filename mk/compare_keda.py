@@ -485,16 +485,19 @@ def table():
     if not files:
         print(f"no results in {OUT}", file=sys.stderr)
         sys.exit(1)
-    f1 = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    f1 = lambda v: "-" if v is None else (str(v) if isinstance(v, int) else f"{v:.1f}")  # noqa: E731
     print(SEP)
     for path in files:
         r = json.load(open(path))
+        if not all(x in r for x in ("keda", "warren")):
+            print(f"{path}: a run of {[x for x in ('keda', 'warren') if x in r]} only (COMPARE_SCALERS), not tabled")
+            continue
         base = r["idle_baseline"]
         print(f"mode {r['mode']} ({r['date']}): KEDA {r['keda_version']} (pollingInterval {r['keda_poll']}s, HPA sync "
               f"{r['hpa_sync']:g}s) vs QueueScaler (pollingIntervalSeconds {r['warren_poll']}); "
               f"{r['reps']} reps; burst {r['burst'][0]} jobs x {r['burst'][1]}s; min/max 0|1/{MAX_REPLICAS}, "
               f"{PER_REPLICA} msgs/replica; Kubernetes {r['k8s']}, RabbitMQ {r['rabbitmq']}")
-        print(f"{'':44} {'KEDA':>12} {'warren':>12} {'KEDA/warren':>12}")
+        print(f"{'':52} {'KEDA':>10} {'warren':>10} {'KEDA/warren':>12}")
         rows = []
         for start in ("from_zero", "from_one"):
             label = "zero" if start == "from_zero" else "one"
@@ -522,7 +525,7 @@ def table():
                      * r["warren_poll"] / 60))
         for what, kv, wv in rows:
             ratio = f"{kv / wv:.2f}" if isinstance(kv, (int, float)) and isinstance(wv, (int, float)) and wv else "-"
-            print(f"{what:44} {f1(kv):>12} {f1(wv):>12} {ratio:>12}")
+            print(f"{what:52} {f1(kv):>10} {f1(wv):>10} {ratio:>12}")
         print(f"scale-in: stream of {r['stream'][0]} jobs x {r['stream'][1]}s, scale-down window "
               f"{SCALE_DOWN_WINDOW}s for both; peak KEDA {r['keda']['scale_in']['peak']}, "
               f"warren {r['warren']['scale_in']['peak']} pods; apiserver baseline {base['apiserver_per_min']:.1f}/min")
