@@ -6,12 +6,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use serde_json::{Map, Value, json};
 use warren_broker::{AuditEvent, AuditSink, Envelope, EnvelopeError};
 
-use crate::metrics::WorkerMetrics;
+use crate::metrics::{QueueLabel, WorkerMetrics};
 
 /// What every job needs; shared by the jobs in flight.
 pub struct JobContext {
@@ -69,6 +70,12 @@ pub async fn process(
         }
     };
     tracing::debug!(id = %envelope.id, queue = %queue, job_message = %envelope.message, redelivered, "job started");
+    ctx.metrics
+        .job_wait_seconds
+        .get_or_create(&QueueLabel {
+            queue: queue.to_string(),
+        })
+        .observe(waited_seconds(envelope.created_at, Utc::now()));
     let started = Instant::now();
     work(ctx.work_duration(envelope.dots())).await;
     delivery
@@ -81,6 +88,15 @@ pub async fn process(
         })?;
     record_done(&ctx, &queue, &envelope, redelivered, started.elapsed());
     Ok(Outcome::Done)
+}
+
+/// How long a job waited in the queue: from the sender's acceptance to now.
+/// Clocks of different machines may disagree a little: never negative.
+fn waited_seconds(created_at: DateTime<Utc>, now: DateTime<Utc>) -> f64 {
+    (now - created_at)
+        .to_std()
+        .map(|waited| waited.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// The simulated work. Zero work arms no timer.
@@ -171,5 +187,14 @@ mod tests {
         assert_eq!(ctx.work_duration(0), Duration::ZERO);
         assert_eq!(context(-1.0).work_duration(3), Duration::ZERO);
         assert_eq!(context(1.0).work_duration(3), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn waited_is_the_age_at_start_and_never_negative() {
+        let accepted = DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default();
+        let later = accepted + chrono::Duration::milliseconds(2_500);
+        assert_eq!(waited_seconds(accepted, later), 2.5);
+        // A sender whose clock runs ahead of the worker's.
+        assert_eq!(waited_seconds(later, accepted), 0.0);
     }
 }

@@ -1,9 +1,17 @@
 //! The worker's Prometheus metrics.
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+/// The queue a job came from (bounded: the queues the worker consumes).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabel {
+    pub queue: String,
+}
 
 #[derive(Clone)]
 pub struct WorkerMetrics {
@@ -15,6 +23,7 @@ pub struct WorkerMetrics {
     pub broker_blocked: Gauge,
     pub jobs_in_hand: Gauge,
     pub job_seconds: Histogram,
+    pub job_wait_seconds: Family<QueueLabel, Histogram>,
 }
 
 impl WorkerMetrics {
@@ -29,6 +38,10 @@ impl WorkerMetrics {
             jobs_in_hand: Gauge::default(),
             // 1 ms .. ~65 s
             job_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            // 10 ms .. ~87 min
+            job_wait_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.01, 2.0, 20))
+            }),
         };
         warren_telemetry::register_process_start_time(registry);
         registry.register(
@@ -70,6 +83,11 @@ impl WorkerMetrics {
             "warren_worker_job_seconds",
             "Job processing time",
             metrics.job_seconds.clone(),
+        );
+        registry.register(
+            "warren_worker_job_wait_seconds",
+            "Time a job waited between the sender accepting it and a worker starting it (the age of the oldest jobs being taken)",
+            metrics.job_wait_seconds.clone(),
         );
         metrics
     }
