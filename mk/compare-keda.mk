@@ -20,7 +20,7 @@ COMPARE_ENV = $(LOCAL_ENV) KEDA_BIN_DIR=$(KEDA_BIN_DIR) KEDA_VERSION=$(KEDA_VERS
 
 .PHONY: keda-build compare-keda
 
-keda-build: ## build KEDA $(KEDA_VERSION) (operator, metrics apiserver) from its Go module into KEDA_BIN_DIR
+keda-build: ## build KEDA (the version compare/keda/go.mod pins: operator, metrics apiserver) from its Go module into KEDA_BIN_DIR
 	@command -v $(GO) >/dev/null || { echo "keda-build needs Go >= 1.26 on PATH" >&2; exit 1; }
 	@mkdir -p $(KEDA_BIN_DIR)
 	@echo "== go build KEDA $(KEDA_VERSION) (operator, adapter) into $(KEDA_BIN_DIR)"
