@@ -267,7 +267,8 @@ def test_own_prometheus_finds_every_component_and_passes_promtool(render, promto
     assert proc.returncode == 0, proc.stdout + proc.stderr
     scrape = yaml.safe_load(config["prometheus.yml"])["scrape_configs"]
     jobs = {j["job_name"]: j for j in scrape}
-    assert set(jobs) == {"sender", "worker", "controller", "rabbitmq", "rabbitmq-queues"}
+    # warren-admin too: tokens (auth.enabled) are on by default
+    assert set(jobs) == {"sender", "worker", "controller", "admin", "rabbitmq", "rabbitmq-queues"}
     assert jobs["rabbitmq-queues"]["params"] == {"family": ["queue_coarse_metrics"]}
     assert jobs["controller"]["honor_labels"] is True
     services = {s["metadata"]["name"]: s for s in rendered.kinds("Service")}
@@ -279,12 +280,13 @@ def test_own_prometheus_finds_every_component_and_passes_promtool(render, promto
         # Every name resolves to the pods of its component, on the metrics port.
         assert services[service]["spec"]["clusterIP"] == "None", service
         component = "rabbitmq" if name.startswith("rabbitmq") else name
-        assert services[service]["spec"]["selector"]["app.kubernetes.io/component"] == component
+        selector = services[service]["spec"]["selector"]
+        selected = [w for w in rendered.workloads()
+                    if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert [w["metadata"]["labels"]["app.kubernetes.io/component"] for w in selected] == [component], name
         relabel = {r["target_label"]: r["replacement"] for r in job["relabel_configs"]}
         assert relabel["warren_component"] == name
-        workload = next(w for w in rendered.workloads()
-                        if w["metadata"]["labels"]["app.kubernetes.io/component"] == component)
-        ports = {p["containerPort"] for c in workload["spec"]["template"]["spec"]["containers"]
+        ports = {p["containerPort"] for c in selected[0]["spec"]["template"]["spec"]["containers"]
                  for p in c.get("ports", [])}
         assert sd["port"] in ports, (name, sd["port"], ports)
     deployment = rendered.one("Deployment", "warren-prometheus")
@@ -306,3 +308,28 @@ def test_own_prometheus_finds_every_component_and_passes_promtool(render, promto
                and "namespaceSelector" not in p
                and p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "prometheus"]
     assert allowed and {"port": "prometheus", "protocol": "TCP"} in allowed[0]["ports"]
+
+
+POOLS = [
+    "--set", "queue.extra={sms,email}",
+    "--set-json", 'worker.pools=[{"name":"worker"},{"name":"worker-sms","queues":["sms"]},'
+                  '{"name":"worker-email","queues":["email"]}]',
+]
+
+
+def test_every_worker_pool_is_scraped_by_the_monitor_and_the_own_prometheus(render):
+    rendered = render(ALL_ON + POOLS + ["--set", "metrics.prometheus.deploy=true"])
+    pools = [w for w in rendered.workloads()
+             if w["spec"]["template"]["metadata"]["labels"].get("warren.dev/role") == "worker"]
+    assert sorted(w["metadata"]["name"] for w in pools) == ["warren-worker", "warren-worker-email", "warren-worker-sms"]
+    monitor = rendered.one("PodMonitor", "warren-worker")
+    headless = rendered.one("Service", "warren-worker-metrics")["spec"]["selector"]
+    for selector in (monitor["spec"]["selector"]["matchLabels"], headless):
+        selected = [w["metadata"]["name"] for w in rendered.workloads()
+                    if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert sorted(selected) == sorted(w["metadata"]["name"] for w in pools), selector
+    # Each series says which pool it came from.
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    pool = [r for r in endpoint["relabelings"] if r["targetLabel"] == "warren_pool"]
+    assert pool == [{"action": "replace", "targetLabel": "warren_pool",
+                     "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_component"]}]
