@@ -102,6 +102,23 @@ pub struct HarnessOptions {
     pub wait_for_queue_stats: bool,
     /// Applied to [`base_spec`] before the QueueScaler is created (see [`HarnessOptions::scaler`]).
     pub spec_edit: Option<SpecEdit>,
+    /// More worker pools, by suffix (e.g. `sms`): each gets its own queue
+    /// `<queue>-<suffix>` (accepted by the sender through `WARREN_QUEUES`),
+    /// its own Deployment `warren-worker-<suffix>` run by its own process
+    /// ReplicaSet, and a replica recorder. Their QueueScalers are the
+    /// scenario's to create ([`Harness::pool_spec`], [`Harness::put_scaler`]).
+    pub extra_pools: Vec<String>,
+}
+
+/// A worker pool beyond the harness's main one (see [`HarnessOptions::extra_pools`]).
+pub struct Pool {
+    pub suffix: String,
+    /// The queue its workers consume.
+    pub queue: String,
+    /// Its Deployment (and the name of its QueueScaler, by convention).
+    pub deployment: String,
+    pub workers: ProcessReplicaSet,
+    pub recorder: ReplicaRecorder,
 }
 
 impl Default for HarnessOptions {
@@ -125,6 +142,7 @@ impl Default for HarnessOptions {
             controller_env: Vec::new(),
             wait_for_queue_stats: std::env::var_os("WARREN_E2E_WAIT_FOR_QUEUE_STATS").is_some(),
             spec_edit: None,
+            extra_pools: Vec::new(),
         }
     }
 }
@@ -267,6 +285,8 @@ pub struct Harness {
     pub proxy: Option<CountingProxy>,
     pub binaries: Binaries,
     pub started: Instant,
+    /// The extra worker pools, in the order of [`HarnessOptions::extra_pools`].
+    pub pools: Vec<Pool>,
     leader_election: bool,
     lease_duration_seconds: u64,
     lease_grace_seconds: u64,
@@ -325,11 +345,18 @@ impl Harness {
         };
         let http = http_client()?;
 
-        // The sender declares the topology (work queue, DLX, events) at start.
+        // The sender declares the topology (work queues, DLX, events) at start.
         let logs = dir.path().join("logs");
+        let pool_queues: Vec<String> = options
+            .extra_pools
+            .iter()
+            .map(|suffix| format!("{queue}-{suffix}"))
+            .collect();
+        let extra_queues = pool_queues.join(",");
         let sender_env = env(&[
             ("AMQP_URL", node.amqp_url().as_str()),
             ("WARREN_QUEUE", queue.as_str()),
+            ("WARREN_QUEUES", extra_queues.as_str()),
             ("WARREN_QUEUE_TYPE", options.queue_kind.as_str()),
             ("WARREN_DOT_RULE_DISABLED", "true"),
             ("WARREN_LOG_FORMAT", "json"),
@@ -341,10 +368,10 @@ impl Harness {
             .wait_http_ok("/readyz", Duration::from_secs(30))
             .await?;
 
-        let workers = options.workers.then(|| {
-            let template = ProcessTemplate::new(&binaries.worker)
+        let worker_template = |queue: &str| {
+            ProcessTemplate::new(&binaries.worker)
                 .env("AMQP_URL", node.amqp_url())
-                .env("WARREN_QUEUE", &queue)
+                .env("WARREN_QUEUE", queue)
                 .env("WARREN_QUEUE_TYPE", options.queue_kind.as_str())
                 .env(
                     "WARREN_SECONDS_PER_DOT",
@@ -359,9 +386,31 @@ impl Harness {
                 .readiness(Readiness::HttpGet {
                     path: "/readyz".into(),
                 })
-                .output(ChildOutput::Files(dir.path().join("pods")));
-            ProcessReplicaSet::start(&api, NAMESPACE, DEPLOYMENT, template)
+                .output(ChildOutput::Files(dir.path().join("pods")))
+        };
+        let workers = options.workers.then(|| {
+            ProcessReplicaSet::start(&api, NAMESPACE, DEPLOYMENT, worker_template(&queue))
         });
+        let mut pools = Vec::new();
+        for (suffix, pool_queue) in options.extra_pools.iter().zip(pool_queues) {
+            let deployment = format!("{DEPLOYMENT}-{suffix}");
+            api.put_object(
+                &DEPLOYMENTS,
+                deployment_object(&deployment, 0, options.grace_seconds),
+            )?;
+            pools.push(Pool {
+                suffix: suffix.clone(),
+                recorder: ReplicaRecorder::start(&api, &DEPLOYMENTS, NAMESPACE, &deployment),
+                workers: ProcessReplicaSet::start(
+                    &api,
+                    NAMESPACE,
+                    &deployment,
+                    worker_template(&pool_queue),
+                ),
+                queue: pool_queue,
+                deployment,
+            });
+        }
 
         let mut harness = Self {
             queue,
@@ -375,6 +424,7 @@ impl Harness {
             proxy,
             binaries,
             started,
+            pools,
             leader_election: options.leader_election.unwrap_or(options.controllers > 1),
             lease_duration_seconds: options.lease_duration_seconds,
             lease_grace_seconds: options.lease_grace_seconds,
@@ -550,6 +600,29 @@ impl Harness {
         )
     }
 
+    /// The extra pool with this suffix.
+    pub fn pool(&self, suffix: &str) -> Result<&Pool, HarnessError> {
+        self.pools
+            .iter()
+            .find(|p| p.suffix == suffix)
+            .ok_or_else(|| HarnessError::Other(format!("no extra pool {suffix:?}")))
+    }
+
+    /// [`Harness::default_spec`] aimed at an extra pool: its Deployment and its queue.
+    pub fn pool_spec(&self, suffix: &str) -> Result<QueueScalerSpec, HarnessError> {
+        let pool = self.pool(suffix)?;
+        let mut spec = self.default_spec();
+        spec.scale_target_ref.name = pool.deployment.clone();
+        spec.queue = QueueRef::single(pool.queue.clone(), "/");
+        Ok(spec)
+    }
+
+    /// The status of the QueueScaler `name`, as the controller last wrote it.
+    pub fn status_of(&self, name: &str) -> Option<QueueScalerStatus> {
+        let object = self.api.get_object(&QUEUESCALERS, NAMESPACE, name)?;
+        serde_json::from_value(object.get("status")?.clone()).ok()
+    }
+
     /// Creates or replaces a QueueScaler.
     pub fn put_scaler(&self, name: &str, spec: QueueScalerSpec) -> Result<(), HarnessError> {
         self.api
@@ -644,7 +717,8 @@ impl Harness {
 
     /// POSTs one job; returns its id once the sender answered 202.
     pub async fn send(&self, message: &str) -> Result<String, HarnessError> {
-        let id = post_job(&self.http, &self.sender.base_url(), message).await?;
+        let url = format!("{}/send", self.sender.base_url());
+        let id = post_job(&self.http, &url, message).await?;
         self.sent
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -657,9 +731,33 @@ impl Harness {
         self.send_messages(&vec![job(dots); count]).await
     }
 
+    /// Sends `count` jobs of `dots` dots at once to `queue`
+    /// (`POST /send/{queue}`).
+    pub async fn send_burst_to(
+        &self,
+        queue: &str,
+        count: usize,
+        dots: usize,
+    ) -> Result<Burst, HarnessError> {
+        self.send_messages_to(Some(queue), &vec![job(dots); count])
+            .await
+    }
+
     /// Sends these messages at once (concurrent requests).
     pub async fn send_messages(&self, messages: &[String]) -> Result<Burst, HarnessError> {
-        let base = self.sender.base_url();
+        self.send_messages_to(None, messages).await
+    }
+
+    /// Sends these messages at once to `queue` (`None`: the default queue).
+    async fn send_messages_to(
+        &self,
+        queue: Option<&str>,
+        messages: &[String],
+    ) -> Result<Burst, HarnessError> {
+        let base = match queue {
+            Some(queue) => format!("{}/send/{queue}", self.sender.base_url()),
+            None => format!("{}/send", self.sender.base_url()),
+        };
         let results = futures::future::join_all(messages.iter().map(|m| {
             let http = self.http.clone();
             let base = base.clone();
@@ -704,9 +802,13 @@ impl Harness {
         JobLog::read(&self.pods_dir())
     }
 
-    /// Exits of worker pod processes.
+    /// Exits of worker pod processes (every pool's).
     pub fn exits(&self) -> Vec<PodExit> {
-        self.workers.as_ref().map(|w| w.exits()).unwrap_or_default()
+        let mut exits = self.workers.as_ref().map(|w| w.exits()).unwrap_or_default();
+        for pool in &self.pools {
+            exits.extend(pool.workers.exits());
+        }
+        exits
     }
 
     /// Accounting of every job sent so far.
@@ -940,6 +1042,15 @@ impl Harness {
                 ));
             }
         }
+        for pool in &self.pools {
+            out.push_str(&format!(
+                "--- pool {} replicas: {}\n--- pool {} status: {:?}\n",
+                pool.deployment,
+                pool.recorder.describe(self.started),
+                pool.deployment,
+                self.status_of(&pool.deployment)
+            ));
+        }
         out.push_str(&format!("--- jobs: {:?}\n", self.report()));
         out.push_str(&format!(
             "--- scale patches: {}\n",
@@ -1004,16 +1115,15 @@ pub fn job(dots: usize) -> String {
 
 async fn post_job(
     http: &reqwest::Client,
-    base: &str,
+    url: &str,
     message: &str,
 ) -> Result<String, HarnessError> {
-    let url = format!("{base}/send");
     let err = |source| HarnessError::Http {
         context: format!("POST {url}"),
         source,
     };
     let response = http
-        .post(&url)
+        .post(url)
         .json(&json!({"message": message}))
         .send()
         .await

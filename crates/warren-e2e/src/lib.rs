@@ -39,7 +39,7 @@ mod recorder;
 pub use binaries::{BIN_DIR_ENV, Binaries};
 pub use harness::{
     Burst, DATA_LAG_COOLDOWN, DATA_LAG_WINDOW, DEPLOYMENT, Harness, HarnessOptions, LEASE,
-    NAMESPACE, QueueKind, SCALER, SECRET, base_spec, deployment_object, job, scaler_object,
+    NAMESPACE, Pool, QueueKind, SCALER, SECRET, base_spec, deployment_object, job, scaler_object,
 };
 pub use jobs::{JobEvent, JobKind, JobLog, JobReport};
 pub use metrics::MetricsText;
