@@ -108,6 +108,11 @@ pub struct HarnessOptions {
     /// ReplicaSet, and a replica recorder. Their QueueScalers are the
     /// scenario's to create ([`Harness::pool_spec`], [`Harness::put_scaler`]).
     pub extra_pools: Vec<String>,
+    /// More queues the main Deployment's workers consume besides the work
+    /// queue, by suffix: `<queue>-<suffix>`, accepted by the sender and
+    /// consumed through the worker's `WARREN_QUEUES` (a pool of several
+    /// queues). The scenario points the QueueScaler at them.
+    pub worker_queues: Vec<String>,
 }
 
 /// A worker pool beyond the harness's main one (see [`HarnessOptions::extra_pools`]).
@@ -143,6 +148,7 @@ impl Default for HarnessOptions {
             wait_for_queue_stats: std::env::var_os("WARREN_E2E_WAIT_FOR_QUEUE_STATS").is_some(),
             spec_edit: None,
             extra_pools: Vec::new(),
+            worker_queues: Vec::new(),
         }
     }
 }
@@ -352,7 +358,17 @@ impl Harness {
             .iter()
             .map(|suffix| format!("{queue}-{suffix}"))
             .collect();
-        let extra_queues = pool_queues.join(",");
+        let worker_queues: Vec<String> = options
+            .worker_queues
+            .iter()
+            .map(|suffix| format!("{queue}-{suffix}"))
+            .collect();
+        let extra_queues = pool_queues
+            .iter()
+            .chain(&worker_queues)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(",");
         let sender_env = env(&[
             ("AMQP_URL", node.amqp_url().as_str()),
             ("WARREN_QUEUE", queue.as_str()),
@@ -389,7 +405,8 @@ impl Harness {
                 .output(ChildOutput::Files(dir.path().join("pods")))
         };
         let workers = options.workers.then(|| {
-            ProcessReplicaSet::start(&api, NAMESPACE, DEPLOYMENT, worker_template(&queue))
+            let template = worker_template(&queue).env("WARREN_QUEUES", worker_queues.join(","));
+            ProcessReplicaSet::start(&api, NAMESPACE, DEPLOYMENT, template)
         });
         let mut pools = Vec::new();
         for (suffix, pool_queue) in options.extra_pools.iter().zip(pool_queues) {

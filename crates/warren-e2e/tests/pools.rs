@@ -2,7 +2,8 @@
 //! `sms`, `email`), each its own Deployment of real worker processes and its
 //! own QueueScaler, one real controller and sender, a private RabbitMQ node.
 //! A burst on one queue scales only its own pool; every accepted job is
-//! processed; the scale-in back to zero interrupts nothing.
+//! processed; the scale-in back to zero interrupts nothing. Then one pool
+//! over three queues (a worker of several queues, a scaler over their sum).
 
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,21 @@ fn highest_since(recorder: &warren_e2e::ReplicaRecorder, from: Instant) -> i64 {
         .range_during(from, Instant::now())
         .map(|(highest, _)| highest)
         .unwrap_or(0)
+}
+
+/// Every job sent was processed exactly once, none interrupted, and no
+/// scale-in stopped a busy worker.
+fn every_job_once_none_interrupted(h: &Harness, sent: usize) {
+    let report = h.report();
+    assert_eq!(report.sent, sent);
+    assert!(report.lost.is_empty(), "{report:?}");
+    assert!(report.duplicated.is_empty(), "{report:?}");
+    assert!(report.interrupted.is_empty(), "{report:?}");
+    assert!(
+        h.job_log().busy_at_sigterm().is_empty(),
+        "a scale-in stopped a busy worker: {:?}",
+        h.job_log().busy_at_sigterm()
+    );
 }
 
 #[tokio::test]
@@ -164,18 +180,67 @@ async fn three_pools_scale_independently_and_process_every_job() {
         );
     }
 
-    let report = h.report();
-    assert_eq!(report.sent, 18);
-    assert!(report.lost.is_empty(), "{report:?}");
-    assert!(report.duplicated.is_empty(), "{report:?}");
-    assert!(report.interrupted.is_empty(), "{report:?}");
-    assert!(
-        h.job_log().busy_at_sigterm().is_empty(),
-        "a scale-in stopped a busy worker: {:?}",
-        h.job_log().busy_at_sigterm()
-    );
+    every_job_once_none_interrupted(&h, 18);
     let status = h
         .status_of(&sms.deployment)
         .expect("the sms scaler has a status");
     assert_eq!(status.queue_summary.as_deref(), Some(sms.queue.as_str()));
+}
+
+/// A pool of several queues: one Deployment whose workers consume the work
+/// queue, `-sms` and `-email` in turn (`WARREN_QUEUES`), and one QueueScaler
+/// over the three (`queue.names`, operation sum). Jobs on every queue scale
+/// the one pool by their total, all are processed, and the scale-in back to
+/// zero interrupts nothing.
+#[tokio::test]
+async fn one_pool_over_three_queues_scales_on_their_sum_and_processes_every_job() {
+    let options = HarnessOptions {
+        worker_queues: vec!["sms".into(), "email".into()],
+        ..HarnessOptions::default()
+    };
+    let h = ok(Harness::start(options.scaler(|s| {
+        let queue = s.queue.name.clone();
+        s.queue.names = vec![format!("{queue}-sms"), format!("{queue}-email")];
+        s.queue.operation = warren_crd::Operation::Sum;
+        s.max_replicas = 4;
+        s.messages_per_replica = 2;
+    }))
+    .await);
+    let sms = format!("{}-sms", h.queue);
+    let email = format!("{}-email", h.queue);
+
+    // Two 1 s jobs on each queue: one queue alone asks for 1 replica at 2
+    // per replica; the sum, 6, asks for 3.
+    let (tasks_burst, sms_burst, email_burst) = tokio::join!(
+        h.send_burst(2, 10),
+        h.send_burst_to(&sms, 2, 10),
+        h.send_burst_to(&email, 2, 10)
+    );
+    let bursts = [ok(tasks_burst), ok(sms_burst), ok(email_burst)];
+    assert!(
+        h.recorder
+            .wait_value(secs(20.0), |v| v >= 2)
+            .await
+            .is_some(),
+        "the pool never went past what one queue asks for: {}",
+        h.diagnostics()
+    );
+
+    let all: Vec<String> = bursts.iter().flat_map(|b| b.ids.clone()).collect();
+    ok(h.wait_jobs_done(&all, secs(90.0)).await);
+    let back_to_zero = secs(f64::from(DATA_LAG_WINDOW + DATA_LAG_COOLDOWN) + 40.0);
+    ok(h.wait_replicas(0, back_to_zero).await);
+
+    every_job_once_none_interrupted(&h, 6);
+    let summary = h
+        .status_of(warren_e2e::SCALER)
+        .and_then(|status| status.queue_summary)
+        .unwrap_or_default();
+    for queue in [&h.queue, &sms, &email] {
+        assert!(
+            summary.contains(queue.as_str()),
+            "{summary:?} lacks {queue}"
+        );
+    }
+    assert!(summary.ends_with("(sum)"), "{summary:?}");
 }
