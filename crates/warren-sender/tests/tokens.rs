@@ -132,6 +132,29 @@ fn job() -> String {
     json!({"message": "Hello RabbitMQ!"}).to_string()
 }
 
+/// `warren_sender_token_refusals_total` by reason, from the sender's /metrics.
+async fn token_refusals(
+    client: &reqwest::Client,
+    addr: &str,
+) -> std::collections::HashMap<String, f64> {
+    let metrics = client
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("warren_sender_token_refusals_total{reason=\""))
+        .filter_map(|l| {
+            let (reason, value) = l.split_once("\"} ")?;
+            Some((reason.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
 /// Waits until the sender at `addr` can check tokens (a well-formed unknown token gets 401, not 503).
 async fn wait_gate(client: &reqwest::Client, addr: &str) {
     let unknown = warren_tokens::secret::Secret::generate().unwrap();
@@ -176,6 +199,7 @@ async fn refusals_have_their_codes_and_headers_and_only_accepted_jobs_spend() {
     let addr = sender.addr.to_string();
     let client = client();
     wait_gate(&client, &addr).await;
+    let counted_before = token_refusals(&client, &addr).await;
 
     let r = send(&client, &addr, "/send", None, job()).await;
     assert_eq!(
@@ -238,6 +262,26 @@ async fn refusals_have_their_codes_and_headers_and_only_accepted_jobs_spend() {
         "Retry-After {retry} vs {expected}"
     );
 
+    // Each refusal is counted by its reason (warren_sender_token_refusals_total),
+    // beyond what waiting for the gate cost (an unknown token, maybe several
+    // times). Counted before the revocation: until its notification arrives the
+    // spent token may earn more usage_exceeded.
+    let counts = token_refusals(&client, &addr).await;
+    let count = |reason: &str| -> f64 {
+        let now = counts.get(reason).copied();
+        let before = counted_before.get(reason).copied().unwrap_or(0.0);
+        now.unwrap_or_else(|| panic!("no refusal count for {reason}: {counts:?}")) - before
+    };
+    for reason in [
+        "missing_token",
+        "invalid_token",
+        "queue_not_allowed",
+        "usage_exceeded",
+        "monthly_limit_reached",
+    ] {
+        assert_eq!(count(reason), 1.0, "{reason}");
+    }
+    assert_eq!(count("token_expired"), 0.0);
     store.revoke(id).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(1);
     loop {
@@ -252,34 +296,11 @@ async fn refusals_have_their_codes_and_headers_and_only_accepted_jobs_spend() {
     let used = store.token(id).await.unwrap();
     assert_eq!(used.used + used.leased, 2, "{used:?}");
 
-    // Each refusal is counted by its reason (warren_sender_token_refusals_total).
-    let metrics = client
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let count = |reason: &str| -> f64 {
-        let prefix = format!("warren_sender_token_refusals_total{{reason=\"{reason}\"}} ");
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
-    };
-    for reason in [
-        "missing_token",
-        "invalid_token",
-        "queue_not_allowed",
-        "usage_exceeded",
-        "monthly_limit_reached",
-    ] {
-        assert_eq!(count(reason), 1.0, "{reason}");
-    }
-    assert!(count("token_revoked") >= 1.0);
-    assert_eq!(count("token_expired"), 0.0);
+    let revoked = token_refusals(&client, &addr).await;
+    assert!(
+        revoked.get("token_revoked").is_some_and(|n| *n >= 1.0),
+        "{revoked:?}"
+    );
     sender.shutdown.cancel();
 }
 

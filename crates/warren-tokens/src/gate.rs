@@ -10,8 +10,12 @@
 //! database per request. It takes a *lease* of a few uses in one transaction
 //! that keeps `used + leased <= limit` on the token's usage row, hands them
 //! out from memory and writes spent uses back every `flush_interval`. A lease
-//! is `min(lease_max, max(1, remaining / lease_divisor))` uses, so it shrinks
-//! as the remainder shrinks and the last uses go one at a time. Unspent uses
+//! is `min(size, max(1, remaining / lease_divisor))` uses, so it shrinks as
+//! the remainder shrinks and the last uses go one at a time; `size` starts at
+//! `lease_min` and doubles (up to `lease_max`) while a token's leases last
+//! less than `lease_target`, halving again when they last much longer. When
+//! half a lease is left the next one is taken in the background, so a hot
+//! token's requests do not wait for the database. Unspent uses
 //! go back when a token is idle for `idle_return` and at shutdown, so while
 //! requests keep coming the token gets all of its limit. A replica that
 //! cannot reach the database stops using its leases after `lease_valid_for`;
@@ -54,8 +58,12 @@ use crate::secret::{self, SecretHash};
 /// Tuning of the gate; the defaults suit production.
 #[derive(Debug, Clone)]
 pub struct GateConfig {
+    /// Smallest lease size, in uses (a lease is smaller only near the limit).
+    pub lease_min: u64,
     /// Largest lease, in uses.
     pub lease_max: u64,
+    /// A hot token's leases grow until one lasts about this long.
+    pub lease_target: Duration,
     /// A lease is at most the remainder divided by this.
     pub lease_divisor: u64,
     /// How often spent uses are written back.
@@ -87,7 +95,9 @@ pub struct GateConfig {
 impl Default for GateConfig {
     fn default() -> Self {
         Self {
-            lease_max: 64,
+            lease_min: 64,
+            lease_max: 4096,
+            lease_target: Duration::from_millis(250),
             lease_divisor: 8,
             flush_interval: Duration::from_millis(100),
             idle_return: Duration::from_secs(1),
@@ -151,6 +161,14 @@ struct QuotaState {
     spent: u64,
     last_used: Instant,
     exhausted_until: Option<Instant>,
+    /// When `available` falls to this, the next lease is taken in the
+    /// background, so a hot token's requests do not wait for the database.
+    low_water: u64,
+    /// A background lease request is under way.
+    prefetching: bool,
+    /// The size of the next lease, and when the last one was granted.
+    lease_size: u64,
+    leased_at: Instant,
     /// Earlier periods' leftovers: (period, unspent to return, spent to write).
     retired: Vec<(NaiveDate, u64, u64)>,
     /// Committed uses per UTC day, not yet written back.
@@ -158,6 +176,22 @@ struct QuotaState {
 }
 
 impl QuotaState {
+    fn new(period: NaiveDate, lease_size: u64) -> Self {
+        Self {
+            period,
+            available: 0,
+            spent: 0,
+            last_used: Instant::now(),
+            exhausted_until: None,
+            low_water: 0,
+            prefetching: false,
+            lease_size: lease_size.max(1),
+            leased_at: Instant::now(),
+            retired: Vec::new(),
+            daily: Vec::new(),
+        }
+    }
+
     fn roll(&mut self, period: NaiveDate) {
         if period > self.period {
             if self.available > 0 || self.spent > 0 {
@@ -410,15 +444,7 @@ impl Gate {
         let fresh = Arc::new(Quota {
             token_id: record.id,
             limited: record.limit.value().is_some(),
-            state: Mutex::new(QuotaState {
-                period,
-                available: 0,
-                spent: 0,
-                last_used: Instant::now(),
-                exhausted_until: None,
-                retired: Vec::new(),
-                daily: Vec::new(),
-            }),
+            state: Mutex::new(QuotaState::new(period, self.inner.config.lease_min)),
             refill: tokio::sync::Mutex::new(()),
         });
         match self.inner.quotas.write() {
@@ -444,12 +470,13 @@ impl Gate {
         self.is_ready() && Duration::from_millis(age) < self.inner.config.lease_valid_for
     }
 
-    /// Takes a lease of up to `lease_max` uses for `token_id` in `period`; 0 when spent.
+    /// Takes a lease of up to `size` uses for `token_id` in `period`; 0 when spent.
     async fn acquire(
         &self,
         token_id: Uuid,
         period: NaiveDate,
         limit: u64,
+        size: u64,
     ) -> Result<u64, TokenError> {
         let config = &self.inner.config;
         let mut client = self.inner.pool.get().await?;
@@ -502,7 +529,7 @@ impl Gate {
             0
         } else {
             (remaining / config.lease_divisor.max(1))
-                .clamp(1, config.lease_max.max(1))
+                .clamp(1, size.max(1))
                 .min(remaining)
         };
         if grant > 0 {
@@ -914,6 +941,10 @@ impl Admission {
                 if st.available > 0 && gate.leases_valid() {
                     st.available -= 1;
                     st.last_used = Instant::now();
+                    if st.available <= st.low_water && !st.prefetching {
+                        st.prefetching = true;
+                        tokio::spawn(gate.clone().prefetch(quota.clone(), period, max));
+                    }
                     return Ok(ticket(&quota));
                 }
                 if st
@@ -939,8 +970,9 @@ impl Admission {
                     continue;
                 }
             }
+            let size = lock(&quota.state).next_lease_size(&gate.inner.config);
             let grant = gate
-                .acquire(self.record.id, period, max)
+                .acquire(self.record.id, period, max, size)
                 .await
                 .map_err(|e| unavailable(&e.to_string()))?;
             let mut st = lock(&quota.state);
@@ -949,13 +981,65 @@ impl Admission {
                 st.exhausted_until = Some(Instant::now() + gate.inner.config.exhausted_recheck);
                 return Err(Refusal::spent(limit, self.record.id, now));
             }
-            st.exhausted_until = None;
-            if st.period == period {
-                st.available += grant;
-            } else {
-                st.retired.push((period, grant, 0));
-            }
+            st.add_lease(period, grant);
         }
+    }
+}
+
+impl QuotaState {
+    /// The next lease's size: doubled when the last one went faster than
+    /// `lease_target`, halved when it lasted over four times that.
+    fn next_lease_size(&mut self, config: &GateConfig) -> u64 {
+        let lasted = self.leased_at.elapsed();
+        let (min, max) = (config.lease_min.max(1), config.lease_max.max(1));
+        if lasted < config.lease_target {
+            self.lease_size = (self.lease_size * 2).min(max);
+        } else if lasted > config.lease_target * 4 {
+            self.lease_size = (self.lease_size / 2).max(min);
+        }
+        self.lease_size.clamp(min.min(max), max)
+    }
+
+    /// Adds a granted lease of `grant` uses for `period`.
+    fn add_lease(&mut self, period: NaiveDate, grant: u64) {
+        self.roll(period);
+        self.exhausted_until = None;
+        self.leased_at = Instant::now();
+        if self.period == period {
+            self.available += grant;
+            self.low_water = grant / 2;
+        } else {
+            self.retired.push((period, grant, 0));
+        }
+    }
+}
+
+impl Gate {
+    /// Takes the next lease of a hot token in the background (see `low_water`).
+    async fn prefetch(self, quota: Arc<Quota>, period: NaiveDate, limit: u64) {
+        let guard = quota.refill.lock().await;
+        let wanted = {
+            let st = lock(&quota.state);
+            st.period == period && st.available <= st.low_water
+        };
+        let size = lock(&quota.state).next_lease_size(&self.inner.config);
+        let grant = if wanted {
+            Some(self.acquire(quota.token_id, period, limit, size).await)
+        } else {
+            None
+        };
+        let mut st = lock(&quota.state);
+        st.prefetching = false;
+        match grant {
+            Some(Ok(grant)) if grant > 0 => st.add_lease(period, grant),
+            // Spent: no more prefetching until a request gets a lease itself.
+            Some(Ok(_)) => st.low_water = 0,
+            // The database failed: the next request that runs out asks itself.
+            Some(Err(err)) => tracing::debug!(error = %err, "prefetching a lease failed"),
+            None => {}
+        }
+        drop(st);
+        drop(guard);
     }
 }
 
@@ -1005,5 +1089,31 @@ mod tests {
         assert_eq!(bearer(Some("Basic abc")), None);
         assert_eq!(bearer(Some("Bearer ")), None);
         assert_eq!(bearer(None), None);
+    }
+
+    #[test]
+    fn leases_grow_for_a_hot_token_and_shrink_when_it_cools() {
+        let config = GateConfig::default();
+        let mut st = QuotaState::new(NaiveDate::MIN, config.lease_min);
+        // Leases used up at once: doubling up to lease_max, never past it.
+        let sizes: Vec<u64> = (0..8)
+            .map(|_| {
+                st.leased_at = Instant::now();
+                st.next_lease_size(&config)
+            })
+            .collect();
+        assert_eq!(sizes, [128, 256, 512, 1024, 2048, 4096, 4096, 4096]);
+        // A lease that lasted long: halving, down to lease_min.
+        let long_ago = Instant::now() - config.lease_target * 5;
+        let sizes: Vec<u64> = (0..8)
+            .map(|_| {
+                st.leased_at = long_ago;
+                st.next_lease_size(&config)
+            })
+            .collect();
+        assert_eq!(sizes, [2048, 1024, 512, 256, 128, 64, 64, 64]);
+        // Granting a lease sets the point where the next is prefetched.
+        st.add_lease(NaiveDate::MIN, 64);
+        assert_eq!((st.available, st.low_water), (64, 32));
     }
 }

@@ -516,11 +516,20 @@ async fn a_slow_body_meets_the_revocation_or_expiry_that_came_meanwhile() {
     let admission = gate.check(Some(&auth), "jobs").await.unwrap();
     store.revoke(id).await.unwrap();
     let revoked_at = Instant::now();
-    eventually("revocation seen", Duration::from_secs(1), || async {
-        send(&gate, &auth, "jobs").await == Some(Reason::TokenRevoked)
-    })
-    .await;
-    assert!(revoked_at.elapsed() < Duration::from_secs(1));
+    // Until the notification arrives, sends may still be accepted: count them.
+    let mut accepted = 0;
+    loop {
+        match send(&gate, &auth, "jobs").await {
+            Some(Reason::TokenRevoked) => break,
+            None => accepted += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "revocation not seen"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(
         admission.reserve().await.err().map(|r| r.reason),
         Some(Reason::TokenRevoked),
@@ -528,5 +537,5 @@ async fn a_slow_body_meets_the_revocation_or_expiry_that_came_meanwhile() {
     );
     gate.close().await;
     let used = store.token(id).await.unwrap().used;
-    assert_eq!(used, 0);
+    assert_eq!(used, accepted, "only the sends before the notification");
 }
