@@ -3,8 +3,14 @@
 //! One reconcile (see [`reconcile`]):
 //! 1. `spec.validate()`; on error `Ready=False/InvalidSpec`, a Warning
 //!    Event (once per distinct error) and a slow requeue — never a crash loop.
-//! 2. `GET /scale` of the target (Deployment or StatefulSet) for the current
-//!    replicas and the pod selector; a missing target is `Ready=False/TargetNotFound`.
+//! 2. The target's (Deployment or StatefulSet) current replicas and pod
+//!    selector, from the controller's watch cache of Deployments and
+//!    StatefulSets ([`Context::read_targets_from`]): no apiserver request per
+//!    tick. A target the cache does not hold (not synced yet, or not there)
+//!    is read with one `GET /scale`; a missing target is
+//!    `Ready=False/TargetNotFound`. After its own `/scale` write the
+//!    reconciler trusts the replicas it wrote until the cache shows a newer
+//!    version of the target.
 //! 3. Unless paused, the queue observation from the [`MetricsSource`]: the
 //!    ready count from an AMQP passive declare (exact, now) and the unacked
 //!    count and rates from the management API (see [`crate::source`]). A
@@ -36,11 +42,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v1::Scale;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::api::{ListParams, Patch, PatchParams};
+use kube::core::Selector;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -116,6 +124,85 @@ struct Recalled {
 
 type ScalerKey = (String, String);
 
+/// A scale target: kind, namespace, name.
+type TargetKey = (TargetKind, String, String);
+
+/// The watch caches the reconciler reads targets from (filled by the
+/// Deployment and StatefulSet watches that also trigger reconciles).
+#[derive(Clone)]
+pub struct TargetStores {
+    pub deployments: Store<Deployment>,
+    pub statefulsets: Store<StatefulSet>,
+}
+
+/// What a reconcile needs from the target's `/scale`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TargetScale {
+    replicas: i32,
+    /// The pod selector, as `/scale`'s `status.selector` writes it.
+    selector: Option<String>,
+    /// The target's resourceVersion when read from the cache (`None` from a GET).
+    version: Option<String>,
+}
+
+impl TargetScale {
+    fn from_scale(scale: &Scale) -> Self {
+        Self {
+            replicas: scale.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0),
+            selector: scale.status.as_ref().and_then(|s| s.selector.clone()),
+            version: None,
+        }
+    }
+
+    /// `replicas` defaults to 1, as the apiserver defaults it.
+    fn from_workload(meta: &ObjectMeta, replicas: Option<i32>, selector: &LabelSelector) -> Self {
+        Self {
+            replicas: replicas.unwrap_or(1),
+            selector: Selector::try_from(selector.clone())
+                .ok()
+                .map(|s| s.to_string()),
+            version: meta.resource_version.clone(),
+        }
+    }
+}
+
+impl TargetStores {
+    /// The target from the cache; `None` when the cache is not synced yet or
+    /// does not hold it (the caller asks the apiserver).
+    fn get(&self, kind: TargetKind, namespace: &str, name: &str) -> Option<TargetScale> {
+        match kind {
+            TargetKind::Deployment => cached(&self.deployments, namespace, name, |d| {
+                d.spec.as_ref().map(|s| (s.replicas, &s.selector))
+            }),
+            TargetKind::StatefulSet => cached(&self.statefulsets, namespace, name, |s| {
+                s.spec.as_ref().map(|s| (s.replicas, &s.selector))
+            }),
+        }
+    }
+}
+
+/// `namespace/name` from a synced `store`, its replicas and selector picked by `spec`.
+fn cached<K>(
+    store: &Store<K>,
+    namespace: &str,
+    name: &str,
+    spec: impl Fn(&K) -> Option<(Option<i32>, &LabelSelector)>,
+) -> Option<TargetScale>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    if !matches!(store.wait_until_ready().now_or_never(), Some(Ok(()))) {
+        return None;
+    }
+    let object = store.get(&ObjectRef::new(name).within(namespace))?;
+    let (replicas, selector) = spec(&object)?;
+    Some(TargetScale::from_workload(
+        object.meta(),
+        replicas,
+        selector,
+    ))
+}
+
 /// Everything a reconcile needs. One per leadership term.
 pub struct Context {
     pub client: Client,
@@ -126,6 +213,11 @@ pub struct Context {
     pub audit: Arc<dyn ScaleAudit>,
     pub settings: Settings,
     memory: Mutex<HashMap<ScalerKey, Memory>>,
+    targets: Mutex<Option<TargetStores>>,
+    /// Replicas this controller wrote to a target's `/scale`, with the
+    /// target's version in the cache before the write: while the cache still
+    /// shows that version, the write is newer than the cache.
+    written: Mutex<HashMap<TargetKey, (Option<String>, i32)>>,
 }
 
 impl Context {
@@ -149,6 +241,49 @@ impl Context {
             audit,
             settings,
             memory: Mutex::default(),
+            targets: Mutex::default(),
+            written: Mutex::default(),
+        }
+    }
+
+    /// Reads targets from these watch caches from now on instead of one
+    /// `GET /scale` per reconcile ([`run`] calls it with its watches' caches).
+    pub fn read_targets_from(&self, stores: TargetStores) {
+        *self.targets.lock().unwrap_or_else(|p| p.into_inner()) = Some(stores);
+    }
+
+    /// The target's replicas and selector: from the watch cache when it holds
+    /// the target, else `GET /scale`.
+    async fn target_scale(&self, api: &TargetApi, key: &TargetKey) -> kube::Result<TargetScale> {
+        let (kind, namespace, name) = key;
+        let stores = self
+            .targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(cached) = stores.and_then(|t| t.get(*kind, namespace, name)) else {
+            let scale = api.get_scale(name).await?;
+            return Ok(TargetScale::from_scale(&scale));
+        };
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        match written.get(key) {
+            Some((before, replicas)) if *before == cached.version => Ok(TargetScale {
+                replicas: *replicas,
+                ..cached
+            }),
+            Some(_) => {
+                written.remove(key);
+                Ok(cached)
+            }
+            None => Ok(cached),
+        }
+    }
+
+    /// Remembers a `/scale` write made on top of `read` (see [`Self::written`]).
+    fn remember_write(&self, key: &TargetKey, read: &TargetScale, replicas: i32) {
+        if read.version.is_some() {
+            let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+            written.insert(key.clone(), (read.version.clone(), replicas));
         }
     }
 
@@ -372,7 +507,8 @@ async fn reconcile_inner(scaler: &QueueScaler, ctx: &Context) -> Result<(Outcome
     let target_ref = &spec.scale_target_ref;
     let target_name = format!("{} {}/{}", target_ref.kind, namespace, target_ref.name);
     let target = TargetApi::new(ctx.client.clone(), &namespace, target_ref.kind);
-    let scale = match target.get_scale(&target_ref.name).await {
+    let target_key = (target_ref.kind, namespace.clone(), target_ref.name.clone());
+    let scale = match ctx.target_scale(&target, &target_key).await {
         Ok(scale) => scale,
         Err(kube::Error::Api(status)) if status.is_not_found() => {
             let message = format!("{target_name} not found");
@@ -399,8 +535,8 @@ async fn reconcile_inner(scaler: &QueueScaler, ctx: &Context) -> Result<(Outcome
             });
         }
     };
-    let current = scale.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
-    let selector = scale.status.as_ref().and_then(|s| s.selector.clone());
+    let current = scale.replicas;
+    let selector = scale.selector.clone();
 
     // 3. The observation.
     let broker_target = BrokerTarget {
@@ -519,6 +655,7 @@ async fn reconcile_inner(scaler: &QueueScaler, ctx: &Context) -> Result<(Outcome
                 replicas: to,
                 source,
             })?;
+        ctx.remember_write(&target_key, &scale, to);
         history.record_scale(now, current, to);
         ctx.remember(&key, history, failures);
         scaled_at = Some(now);
@@ -763,12 +900,21 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, stop: Cancellatio
         .predicate_filter(predicates::generation, PredicateConfig::default());
     // A target's generation changes with its spec.replicas (someone scaled
     // it, or a rollout): re-decide at once.
+    // The same watches fill the caches the reconciler reads targets from.
+    let (deployment_cache, deployment_writer) = reflector::store();
+    let (statefulset_cache, statefulset_writer) = reflector::store();
+    ctx.read_targets_from(TargetStores {
+        deployments: deployment_cache,
+        statefulsets: statefulset_cache,
+    });
     let deployment_events = watcher(deployments, watcher::Config::default())
         .default_backoff()
+        .reflect(deployment_writer)
         .applied_objects()
         .predicate_filter(predicates::generation, PredicateConfig::default());
     let statefulset_events = watcher(statefulsets, watcher::Config::default())
         .default_backoff()
+        .reflect(statefulset_writer)
         .applied_objects()
         .predicate_filter(predicates::generation, PredicateConfig::default());
 

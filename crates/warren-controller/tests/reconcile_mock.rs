@@ -8,8 +8,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::Utc;
 use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use kube::client::Body;
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::watcher;
 use kube::{Client, Resource};
 use serde_json::{Value, json};
 use warren_controller::audit::{ScaleAudit, ScaleRecord};
@@ -17,7 +20,7 @@ use warren_controller::metrics::{
     ControllerMetrics, DirectionLabels, ObservationLabels, ResultLabels,
 };
 use warren_controller::queue_stats::ConnectionUnacked;
-use warren_controller::reconcile::{Context, Settings, error_policy, reconcile};
+use warren_controller::reconcile::{Context, Settings, TargetStores, error_policy, reconcile};
 use warren_controller::source::{
     BrokerTarget, MetricsError, MetricsSource, QueueRead, ReadySource,
 };
@@ -984,4 +987,111 @@ async fn an_invalid_pattern_is_an_invalid_spec() {
     .await
     .unwrap();
     assert_eq!(h.source.calls(), 0);
+}
+
+// ------------------------------------------------ targets from the watch cache
+
+/// The worker Deployment as the controller's watch cache holds it.
+fn cached_deployment(replicas: i32, version: &str) -> Deployment {
+    serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "worker", "namespace": NS, "resourceVersion": version},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": "worker"}},
+            "template": {"metadata": {"labels": {"app": "worker"}},
+                         "spec": {"containers": [{"name": "w", "image": "w"}]}}
+        }
+    }))
+    .unwrap()
+}
+
+/// Synced caches holding `deployments` (and no StatefulSet); the writer
+/// applies later changes.
+fn synced_caches(deployments: Vec<Deployment>) -> (TargetStores, Writer<Deployment>) {
+    let (deployment_cache, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for d in deployments {
+        writer.apply_watcher_event(&watcher::Event::InitApply(d));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    let (statefulset_cache, mut sts_writer) = reflector::store::<StatefulSet>();
+    sts_writer.apply_watcher_event(&watcher::Event::Init);
+    sts_writer.apply_watcher_event(&watcher::Event::InitDone);
+    let stores = TargetStores {
+        deployments: deployment_cache,
+        statefulsets: statefulset_cache,
+    };
+    (stores, writer)
+}
+
+/// One reconcile whose only request is a status patch; `qs` with that status.
+async fn only_a_status_patch(h: &mut Harness, qs: QueueScaler) -> QueueScaler {
+    let mut written = None;
+    run(h, &qs, async |api: &mut ApiServer| {
+        written = Some(api.expect_status_patch(&qs).await);
+    })
+    .await
+    .unwrap();
+    with_status(qs, written.unwrap())
+}
+
+#[tokio::test]
+async fn targets_come_from_the_watch_cache_and_a_write_is_trusted_until_the_cache_moves() {
+    // 10 messages at 5 per replica: 2 wanted; then 15: 3; then 20: 4.
+    let mut h = harness(FakeSource::with(vec![
+        observed(10, 0),
+        observed(15, 0),
+        observed(15, 0),
+        observed(20, 0),
+    ]));
+    let (stores, mut writer) = synced_caches(vec![cached_deployment(2, "7")]);
+    h.ctx.read_targets_from(stores);
+    let qs = scaler(json!({"messagesPerReplica": 5}));
+
+    // Nothing to change: no GET /scale, only the first status.
+    let qs = only_a_status_patch(&mut h, qs).await;
+    assert_eq!(qs.status.as_ref().unwrap().current_replicas, Some(2));
+
+    // A backlog: the scale patch is the only target request.
+    let mut written = None;
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect_scale_patch(3).await;
+        api.expect_event("Normal", "Scaled").await;
+        written = Some(api.expect_status_patch(&qs).await);
+    })
+    .await
+    .unwrap();
+    let qs = with_status(qs, written.unwrap());
+
+    // The cache still shows version 7 with 2 replicas: the 3 written stand
+    // (no second patch, no GET); the status now reports 3 current.
+    let qs = only_a_status_patch(&mut h, qs).await;
+    assert_eq!(qs.status.as_ref().unwrap().current_replicas, Some(3));
+    assert_eq!(scales(&h.ctx, "up"), 1);
+
+    // The watch delivers a newer version (someone scaled to 4) and 4 are
+    // wanted: the cache's 4 win over the 3 written, nothing to scale.
+    writer.apply_watcher_event(&watcher::Event::Apply(cached_deployment(4, "9")));
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        let status = api.expect_status_patch(&qs).await;
+        assert_eq!(status.current_replicas, Some(4));
+    })
+    .await
+    .unwrap();
+    assert_eq!(scales(&h.ctx, "up") + scales(&h.ctx, "down"), 1);
+}
+
+#[tokio::test]
+async fn a_target_missing_from_the_cache_is_read_with_one_get() {
+    let mut h = harness(FakeSource::with(vec![observed(10, 0)]));
+    let (stores, _writer) = synced_caches(vec![]);
+    h.ctx.read_targets_from(stores);
+    let qs = scaler(json!({"messagesPerReplica": 5}));
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect_get_scale(2).await;
+        api.expect_status_patch(&qs).await;
+    })
+    .await
+    .unwrap();
 }
