@@ -30,6 +30,8 @@
 //!    (busy pods expensive, idle ones cheap); then a merge patch of `/scale`,
 //!    a `Scaled` Event and a `scaler.scaled` audit event.
 //! 6. A merge patch of `/status`, skipped when only timestamps would change.
+//!    The status is built on the one this controller last wrote for the
+//!    object (the watch cache can lag its own writes), else the object's.
 //! 7. Requeue after `pollingIntervalSeconds`.
 //!
 //! The QueueScaler watch only triggers on generation changes (status writes
@@ -112,6 +114,11 @@ struct Memory {
     last_unacked: Option<u64>,
     /// Reads in a row without an unacked count.
     unacked_unknown: u32,
+    /// The status this controller last wrote for this object (uid): the next
+    /// status is built on it, not on the watch cache's copy, which can lag
+    /// the write (a busy apiserver, many scalers) — building on a stale copy
+    /// rewrote an unchanged status every tick.
+    written_status: Option<QueueScalerStatus>,
 }
 
 /// What [`Context::recall`] gives back.
@@ -319,6 +326,16 @@ impl Context {
         })
     }
 
+    /// The status the next one is built on: the one this controller last
+    /// wrote for this object when it has one, else the object's.
+    fn status_base(&self, key: &ScalerKey, scaler: &QueueScaler) -> QueueScalerStatus {
+        let uid = scaler.uid();
+        self.with_memory(key, |m| match &m.written_status {
+            Some(written) if m.uid == uid => written.clone(),
+            _ => scaler.status.clone().unwrap_or_default(),
+        })
+    }
+
     fn remember_unacked(&self, key: &ScalerKey, measured: Option<u64>, unknown_streak: u32) {
         self.with_memory(key, |m| {
             if measured.is_some() {
@@ -476,7 +493,7 @@ async fn reconcile_inner(scaler: &QueueScaler, ctx: &Context) -> Result<(Outcome
     let key = (namespace.clone(), name.clone());
     let spec = &scaler.spec;
     let generation = scaler.metadata.generation;
-    let previous = scaler.status.clone().unwrap_or_default();
+    let previous = ctx.status_base(&key, scaler);
     let now = Utc::now();
     let scalers: Api<QueueScaler> = Api::namespaced(ctx.client.clone(), &namespace);
 
@@ -762,6 +779,7 @@ async fn write_status(
     if !status::needs_patch(previous, next, now, ctx.settings.status_heartbeat) {
         return Ok(());
     }
+    let key = (namespace.to_string(), name.to_string());
     scalers
         .patch_status(
             name,
@@ -774,6 +792,7 @@ async fn write_status(
             name: name.to_string(),
             source,
         })?;
+    ctx.with_memory(&key, |m| m.written_status = Some(next.clone()));
     Ok(())
 }
 

@@ -1095,3 +1095,23 @@ async fn a_target_missing_from_the_cache_is_read_with_one_get() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn a_status_already_written_is_not_rewritten_while_the_cache_shows_the_old_one() {
+    let mut h = harness(FakeSource::with(vec![observed(0, 0)]));
+    let qs = scaler(json!({"messagesPerReplica": 5}));
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect_get_scale(0).await;
+        api.expect_status_patch(&qs).await;
+    })
+    .await
+    .unwrap();
+    // The watch cache has not delivered the written status yet: the next
+    // tick passes the status-less object again; nothing changed, no patch.
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect_get_scale(0).await;
+    })
+    .await
+    .unwrap();
+    assert_eq!(count(&h.ctx, "unchanged"), 2);
+}
