@@ -427,6 +427,26 @@ def test_sender_limits_default_to_the_binary_defaults(defaults):
         assert env[name]["value"] == str(in_binary[name]), name
 
 
+def memory_bytes(quantity: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(quantity[: -len(suffix)]) * factor
+    return int(quantity)
+
+
+def test_sender_memory_limit_fits_its_connection_and_body_bounds(defaults):
+    """With the default values the sender cannot be OOM-killed by clients it lets in: every
+    allowed connection (~16 KiB each, make bench-hostile) reading a body of maxBodyBytes,
+    plus 64 MiB for the rest, stays within its memory limit."""
+    env = env_of(container(deployment(defaults, "sender")))
+    connections = int(env["WARREN_MAX_CONNECTIONS"]["value"])
+    body = int(env["WARREN_MAX_BODY_BYTES"]["value"])
+    limit = memory_bytes(container(deployment(defaults, "sender"))["resources"]["limits"]["memory"])
+    worst = connections * (16 * 1024 + body) + (64 << 20)
+    assert limit >= worst, (limit >> 20, worst >> 20)
+
+
 def test_sender_limits_reach_the_pod(render):
     """Other values become the pod's variables; large numbers stay integers (not 1e+07)."""
     given = {
