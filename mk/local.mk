@@ -15,6 +15,9 @@ LOCAL_IMAGE_MAP ?= $(CURDIR)/localcluster/images.yaml
 LOCAL_PID := $(LOCAL_STATE)/localcluster.pid
 LOCAL_LOG := $(LOCAL_STATE)/logs/localcluster.log
 LOCAL_HELM_TIMEOUT ?= 5m
+# What `make local-e2e` adds to HELM_ARGS: the chart's own Prometheus, so the flow
+# checks that it scrapes every component (step 9 of mk/local_e2e.py).
+LOCAL_E2E_HELM_ARGS ?= --set metrics.prometheus.deploy=true
 GO ?= go
 export GOMODCACHE ?= $(HOME)/.cache/go-mod
 export GOCACHE ?= $(HOME)/.cache/go-build
@@ -61,5 +64,5 @@ local-test: ## the README flow, asserted end to end, on the cluster `make local-
 
 local-e2e: ## local-up, local-test, local-down (part of `make test`)
 	@$(LOCAL_ENV) bash mk/local-cluster.sh down >/dev/null
-	@rc=0; $(SUBMAKE) local-up && $(SUBMAKE) local-test || rc=$$?; \
+	@rc=0; $(SUBMAKE) local-up HELM_ARGS="$(LOCAL_E2E_HELM_ARGS) $(HELM_ARGS)" && $(SUBMAKE) local-test || rc=$$?; \
 	  $(LOCAL_ENV) bash mk/local-cluster.sh down; exit $$rc

@@ -22,7 +22,11 @@ apiserver's audit log. Asserts:
   7. `helm test <release>` passes;
   8. with SCALERS QueueScalers polling every second and nothing to change, the controller
      makes at most 0.1 apiserver requests per scaler per tick (apiserver_request_total over
-     WINDOW seconds: targets come from its watch cache) and writes no /scale.
+     WINDOW seconds: targets come from its watch cache) and writes no /scale;
+  9. with the chart's own Prometheus (metrics.prometheus.deploy=true, as `make local-e2e`
+     installs it), `port-forward svc/<release>-prometheus 9090` shows every warren target
+     up and the run's series (desired replicas, ready messages of `tasks`, jobs processed)
+     queryable.
 Settings (environment): KUBECONFIG, KUBECTL, HELM, RELEASE, NAMESPACE, LOCAL_STATE,
 JOBS (40), DOTS (seconds of work per job, 3), HOLD (4), LONG (2), LONG_DOTS (40),
 SCALERS (100), WINDOW (65), E2E_TIMEOUT (seconds per phase, 300).
@@ -37,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 
 KUBECTL = os.environ.get("KUBECTL", "kubectl")
@@ -543,6 +548,47 @@ def check_requests_per_tick():
     k("delete", "deployment", target)
 
 
+def prometheus_get(port, path):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=15) as r:
+        return json.loads(r.read())
+
+
+def check_prometheus(with_admin):
+    if k("get", "service", f"{RELEASE}-prometheus", check=False).returncode != 0:
+        log("9. no in-chart Prometheus (metrics.prometheus.deploy=false): not checked")
+        return
+    prom = PortForward(f"svc/{RELEASE}-prometheus", 9090)
+    want = {"sender", "worker", "controller", "rabbitmq", "rabbitmq-queues"} | ({"admin"} if with_admin else set())
+    state = {}
+
+    def targets_up():
+        try:
+            targets = prometheus_get(prom.port, "/api/v1/targets?state=active")["data"]["activeTargets"]
+        except OSError as e:
+            state["error"] = e
+            return False
+        state["up"] = sorted({t["labels"].get("warren_component") for t in targets if t["health"] == "up"})
+        state["down"] = [(t["labels"].get("warren_component"), t["scrapeUrl"], t.get("lastError"))
+                         for t in targets if t["health"] != "up"]
+        return want <= set(state["up"]) and not state["down"]
+    deadline = time.time() + 120
+    while not targets_up():
+        if time.time() > deadline:
+            fail(f"Prometheus targets after 120s: up {state.get('up')}, wanted {sorted(want)}, "
+                 f"not up {state.get('down')}, last error {state.get('error')}")
+        time.sleep(3)
+    log(f"9. Prometheus (port-forward svc/{RELEASE}-prometheus 9090): targets up: {', '.join(state['up'])}")
+    for query in ("max_over_time(warren_controller_scaler_desired_replicas[30m])",
+                  'max_over_time(rabbitmq_detailed_queue_messages_ready{queue="tasks"}[30m])',
+                  "warren_worker_jobs_processed_total"):
+        result = prometheus_get(prom.port, "/api/v1/query?" + urllib.parse.urlencode({"query": query}))
+        series = result["data"]["result"]
+        if not series:
+            fail(f"Prometheus: no data for {query}")
+        log(f"9. {query}: {len(series)} series, e.g. {series[0]['value'][1]}")
+    prom.close()
+
+
 def main():
     check_workloads_ready()
     check_crd_validation()
@@ -623,6 +669,7 @@ def main():
         fail(f"helm test {RELEASE}: {p.stdout}{p.stderr}")
     log(f"7. helm test {RELEASE} passed")
     check_requests_per_tick()
+    check_prometheus(with_admin=token is not None)
     log("local e2e passed")
 
 
