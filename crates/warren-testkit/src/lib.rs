@@ -39,11 +39,41 @@ pub(crate) fn log_file(
     Ok((log, log_err))
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// Ports [`free_port`] hands out: below Linux's ephemeral range (32768–60999 by
+/// default), so no outgoing connection of any process takes one as its source
+/// port between a test choosing it and a server (re)binding it — a private
+/// broker restarted after a crash gets its port back. Clear of the local
+/// cluster's fixed ports (etcd 23790/23800, apiserver 6443, kubelet 10250).
+const TEST_PORTS: std::ops::Range<u16> = 24_000..32_700;
+
+/// A TCP port on 127.0.0.1 that was free a moment ago, from [`TEST_PORTS`].
 pub fn free_port() -> Result<u16, TestkitError> {
-    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(TestkitError::Port)?;
-    let port = listener.local_addr().map_err(TestkitError::Port)?.port();
-    Ok(port)
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let span = u64::from(TEST_PORTS.end - TEST_PORTS.start);
+    // Different processes start from different places (pid, time), then walk
+    // with a step coprime to the span.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let seed = u64::from(std::process::id())
+        .wrapping_mul(2_654_435_761)
+        .wrapping_add(u64::from(nanos))
+        .wrapping_add(CALLS.fetch_add(1, Ordering::Relaxed).wrapping_mul(7_919));
+    let mut last_error = None;
+    for attempt in 0..span.min(512) {
+        let port = TEST_PORTS.start + ((seed + attempt * 7_919) % span) as u16;
+        // Free on loopback and on every interface (RabbitMQ listens on both).
+        let free = |host: &str| std::net::TcpListener::bind((host, port)).map(drop);
+        match free("127.0.0.1").and_then(|()| free("0.0.0.0")) {
+            Ok(_) => return Ok(port),
+            Err(err) => last_error = Some(err),
+        }
+    }
+    Err(TestkitError::Port(last_error.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::AddrInUse, "no free test port")
+    })))
 }
 
 /// A name no other test run uses, for queues on a shared broker.
@@ -59,4 +89,20 @@ pub fn unique_name(prefix: &str) -> String {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_below_the_ephemeral_range_and_bindable() {
+        let ports: Vec<u16> = (0..50).map(|_| free_port().unwrap()).collect();
+        for port in &ports {
+            assert!(TEST_PORTS.contains(port), "{port}");
+            std::net::TcpListener::bind(("127.0.0.1", *port)).unwrap();
+        }
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert!(distinct.len() > 40, "{ports:?}");
+    }
 }

@@ -109,7 +109,12 @@ impl RabbitNode {
         let dist_port = free_port()?;
         let prometheus_port = free_port()?;
         let mut node = Self {
-            node: format!("warren-test-{amqp_port}@localhost"),
+            // Unique, not just the port: a node of another test that had this port
+            // may still be registered with epmd while it dies (duplicate_node_name).
+            node: format!(
+                "{}@localhost",
+                crate::unique_name(&format!("warren-test-{amqp_port}"))
+            ),
             dir,
             amqp_port,
             management_port,
