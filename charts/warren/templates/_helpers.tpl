@@ -33,6 +33,13 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
+{{- /* The pods of every worker pool (worker.pools: one Deployment, one component each). */ -}}
+{{- define "warren.workerPoolsSelectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+warren.dev/role: worker
+{{- end -}}
+
 {{- define "warren.componentLabels" -}}
 {{ include "warren.labels" .root }}
 app.kubernetes.io/component: {{ .component }}
