@@ -97,6 +97,20 @@ VARIATIONS: dict[str, list[str]] = {
         "--set", "auth.database.urlKey=DATABASE_URL",
         "--set", "auth.adminToken=a-given-admin-token-1234",
     ],
+    # Every warren port moved, and extra environment variables in every component
+    # (a pool's own extraEnv replacing worker.extraEnv; names in USER_ENV).
+    "ports-and-env": [
+        "--set", "sender.ports.http=18080", "--set", "worker.ports.http=19090",
+        "--set", "controller.ports.http=18081", "--set", "admin.ports.http=18082",
+        "--set", "queue.extra={sms}",
+        "--set-json", 'sender.extraEnv=[{"name":"HTTP_PROXY","value":"http://proxy:3128"},'
+                      '{"name":"SENDER_QUEUE_COPY","value":"$(WARREN_QUEUE)"}]',
+        "--set-json", 'worker.extraEnv=[{"name":"TZ","value":"UTC"}]',
+        "--set-json", 'worker.pools=[{"name":"worker"},{"name":"worker-sms","queues":["sms"],'
+                      '"extraEnv":[{"name":"SMS_GATEWAY_TOKEN","valueFrom":{"secretKeyRef":{"name":"sms","key":"token"}}}]}]',
+        "--set-json", 'controller.extraEnv=[{"name":"RUST_BACKTRACE","value":"1"}]',
+        "--set-json", 'admin.extraEnv=[{"name":"NODE_NAME","valueFrom":{"fieldRef":{"fieldPath":"spec.nodeName"}}}]',
+    ],
     "long-jobs": [
         "--set", "queueScaler.enabled=true",
         "--set", "worker.longestJobSeconds=400",
@@ -107,6 +121,10 @@ VARIATIONS: dict[str, list[str]] = {
         "--set", "queueScaler.fallback.replicas=2",
     ],
 }
+
+# The variables the variations add through extraEnv: a user's, outside the chart's contract.
+USER_ENV = {"HTTP_PROXY", "SENDER_QUEUE_COPY", "TZ", "SMS_GATEWAY_TOKEN", "RUST_BACKTRACE", "NODE_NAME"}
+
 
 
 def find_tool(name: str) -> str:

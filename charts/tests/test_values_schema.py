@@ -62,6 +62,18 @@ BAD_VALUES = {
     "sender header timeout as text": ["--set-string", "sender.headerReadTimeoutMs=10s"],
     "sender idle timeout fractional": ["--set", "sender.idleTimeoutMs=1.5"],
     "sender unknown limit": ["--set", "sender.maxRequests=10"],
+    "port zero": ["--set", "sender.ports.http=0"],
+    "port above 65535": ["--set", "worker.ports.http=70000"],
+    "port as text": ["--set-string", "controller.ports.http=http"],
+    "unknown port name": ["--set", "admin.ports.metrics=9100"],
+    "a pool's own port": ["--set-json", 'worker.pools=[{"name":"worker","ports":{"http":9091}}]'],
+    "env without a name": ["--set-json", 'sender.extraEnv=[{"value":"x"}]'],
+    "env value and valueFrom": ["--set-json", 'sender.extraEnv=[{"name":"A","value":"x",'
+                                              '"valueFrom":{"fieldRef":{"fieldPath":"metadata.name"}}}]'],
+    "env value as a number": ["--set-json", 'worker.extraEnv=[{"name":"A","value":1}]'],
+    "env unknown key": ["--set-json", 'controller.extraEnv=[{"name":"A","val":"x"}]'],
+    "env name with a space": ["--set-json", 'admin.extraEnv=[{"name":"A B","value":"x"}]'],
+    "extraEnv as a map": ["--set-json", 'sender.extraEnv={"A":"x"}'],
 }
 
 

@@ -119,6 +119,71 @@ Call with (dict "root" $ "queue" "<WARREN_QUEUE>").
   value: {{ .Values.log.filter | quote }}
 {{- end -}}
 
+{{/*
+The HTTP listener of one of warren's processes (its API where it has one, /metrics,
+/healthz, /readyz): WARREN_LISTEN_ADDR on the component's ports.http value, which is
+also the container port named "http" that the probes, Services and monitors use.
+Call each with the component's ports.http.
+*/}}
+{{- define "warren.listenEnv" -}}
+- name: WARREN_LISTEN_ADDR
+  value: {{ printf "0.0.0.0:%d" (int .) | quote }}
+{{- end -}}
+
+{{- define "warren.containerPorts" -}}
+- name: http
+  containerPort: {{ int . }}
+{{- end -}}
+
+{{/* The pod annotations that classic Prometheus discovery reads (prometheus.io/*). */}}
+{{- define "warren.scrapeAnnotations" -}}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ int . | toString | quote }}
+prometheus.io/path: /metrics
+{{- end -}}
+
+{{/* Readiness and liveness probes of warren's processes, on their "http" port. */}}
+{{- define "warren.probes" -}}
+readinessProbe:
+  httpGet:
+    path: /readyz
+    port: http
+  periodSeconds: 5
+  timeoutSeconds: 2
+  failureThreshold: 3
+livenessProbe:
+  httpGet:
+    path: /healthz
+    port: http
+  periodSeconds: 10
+  timeoutSeconds: 2
+  failureThreshold: 3
+{{- end -}}
+
+{{/*
+A container's env: the chart's own variables, then the component's extraEnv (after
+them, so an extra variable may refer to the chart's as $(NAME)). Refuses an extraEnv
+entry whose name the chart sets already or that repeats one: a duplicate name is
+ambiguous for Kubernetes and for server-side apply; set the chart's value instead.
+Call with (dict "own" (include "<the component's env>" ...) "extra" <extraEnv> "key" "<values key>").
+*/}}
+{{- define "warren.env" -}}
+{{- $names := list -}}
+{{- range (.own | fromYamlArray) -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- range .extra -}}
+{{- if has .name $names -}}
+{{- fail (printf "%s: the variable %s is set twice (the chart sets it from its own values, or extraEnv repeats it); set the chart's value instead, or name it once" $.key .name) -}}
+{{- end -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- .own -}}
+{{- with .extra }}
+{{ toYaml . }}
+{{- end -}}
+{{- end -}}
+
 {{/* Pod scheduling fields; call with the component's values. */}}
 {{- define "warren.scheduling" -}}
 {{- with .nodeSelector }}
