@@ -74,6 +74,10 @@ BAD_VALUES = {
     "env unknown key": ["--set-json", 'controller.extraEnv=[{"name":"A","val":"x"}]'],
     "env name with a space": ["--set-json", 'admin.extraEnv=[{"name":"A B","value":"x"}]'],
     "extraEnv as a map": ["--set-json", 'sender.extraEnv={"A":"x"}'],
+    "audit batch zero": ["--set", "sender.audit.batch=0"],
+    "audit batch above u16": ["--set", "sender.audit.batch=70000"],
+    "audit linger negative": ["--set", "sender.audit.lingerMs=-1"],
+    "audit linger as text": ["--set-string", "sender.audit.lingerMs=1s"],
 }
 
 

@@ -323,11 +323,18 @@ SENDER_LIMITS_ENV = {
 }
 # The events log retention (warren_broker::EventsLogArgs), in every process that declares it.
 EVENTS_ENV = {"WARREN_EVENTS_MAX_AGE", "WARREN_EVENTS_MAX_BYTES"}
+# The batching of the sender's `message.accepted` audit events (chart values sender.audit.*).
+SENDER_AUDIT_ENV = {
+    "WARREN_AUDIT_BATCH": "audit.batch",
+    "WARREN_AUDIT_LINGER_MS": "audit.lingerMs",
+}
+# Every sender variable set from a value of the same meaning, name -> key under sender.
+SENDER_VALUES_ENV = SENDER_LIMITS_ENV | SENDER_AUDIT_ENV
 # Variables each binary reads (clap `env = ...`), per the contract between the components.
 # RABBITMQ_USERNAME / RABBITMQ_PASSWORD exist only so that AMQP_URL can expand them.
 CONTRACT_ENV = {
     "sender": {"AMQP_URL", "WARREN_QUEUE", "WARREN_QUEUES", "WARREN_QUEUE_TYPE", "WARREN_LISTEN_ADDR",
-               "WARREN_AUTH", "WARREN_DATABASE_URL"} | LOG_ENV | EVENTS_ENV | set(SENDER_LIMITS_ENV),
+               "WARREN_AUTH", "WARREN_DATABASE_URL"} | LOG_ENV | EVENTS_ENV | set(SENDER_VALUES_ENV),
     "worker": {"AMQP_URL", "WARREN_QUEUE", "WARREN_QUEUES", "WARREN_QUEUE_TYPE", "WARREN_LISTEN_ADDR",
                "WARREN_SECONDS_PER_DOT", "WARREN_CONCURRENCY", "WARREN_PREFETCH", "POD_NAME"} | LOG_ENV | EVENTS_ENV,
     "controller": {"WARREN_LISTEN_ADDR", "WARREN_LEADER_ELECTION", "WARREN_LEASE_NAME", "POD_NAMESPACE",
@@ -336,7 +343,7 @@ CONTRACT_ENV = {
 EXPANSION_ONLY = {"RABBITMQ_USERNAME", "RABBITMQ_PASSWORD"}
 REQUIRED_ENV = {
     "sender": {"AMQP_URL", "WARREN_QUEUE", "WARREN_QUEUE_TYPE", "WARREN_LISTEN_ADDR", "WARREN_AUTH"} | LOG_ENV | EVENTS_ENV
-              | set(SENDER_LIMITS_ENV),
+              | set(SENDER_VALUES_ENV),
     "worker": {"AMQP_URL", "WARREN_QUEUE", "WARREN_QUEUE_TYPE", "WARREN_LISTEN_ADDR", "WARREN_SECONDS_PER_DOT",
                "WARREN_CONCURRENCY", "WARREN_PREFETCH", "POD_NAME"} | LOG_ENV | EVENTS_ENV,
     "controller": {"WARREN_LISTEN_ADDR", "WARREN_LEADER_ELECTION", "WARREN_LEASE_NAME", "POD_NAMESPACE",
@@ -407,12 +414,12 @@ def test_every_process_gets_the_events_log_retention(render):
 def binary_defaults(source: str) -> dict[str, int]:
     """`env = "NAME", default_value_t = EXPR` of a clap struct, EXPR an integer expression."""
     found = {}
-    for name, expr in re.findall(r'env\s*=\s*"([A-Z0-9_]+)",\s*default_value_t\s*=\s*([0-9_ *+]+)\)', source):
+    for name, expr in re.findall(r'env\s*=\s*"([A-Z0-9_]+)",\s*default_value_t\s*=\s*([0-9_ *+]+)[,)]', source):
         found[name] = eval(expr.replace("_", ""), {"__builtins__": {}})  # digits and * + only
     return found
 
 
-def test_sender_limits_default_to_the_binary_defaults(defaults):
+def test_sender_values_default_to_the_binary_defaults(defaults):
     """The chart's values are the binary's defaults: a default changed in the code and
     not in values.yaml (or the other way round) fails here."""
     from conftest import CHART, REPO
@@ -422,9 +429,12 @@ def test_sender_limits_default_to_the_binary_defaults(defaults):
     in_binary = binary_defaults(source)
     values = yaml.safe_load((CHART / "values.yaml").read_text())["sender"]
     env = env_of(container(deployment(defaults, "sender")))
-    for name, key in SENDER_LIMITS_ENV.items():
+    for name, key in SENDER_VALUES_ENV.items():
         assert name in in_binary, f"{name}: no default_value_t found in the sender's flags"
-        assert values[key] == in_binary[name], (key, values[key], name, in_binary[name])
+        value = values
+        for part in key.split("."):
+            value = value[part]
+        assert value == in_binary[name], (key, value, name, in_binary[name])
         assert env[name]["value"] == str(in_binary[name]), name
 
 
@@ -453,9 +463,9 @@ def test_sender_limits_reach_the_pod(render):
     given = {
         "headerReadTimeoutMs": 4000, "bodyReadTimeoutMs": 7000, "idleTimeoutMs": 30000,
         "maxConnections": 1024, "maxBodyBytes": 10000000, "maxInFlight": 256,
-        "confirmTimeoutMs": 2500, "retryAfterSeconds": 5,
+        "confirmTimeoutMs": 2500, "retryAfterSeconds": 5, "audit.batch": 1, "audit.lingerMs": 250,
     }
     args = [a for key, value in given.items() for a in ("--set", f"sender.{key}={value}")]
     env = env_of(container(deployment(render(args), "sender")))
-    for name, key in SENDER_LIMITS_ENV.items():
+    for name, key in SENDER_VALUES_ENV.items():
         assert env[name]["value"] == str(given[key]), name
