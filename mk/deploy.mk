@@ -3,6 +3,7 @@
 #   make demo        a burst of jobs through the sender; shows the QueueScaler reacting
 #   make kind-down   deletes the cluster
 #   make chart-test  the chart, image and manifest tests that need no cluster
+#   make chart-readme  charts/warren/README.md from values.yaml's comments
 
 # Pinned versions (base images, kind and its node image): one place for all of them.
 include $(dir $(lastword $(MAKEFILE_LIST)))versions.env
@@ -37,7 +38,7 @@ KIND_FLOW := bash mk/kind-flow.sh
 SUBMAKE = $(MAKE) --no-print-directory -f $(firstword $(MAKEFILE_LIST))
 export KUBE_CONTEXT NAMESPACE RELEASE KUBECTL
 
-.PHONY: kind-prereqs kind-up kind-down images kind-load install demo kind-e2e chart-test
+.PHONY: kind-prereqs kind-up kind-down images kind-load install demo kind-e2e chart-test chart-readme
 
 kind-prereqs: ## check that docker, kind, kubectl and helm are here
 	@missing=""; \
@@ -96,7 +97,10 @@ demo: ## send a burst of jobs via port-forward and show the QueueScaler scaling 
 kind-e2e: ## the real flow on a running cluster: QueueScaler, burst, scale-up, drain, scale-in
 	$(KIND_FLOW) e2e
 
-chart-test: ## chart lint/render/validation, values schema, CRD, example QueueScaler, hadolint (no cluster)
+chart-readme: ## regenerate charts/warren/README.md from values.yaml's comments (chart-test fails when it is stale)
+	python3 mk/chart_readme.py
+
+chart-test: ## chart lint/render/validation, values schema, chart README drift, CRD, example QueueScaler, hadolint (no cluster)
 	@WARREN_TOOLS_DIR="$(WARREN_TOOLS_DIR)" WARREN_VENV="$(WARREN_VENV)" bash .ci/install-tools.sh
 	WARREN_TOOLS_BIN="$(WARREN_TOOLS_BIN)" WARREN_VENV="$(WARREN_VENV)" \
 	  PATH="$(WARREN_TOOLS_BIN):$(WARREN_VENV)/bin:$$PATH" \
