@@ -170,3 +170,52 @@ def test_a_pools_extra_env_is_checked_too(helm):
     assert proc.returncode != 0
     assert 'extraEnv of worker pool "worker": the variable WARREN_PREFETCH is set twice' in proc.stderr, proc.stderr
 
+
+
+# --- RabbitMQ's listeners -------------------------------------------------------------
+
+RABBIT_MOVED = {"amqp": 5673, "management": 15673, "prometheus": 15693}
+
+
+def test_rabbitmq_ports_move_its_config_container_services_and_every_client(render):
+    rendered = render(["--set", "rabbitmq.ports.amqp=5673", "--set", "rabbitmq.ports.management=15673",
+                       "--set", "rabbitmq.ports.prometheus=15693", "--set", "queueScaler.enabled=true",
+                       "--set", "metrics.prometheus.deploy=true"])
+    conf = rendered.one("ConfigMap", "warren-rabbitmq-config")["data"]["10-warren.conf"].splitlines()
+    assert {"listeners.tcp.default = 5673", "management.tcp.port = 15673", "prometheus.tcp.port = 15693"} <= set(conf)
+    sts = rendered.one("StatefulSet", "warren-rabbitmq")
+    (rabbit,) = [c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "rabbitmq"]
+    ports = {p["name"]: p["containerPort"] for p in rabbit["ports"]}
+    assert {name: ports[name] for name in RABBIT_MOVED} == RABBIT_MOVED
+    assert ports["dist"] == 25672 and ports["epmd"] == 4369  # the node's own stay
+    assert sts["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "15693"
+    client = {p["name"]: (p["port"], p["targetPort"]) for p in rendered.one("Service", "warren-rabbitmq")["spec"]["ports"]}
+    assert client == {name: (port, name) for name, port in RABBIT_MOVED.items()}
+    headless = {p["name"]: p["port"] for p in rendered.one("Service", "warren-rabbitmq-headless")["spec"]["ports"]}
+    assert headless == {"epmd": 4369, "amqp": 5673, "dist": 25672}
+    for name in ("warren-sender", "warren-worker"):
+        assert env_of(container(rendered, name))["AMQP_URL"]["value"].endswith("@warren-rabbitmq:5673/%2f"), name
+    broker = rendered.one("QueueScaler", "warren-worker")["spec"]["broker"]
+    assert broker["managementUrl"] == "http://warren-rabbitmq:15673"
+    assert broker["amqpUrl"] == "amqp://warren-rabbitmq:5673"
+    jobs = prometheus_jobs(rendered)
+    assert jobs["rabbitmq"]["dns_sd_configs"][0]["port"] == 15693
+    assert jobs["rabbitmq-queues"]["dns_sd_configs"][0]["port"] == 15693
+
+
+def test_the_default_rabbitmq_ports(defaults):
+    client = {p["name"]: p["port"] for p in defaults.one("Service", "warren-rabbitmq")["spec"]["ports"]}
+    assert client == {"amqp": 5672, "management": 15672, "prometheus": 15692}
+    assert env_of(container(defaults, "warren-sender"))["AMQP_URL"]["value"].endswith("@warren-rabbitmq:5672/%2f")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "rabbitmq.ports.management=5672"], "amqp, management and prometheus must differ"),
+    (["--set", "rabbitmq.ports.amqp=25672"], "25672 is one of the node's own ports"),
+    (["--set", "rabbitmq.ports.prometheus=35680"], "35680 is one of the node's own ports"),
+    (["--set", "rabbitmq.ports.management=4369"], "4369 is one of the node's own ports"),
+])
+def test_rabbitmq_ports_may_not_collide(args, message, helm):
+    proc = helm_template(helm, args, include_crds=False)
+    assert proc.returncode != 0, args
+    assert message in proc.stderr, proc.stderr

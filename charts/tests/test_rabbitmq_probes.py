@@ -24,9 +24,13 @@ RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port, never one the chart keeps for the node itself (epmd, distribution, CLI)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in (4369, 25672) and not 35672 <= port <= 35682:
+            return port
 
 
 def probe_commands(defaults) -> dict[str, list[str]]:
@@ -36,21 +40,23 @@ def probe_commands(defaults) -> dict[str, list[str]]:
 
 
 @pytest.fixture
-def chart_like_node(defaults, tmp_path):
-    """Starts (lazily, via the returned function) a node from the rendered chart objects."""
+def chart_like_node(render, tmp_path):
+    """Starts (lazily, via the returned function) a node from the rendered chart objects, its
+    listeners on free ports set through the chart's rabbitmq.ports values."""
     if not (RABBIT_BIN / "rabbitmq-server").is_file():
         pytest.fail("rabbitmq-server is not installed (apt-get install rabbitmq-server; .ci/run does)")
-    probes, container = probe_commands(defaults)
-    config = defaults.one("ConfigMap", "warren-rabbitmq-config")["data"]
     amqp, management, prometheus, dist = (free_port() for _ in range(4))
+    rendered = render(["--set", f"rabbitmq.ports.amqp={amqp}", "--set", f"rabbitmq.ports.management={management}",
+                       "--set", f"rabbitmq.ports.prometheus={prometheus}"])
+    probes, container = probe_commands(rendered)
+    config = rendered.one("ConfigMap", "warren-rabbitmq-config")["data"]
     node = f"warren-probe-{amqp}@127.0.0.1"
     conf_d = tmp_path / "conf.d"
     conf_d.mkdir()
     conf = config["10-warren.conf"]
     for key, port in (("listeners.tcp.default", amqp), ("management.tcp.port", management),
                       ("prometheus.tcp.port", prometheus)):
-        conf, count = re.subn(rf"^{re.escape(key)} = \d+$", f"{key} = {port}", conf, flags=re.MULTILINE)
-        assert count == 1, key
+        assert f"\n{key} = {port}\n" in f"\n{conf}\n", key
     conf, count = re.subn(r"^(cluster_formation\.classic_config\.nodes\.1) = .*$", rf"\1 = {node}", conf,
                           flags=re.MULTILINE)
     assert count == 1
@@ -90,7 +96,7 @@ def chart_like_node(defaults, tmp_path):
     def probe(name: str) -> subprocess.CompletedProcess:
         return subprocess.run(probes[name], env=env, capture_output=True, text=True, timeout=60)
 
-    yield start, probe, tmp_path
+    yield start, probe, tmp_path, (amqp, management, prometheus)
     for proc in started:
         try:
             os.killpg(proc.pid, 9)
@@ -107,7 +113,7 @@ def chart_like_node(defaults, tmp_path):
 
 
 def test_probe_commands_fail_without_a_node_and_pass_once_it_runs(chart_like_node):
-    start, probe, tmp_path = chart_like_node
+    start, probe, tmp_path, listeners = chart_like_node
     for name in ("startupProbe", "readinessProbe"):
         before = probe(name)
         assert before.returncode != 0, f"{name} passed with no node running: {before.stdout}"
@@ -120,5 +126,8 @@ def test_probe_commands_fail_without_a_node_and_pass_once_it_runs(chart_like_nod
     ready = probe("readinessProbe")
     assert ready.returncode == 0, ready.stdout + ready.stderr
     assert "Successfully connected to ports" in ready.stdout
+    for port in listeners:  # the rabbitmq.ports values, which the node listens on
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            pass
     alive = probe("livenessProbe")
     assert alive.returncode == 0, alive.stdout + alive.stderr

@@ -78,6 +78,8 @@ BAD_VALUES = {
     "audit batch above u16": ["--set", "sender.audit.batch=70000"],
     "audit linger negative": ["--set", "sender.audit.lingerMs=-1"],
     "audit linger as text": ["--set-string", "sender.audit.lingerMs=1s"],
+    "rabbitmq port zero": ["--set", "rabbitmq.ports.amqp=0"],
+    "rabbitmq unknown port": ["--set", "rabbitmq.ports.stream=5552"],
 }
 
 

@@ -96,7 +96,7 @@ Call with (dict "root" $ "queue" "<WARREN_QUEUE>").
       name: {{ include "warren.rabbitmq.secret" . }}
       key: password
 - name: AMQP_URL
-  value: "amqp://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)@{{ include "warren.rabbitmq.fullname" . }}:5672/%2f"
+  value: "amqp://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)@{{ include "warren.rabbitmq.fullname" . }}:{{ int .Values.rabbitmq.ports.amqp }}/%2f"
 - name: WARREN_QUEUE
   value: {{ $queue | quote }}
 - name: WARREN_QUEUE_TYPE
