@@ -219,3 +219,22 @@ def test_rabbitmq_ports_may_not_collide(args, message, helm):
     proc = helm_template(helm, args, include_crds=False)
     assert proc.returncode != 0, args
     assert message in proc.stderr, proc.stderr
+
+
+def test_the_postgres_port_moves_its_server_service_probe_and_url(render):
+    import base64
+
+    rendered = render(["--set", "postgres.ports.postgres=6543"])
+    sts = rendered.one("StatefulSet", "warren-postgres")
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    assert env_of(c)["PGPORT"]["value"] == "6543"
+    assert c["ports"] == [{"name": "postgres", "containerPort": 6543}]
+    probe = c["readinessProbe"]["exec"]["command"]
+    assert probe[probe.index("-p") + 1] == "6543"
+    assert c["livenessProbe"]["tcpSocket"]["port"] == "postgres"
+    assert rendered.one("Service", "warren-postgres")["spec"]["ports"] == [
+        {"name": "postgres", "port": 6543, "targetPort": "postgres"}]
+    url = base64.b64decode(rendered.one("Secret", "warren-postgres")["data"]["url"]).decode()
+    assert url.startswith("postgres://warren:") and url.endswith("@warren-postgres:6543/warren"), url
+    default_url = base64.b64decode(render("defaults").one("Secret", "warren-postgres")["data"]["url"]).decode()
+    assert default_url.endswith("@warren-postgres:5432/warren")

@@ -80,6 +80,7 @@ BAD_VALUES = {
     "audit linger as text": ["--set-string", "sender.audit.lingerMs=1s"],
     "rabbitmq port zero": ["--set", "rabbitmq.ports.amqp=0"],
     "rabbitmq unknown port": ["--set", "rabbitmq.ports.stream=5552"],
+    "postgres port as text": ["--set-string", "postgres.ports.postgres=pg"],
 }
 
 
