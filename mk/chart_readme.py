@@ -170,6 +170,8 @@ def parse_values(text: str) -> list[Row]:
         comments = []
         value = match.group("value")
         if value is not None:
+            if not value.startswith(("'", '"')):
+                value = re.sub(r"\s+#.*$", "", value)  # a trailing comment is not the default
             rows.append(Row(path, value, description, i + 1))
             i += 1
             continue
