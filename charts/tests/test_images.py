@@ -7,8 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import REPO, run
+from conftest import CHART, REPO, run
 
 DOCKERFILE = REPO / "Dockerfile"
 
@@ -45,11 +46,13 @@ def test_hadolint_catches_a_bad_dockerfile(hadolint, tmp_path):
     assert "DL3007" in proc.stdout  # latest tag
 
 
-@pytest.mark.parametrize("target,binary,port", [("sender", "warren-sender", "8080"),
-                                                ("worker", "warren-worker", "9090"),
-                                                ("controller", "warren-controller", "8080"),
-                                                ("admin", "warren-admin", "8080")])
+@pytest.mark.parametrize("target,binary,port", [("sender", "warren-sender", 8080),
+                                                ("worker", "warren-worker", 9090),
+                                                ("controller", "warren-controller", 8080),
+                                                ("admin", "warren-admin", 8080)])
 def test_one_small_nonroot_target_per_binary(target, binary, port):
+    # The binary's default listener, which the image exposes and the chart's values name.
+    assert yaml.safe_load((CHART / "values.yaml").read_text())[target]["ports"]["http"] == port
     all_stages = stages()
     lines = all_stages[target]
     assert lines[0].split()[1] == "runtime"
