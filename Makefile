@@ -19,7 +19,7 @@ endif
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-test: lint rust-test chart-test local-go-test ## every test this repository runs on one machine
+test: lint rust-test chart-test local-go-test local-e2e ## every test this repository runs on one machine (local-e2e: the chart on a local control plane, mk/local.mk)
 
 lint: ## rustfmt check and clippy with -D warnings
 	$(CARGO) fmt --all -- --check

@@ -112,9 +112,21 @@ down() {
   log "removed $LOCAL_STATE"
 }
 
+# make local-e2e (and so make test) needs a cluster of its own, started fresh: it
+# refuses to take over or tear down one that `make local-up` left running.
+fresh() {
+  if running; then
+    echo "a local cluster is already running (pid $(cat "$LOCAL_PID"), state in $LOCAL_STATE)." >&2
+    echo "make local-e2e starts and removes its own; stop this one first: make local-down" >&2
+    exit 1
+  fi
+  rm -rf "$LOCAL_STATE"
+}
+
 case "${1:-}" in
   up) up ;;
+  fresh) fresh ;;
   down) down ;;
   test) python3 mk/local_e2e.py ;;
-  *) echo "usage: $0 up|down|test" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|test|fresh" >&2; exit 2 ;;
 esac

@@ -62,7 +62,7 @@ local-down: ## stop the local cluster and delete its state
 local-test: ## the README flow, asserted end to end, on the cluster `make local-up` started
 	@$(LOCAL_ENV) bash mk/local-cluster.sh test
 
-local-e2e: ## local-up, local-test, local-down (part of `make test`)
-	@$(LOCAL_ENV) bash mk/local-cluster.sh down >/dev/null
+local-e2e: ## local-up, local-test, local-down (part of `make test`; refuses to run beside a cluster left up)
+	@$(LOCAL_ENV) bash mk/local-cluster.sh fresh
 	@rc=0; $(SUBMAKE) local-up HELM_ARGS="$(LOCAL_E2E_HELM_ARGS) $(HELM_ARGS)" && $(SUBMAKE) local-test || rc=$$?; \
 	  $(LOCAL_ENV) bash mk/local-cluster.sh down; exit $$rc
