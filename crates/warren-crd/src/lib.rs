@@ -10,6 +10,7 @@
 //!   `manifests/crds.yaml` and `charts/warren/crds/queuescaler.yaml`
 //!   (`make crds` regenerates both; a test fails when they drift).
 
+mod behavior;
 mod schema;
 mod spec;
 mod status;
@@ -17,11 +18,13 @@ mod validate;
 
 use kube::{CustomResourceExt, ResourceExt};
 
+pub use behavior::{
+    Behavior, DEFAULT_SCALE_DOWN_POLICIES, DEFAULT_SCALE_UP_POLICIES, DirectionRules, Fallback,
+    PolicyType, ScaleDownRules, ScaleUpRules, ScalingPolicy, SelectPolicy,
+};
 pub use spec::{
-    Behavior, BrokerRef, CredentialsSecretRef, DEFAULT_SCALE_DOWN_POLICIES,
-    DEFAULT_SCALE_UP_POLICIES, DirectionRules, Fallback, Operation, PolicyType, QueueRef,
-    QueueScaler, QueueScalerSpec, ScaleDownRules, ScaleTargetRef, ScaleUpRules, ScalingPolicy,
-    SelectPolicy, TargetKind,
+    BrokerRef, CredentialsSecretRef, Operation, QueueRef, QueueScaler, QueueScalerSpec,
+    ScaleTargetRef, TargetKind,
 };
 pub use status::{
     Condition, ConditionStatus, LastDecision, Observation, QueueObservation, QueueScalerStatus,

@@ -14,7 +14,8 @@
 use thiserror::Error;
 use url::Url;
 
-use crate::spec::{Operation, QueueScalerSpec, ScalingPolicy};
+use crate::behavior::ScalingPolicy;
+use crate::spec::{Operation, QueueScalerSpec};
 
 /// Longest stabilization window accepted (HPA's limit).
 pub const MAX_STABILIZATION_WINDOW_SECONDS: u32 = 3600;
@@ -78,6 +79,13 @@ impl QueueScalerSpec {
             ));
         }
         self.validate_queue()?;
+        self.validate_broker()?;
+        self.validate_sizing()?;
+        self.validate_behavior()?;
+        self.validate_fallback()
+    }
+
+    fn validate_broker(&self) -> Result<(), SpecError> {
         let secret = &self.broker.credentials_secret_ref;
         non_empty("broker.credentialsSecretRef.name", &secret.name)?;
         non_empty(
@@ -99,8 +107,11 @@ impl QueueScalerSpec {
             &self.broker.amqp_url,
             &["amqp", "amqps"],
             "amqp or amqps",
-        )?;
+        )
+    }
 
+    /// Replica bounds and the counts that size them.
+    fn validate_sizing(&self) -> Result<(), SpecError> {
         if self.min_replicas < 0 {
             return Err(SpecError::NegativeMinReplicas(self.min_replicas));
         }
@@ -113,22 +124,18 @@ impl QueueScalerSpec {
                 max: self.max_replicas,
             });
         }
-        if self.messages_per_replica == 0 {
-            return Err(SpecError::Zero {
-                field: "messagesPerReplica",
-            });
+        let zero = [
+            ("messagesPerReplica", self.messages_per_replica == 0),
+            ("targetDrainSeconds", self.target_drain_seconds == Some(0)),
+            ("pollingIntervalSeconds", self.polling_interval_seconds == 0),
+        ];
+        match zero.into_iter().find(|(_, is_zero)| *is_zero) {
+            Some((field, _)) => Err(SpecError::Zero { field }),
+            None => Ok(()),
         }
-        if self.target_drain_seconds == Some(0) {
-            return Err(SpecError::Zero {
-                field: "targetDrainSeconds",
-            });
-        }
-        if self.polling_interval_seconds == 0 {
-            return Err(SpecError::Zero {
-                field: "pollingIntervalSeconds",
-            });
-        }
+    }
 
+    fn validate_behavior(&self) -> Result<(), SpecError> {
         let up = &self.behavior.scale_up;
         let down = &self.behavior.scale_down;
         at_most(
@@ -142,8 +149,10 @@ impl QueueScalerSpec {
             MAX_STABILIZATION_WINDOW_SECONDS,
         )?;
         check_policies("behavior.scaleUp.policies", &up.policies)?;
-        check_policies("behavior.scaleDown.policies", &down.policies)?;
+        check_policies("behavior.scaleDown.policies", &down.policies)
+    }
 
+    fn validate_fallback(&self) -> Result<(), SpecError> {
         if self.fallback.failure_threshold == 0 {
             return Err(SpecError::Zero {
                 field: "fallback.failureThreshold",
