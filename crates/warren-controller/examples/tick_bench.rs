@@ -9,7 +9,7 @@
 //! scaler count N (default 1, 100, 1000), a vhost `bench-N` with N queues.
 //!
 //! A. In process: N scalers read their queue through the real
-//!    [`MetricsSource`] (Secret cache → [`QueueStatsHub`] → management API,
+//!    [`QueueObserver`] (Secret cache → [`QueueStatsHub`] → management API,
 //!    and a passive declare per scaler on the pooled AMQP channel) once per
 //!    tick, concurrently, as N reconciles would. Prints management requests
 //!    per tick (`ManagementClient::requests_sent`), passive declares and
@@ -38,12 +38,12 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
-use warren_controller::credentials::CredentialsCache;
-use warren_controller::queue_peek::QueuePeeker;
-use warren_controller::queue_stats::{
+use warren_controller::observe::credentials::CredentialsCache;
+use warren_controller::observe::management::{
     Credentials, ManagementClient, ManagementConfig, ManagementEndpoint, QueueStatsHub,
 };
-use warren_controller::source::{BrokerMetrics, BrokerTarget, MetricsSource};
+use warren_controller::observe::peek::QueuePeeker;
+use warren_controller::observe::{BrokerObserver, BrokerTarget, QueueObserver};
 use warren_crd::{BrokerRef, CredentialsSecretRef, QueueRef};
 use warren_fakekube::FakeApiServer;
 use warren_fakekube::resources::{DEPLOYMENTS, QUEUESCALERS, SECRETS};
@@ -114,7 +114,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     println!(
-        "\n== A. Queue reads per tick, in process (MetricsSource -> QueueStatsHub -> management API) =="
+        "\n== A. Queue reads per tick, in process (QueueObserver -> QueueStatsHub -> management API) =="
     );
     println!(
         "{:>8} {:>14} {:>18} {:>12} {:>11} {:>12} {:>12} {:>12} {:>10}",
@@ -330,7 +330,7 @@ async fn part_a(
     let client = server.client().await?;
     let management = ManagementClient::new(ManagementConfig::default())?;
     let hub = Arc::new(QueueStatsHub::new(management, tick.mul_f64(0.9)));
-    let source = Arc::new(BrokerMetrics::new(
+    let source = Arc::new(BrokerObserver::new(
         Arc::new(CredentialsCache::new(client, Duration::from_secs(600))),
         hub.clone(),
         Arc::new(QueuePeeker::new(Duration::from_secs(5))),
@@ -387,7 +387,7 @@ async fn part_a(
 }
 
 /// N concurrent reads, as N reconciles in one polling interval; returns failures.
-async fn one_tick(source: &Arc<BrokerMetrics>, targets: &[BrokerTarget]) -> usize {
+async fn one_tick(source: &Arc<BrokerObserver>, targets: &[BrokerTarget]) -> usize {
     let reads = targets.iter().map(|t| {
         let source = source.clone();
         async move { source.observe(t).await }

@@ -18,11 +18,11 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use serde_json::{Map, Value, json};
 use warren_broker::{AuditEvent, AuditSink, EventsLogRetention, QueueType, Topology};
 
-use crate::credentials::CredentialsCache;
 use crate::metrics::ControllerMetrics;
-use crate::queue_peek::amqp_uri;
-use crate::queue_stats::Credentials;
-use crate::source::BrokerTarget;
+use crate::observe::BrokerTarget;
+use crate::observe::credentials::CredentialsCache;
+use crate::observe::management::Credentials;
+use crate::observe::peek::amqp_uri;
 
 /// Routing key (and `event` field) of a scale audit event.
 pub const SCALED_ROUTING_KEY: &str = "scaler.scaled";

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::queue_stats::ConnectionUnacked;
+use crate::observe::management::ConnectionUnacked;
 
 /// The annotation the ReplicaSet controller reads.
 pub const DELETION_COST_ANNOTATION: &str = "controller.kubernetes.io/pod-deletion-cost";

@@ -13,7 +13,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use kube::Client;
-use kube_lease_manager::{LeaseManagerBuilder, LeaseManagerError};
+use kube_lease_manager::{LeaseManager, LeaseManagerBuilder, LeaseManagerError};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::ControllerMetrics;
@@ -44,8 +44,9 @@ pub enum LeaderError {
         #[source]
         source: LeaseManagerError,
     },
-    #[error("the lease watcher stopped: {0}")]
-    Watcher(String),
+    /// The lease manager's watcher closed its channel (it stopped).
+    #[error("the lease watcher stopped: lease channel closed")]
+    WatcherStopped,
 }
 
 /// Runs `term` for each leadership term until `shutdown` resolves.
@@ -63,26 +64,7 @@ where
     F: FnMut(CancellationToken) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let duration = config.duration.as_secs();
-    let grace = config.grace.as_secs();
-    if grace == 0 || grace >= duration {
-        return Err(LeaderError::Timing {
-            duration: config.duration,
-            grace: config.grace,
-        });
-    }
-    let manager = LeaseManagerBuilder::new(client, &config.lease_name)
-        .with_namespace(&config.namespace)
-        .with_identity(&config.identity)
-        .with_duration(duration)
-        .with_grace(grace)
-        .build()
-        .await
-        .map_err(|source| LeaderError::Setup {
-            namespace: config.namespace.clone(),
-            name: config.lease_name.clone(),
-            source,
-        })?;
+    let manager = lease_manager(client, &config).await?;
     let (mut leading, watcher) = manager.watch().await;
     tokio::pin!(shutdown);
 
@@ -94,7 +76,7 @@ where
                 () = &mut shutdown => break Ok(()),
                 changed = leading.changed() => {
                     if changed.is_err() {
-                        break Err(LeaderError::Watcher("lease channel closed".into()));
+                        break Err(LeaderError::WatcherStopped);
                     }
                     continue;
                 }
@@ -109,7 +91,7 @@ where
         let lost = async {
             loop {
                 if leading.changed().await.is_err() {
-                    return Err(LeaderError::Watcher("lease channel closed".into()));
+                    return Err(LeaderError::WatcherStopped);
                 }
                 if !*leading.borrow_and_update() {
                     return Ok(());
@@ -144,4 +126,28 @@ where
         Err(err) => tracing::warn!(error = %err, "lease watcher task failed"),
     }
     outcome
+}
+
+/// The lease manager of `config`, after checking its timing.
+async fn lease_manager(client: Client, config: &LeaseConfig) -> Result<LeaseManager, LeaderError> {
+    let duration = config.duration.as_secs();
+    let grace = config.grace.as_secs();
+    if grace == 0 || grace >= duration {
+        return Err(LeaderError::Timing {
+            duration: config.duration,
+            grace: config.grace,
+        });
+    }
+    LeaseManagerBuilder::new(client, &config.lease_name)
+        .with_namespace(&config.namespace)
+        .with_identity(&config.identity)
+        .with_duration(duration)
+        .with_grace(grace)
+        .build()
+        .await
+        .map_err(|source| LeaderError::Setup {
+            namespace: config.namespace.clone(),
+            name: config.lease_name.clone(),
+            source,
+        })
 }

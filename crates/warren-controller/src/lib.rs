@@ -1,25 +1,23 @@
 //! The warren controller: watches `QueueScaler` resources, reads queue depth
 //! from RabbitMQ and scales the target workload.
 //!
-//! - [`reconcile`]: the reconciler and the kube runtime `Controller`.
-//! - [`source`]: where observations come from ([`source::MetricsSource`]),
-//!   built on [`queue_stats`] (management API), [`queue_peek`] (AMQP passive
-//!   declare) and [`credentials`] (Secrets).
+//! - [`reconcile`]: the reconciler and the kube runtime `Controller`; one
+//!   reconcile is observe → decide → apply → status, one module each.
+//! - [`observe`]: queue observations, where they come from
+//!   ([`observe::QueueObserver`]), built on [`observe::management`]
+//!   (management API), [`observe::peek`] (AMQP passive declare) and
+//!   [`observe::credentials`] (Secrets).
 //! - [`audit`]: `scaler.scaled` events on `warren.events`.
 //! - [`deletion_cost`]: busy-aware scale-in.
-//! - [`status`]: the status a reconcile writes.
-//! - [`leader`]: Lease-based leader election; [`metrics`]: Prometheus metrics.
+//! - [`leader`]: Lease-based leader election; [`metrics`]: the controller's
+//!   own Prometheus metrics.
 
 pub mod audit;
-pub mod credentials;
 pub mod deletion_cost;
 pub mod error;
 pub mod leader;
 pub mod metrics;
-pub mod queue_peek;
-pub mod queue_stats;
+pub mod observe;
 pub mod reconcile;
-pub mod source;
-pub mod status;
 
 pub use error::Error;

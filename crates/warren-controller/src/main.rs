@@ -10,13 +10,13 @@ use clap::Parser;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use warren_controller::audit::{BrokerAudit, NoAudit, ScaleAudit};
-use warren_controller::credentials::CredentialsCache;
 use warren_controller::leader::{LeaseConfig, run_while_leader};
 use warren_controller::metrics::ControllerMetrics;
-use warren_controller::queue_peek::QueuePeeker;
-use warren_controller::queue_stats::{ManagementClient, ManagementConfig, QueueStatsHub};
+use warren_controller::observe::BrokerObserver;
+use warren_controller::observe::credentials::CredentialsCache;
+use warren_controller::observe::management::{ManagementClient, ManagementConfig, QueueStatsHub};
+use warren_controller::observe::peek::QueuePeeker;
 use warren_controller::reconcile::{self, Context, Settings};
-use warren_controller::source::BrokerMetrics;
 use warren_telemetry::{LogArgs, Readiness};
 
 /// Watches QueueScalers, reads queue depth from RabbitMQ and patches the
@@ -135,44 +135,9 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("cannot build a Kubernetes client (in-cluster config or KUBECONFIG)")?;
-    let broker_timeout = Duration::from_millis(args.broker_timeout_ms);
-    let management = ManagementClient::new(ManagementConfig {
-        timeout: broker_timeout,
-        page_size: NonZeroU32::new(args.management_page_size),
-    })
-    .context("cannot build the management API client")?
-    .with_metrics(metrics.clone());
-    // Broker readers outlive leadership terms: their caches and connections
-    // are not leader state.
-    let credentials = Arc::new(CredentialsCache::new(
-        client.clone(),
-        Duration::from_secs(args.secret_ttl_seconds),
-    ));
-    let hub = Arc::new(QueueStatsHub::new(
-        management,
-        Duration::from_millis(args.stats_max_age_ms),
-    ));
-    let peeker = Arc::new(QueuePeeker::new(broker_timeout).with_metrics(metrics.clone()));
-    let source = Arc::new(BrokerMetrics::new(credentials.clone(), hub, peeker));
-    let audit: Arc<dyn ScaleAudit> = if args.audit_events {
-        Arc::new(
-            BrokerAudit::new(credentials, broker_timeout, metrics.clone())
-                .with_events_log(args.events_log.retention()),
-        )
-    } else {
-        Arc::new(NoAudit)
-    };
-    let settings = Settings {
-        status_heartbeat: Duration::from_secs(args.status_heartbeat_seconds),
-        error_backoff_max: Duration::from_secs(args.max_backoff_seconds.max(1)),
-        concurrency: args.reconcile_concurrency,
-        ..Settings::default()
-    };
-    let watch_namespace = (!args.watch_namespace.is_empty()).then(|| args.watch_namespace.clone());
-    match &watch_namespace {
-        Some(ns) => tracing::info!(namespace = %ns, "watching QueueScalers in one namespace"),
-        None => tracing::info!("watching QueueScalers in all namespaces"),
-    }
+    let (observer, audit) = broker_readers(&args, &client, &metrics)?;
+    let settings = args.settings();
+    let watch_namespace = args.watch_namespace();
 
     // Ready once the process can serve; scaling is gated by the lease.
     readiness.set(true);
@@ -183,7 +148,7 @@ async fn main() -> anyhow::Result<()> {
             client.clone(),
             args.pod_name.clone(),
             metrics.clone(),
-            source.clone(),
+            observer.clone(),
             audit.clone(),
             settings.clone(),
         ));
@@ -191,14 +156,7 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let result = if args.leader_election {
-        let identity = args.pod_name.clone().unwrap_or_else(hostname);
-        let lease = LeaseConfig {
-            lease_name: args.lease_name.clone(),
-            namespace: args.pod_namespace.clone(),
-            identity,
-            duration: Duration::from_secs(args.lease_duration_seconds),
-            grace: Duration::from_secs(args.lease_grace_seconds),
-        };
+        let lease = args.lease();
         let stop = shutdown.clone();
         run_while_leader(
             client.clone(),
@@ -225,6 +183,73 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     result
+}
+
+/// The queue observer and the audit sink. They outlive leadership terms:
+/// their caches and connections are not leader state.
+fn broker_readers(
+    args: &Args,
+    client: &kube::Client,
+    metrics: &ControllerMetrics,
+) -> anyhow::Result<(Arc<BrokerObserver>, Arc<dyn ScaleAudit>)> {
+    let broker_timeout = Duration::from_millis(args.broker_timeout_ms);
+    let management = ManagementClient::new(ManagementConfig {
+        timeout: broker_timeout,
+        page_size: NonZeroU32::new(args.management_page_size),
+    })
+    .context("cannot build the management API client")?
+    .with_metrics(metrics.clone());
+    let credentials = Arc::new(CredentialsCache::new(
+        client.clone(),
+        Duration::from_secs(args.secret_ttl_seconds),
+    ));
+    let hub = Arc::new(QueueStatsHub::new(
+        management,
+        Duration::from_millis(args.stats_max_age_ms),
+    ));
+    let peeker = Arc::new(QueuePeeker::new(broker_timeout).with_metrics(metrics.clone()));
+    let observer = Arc::new(BrokerObserver::new(credentials.clone(), hub, peeker));
+    let audit: Arc<dyn ScaleAudit> = if args.audit_events {
+        Arc::new(
+            BrokerAudit::new(credentials, broker_timeout, metrics.clone())
+                .with_events_log(args.events_log.retention()),
+        )
+    } else {
+        Arc::new(NoAudit)
+    };
+    Ok((observer, audit))
+}
+
+impl Args {
+    fn settings(&self) -> Settings {
+        Settings {
+            status_heartbeat: Duration::from_secs(self.status_heartbeat_seconds),
+            error_backoff_max: Duration::from_secs(self.max_backoff_seconds.max(1)),
+            concurrency: self.reconcile_concurrency,
+            ..Settings::default()
+        }
+    }
+
+    /// The one namespace to watch (`None`: all of them), logged.
+    fn watch_namespace(&self) -> Option<String> {
+        let namespace = (!self.watch_namespace.is_empty()).then(|| self.watch_namespace.clone());
+        match &namespace {
+            Some(ns) => tracing::info!(namespace = %ns, "watching QueueScalers in one namespace"),
+            None => tracing::info!("watching QueueScalers in all namespaces"),
+        }
+        namespace
+    }
+
+    /// The leader lease of this replica.
+    fn lease(&self) -> LeaseConfig {
+        LeaseConfig {
+            lease_name: self.lease_name.clone(),
+            namespace: self.pod_namespace.clone(),
+            identity: self.pod_name.clone().unwrap_or_else(hostname),
+            duration: Duration::from_secs(self.lease_duration_seconds),
+            grace: Duration::from_secs(self.lease_grace_seconds),
+        }
+    }
 }
 
 fn hostname() -> String {

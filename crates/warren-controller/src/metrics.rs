@@ -47,7 +47,7 @@ pub struct ReasonLabels {
 }
 
 /// A failure while reconciling one QueueScaler: a queue read that failed
-/// (the `MetricsError` label) or a failed reconcile (the `Error` label).
+/// (the `ObserveError` label) or a failed reconcile (the `Error` label).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScalerErrorLabels {
     pub namespace: String,
@@ -246,37 +246,7 @@ impl ControllerMetrics {
             "Scaling decisions by QueueScaler and reason",
             metrics.decisions.clone(),
         );
-        r.register(
-            "broker_requests",
-            "Requests sent to RabbitMQ (management API and AMQP passive declares)",
-            metrics.broker_requests.clone(),
-        );
-        r.register_with_unit(
-            "broker_request_duration",
-            "Latency of requests to RabbitMQ",
-            Unit::Seconds,
-            metrics.broker_request_duration.clone(),
-        );
-        r.register(
-            "broker_errors",
-            "Failed requests to RabbitMQ by request and error",
-            metrics.broker_errors.clone(),
-        );
-        r.register(
-            "passive_declares",
-            "AMQP passive queue.declare reads of a queue's ready and consumer counts, by result",
-            metrics.passive_declares.clone(),
-        );
-        r.register(
-            "amqp_opens",
-            "AMQP connections and channels opened for passive declares (what: connection, shared_channel, private_channel)",
-            metrics.amqp_opens.clone(),
-        );
-        r.register(
-            "observations",
-            "Queue observations by where ready (passive_declare, management) and unacked (management, last_known, assumed_zero) came from",
-            metrics.observations.clone(),
-        );
+        metrics.register_broker_reads(r);
         r.register(
             "scale_patches",
             "Patches of a target's /scale subresource by direction",
@@ -306,6 +276,41 @@ impl ControllerMetrics {
             metrics.scaler_errors.clone(),
         );
         metrics
+    }
+
+    /// The metrics of the reads from RabbitMQ.
+    fn register_broker_reads(&self, r: &mut Registry) {
+        r.register(
+            "broker_requests",
+            "Requests sent to RabbitMQ (management API and AMQP passive declares)",
+            self.broker_requests.clone(),
+        );
+        r.register_with_unit(
+            "broker_request_duration",
+            "Latency of requests to RabbitMQ",
+            Unit::Seconds,
+            self.broker_request_duration.clone(),
+        );
+        r.register(
+            "broker_errors",
+            "Failed requests to RabbitMQ by request and error",
+            self.broker_errors.clone(),
+        );
+        r.register(
+            "passive_declares",
+            "AMQP passive queue.declare reads of a queue's ready and consumer counts, by result",
+            self.passive_declares.clone(),
+        );
+        r.register(
+            "amqp_opens",
+            "AMQP connections and channels opened for passive declares (what: connection, shared_channel, private_channel)",
+            self.amqp_opens.clone(),
+        );
+        r.register(
+            "observations",
+            "Queue observations by where ready (passive_declare, management) and unacked (management, last_known, assumed_zero) came from",
+            self.observations.clone(),
+        );
     }
 
     /// Sets the per-scaler gauges from the status a reconcile computed.

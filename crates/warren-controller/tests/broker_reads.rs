@@ -13,14 +13,15 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::json;
-use warren_controller::credentials::CredentialsCache;
 use warren_controller::metrics::{ControllerMetrics, ResultLabels};
-use warren_controller::queue_peek::{PeekError, QueuePeeker};
-use warren_controller::queue_stats::{
+use warren_controller::observe::credentials::CredentialsCache;
+use warren_controller::observe::management::{
     Credentials, ManagementClient, ManagementConfig, ManagementEndpoint, QueueStatsHub, StatsError,
     VhostQueues,
 };
-use warren_controller::source::{BrokerMetrics, BrokerTarget, MetricsSource, ReadySource};
+use warren_controller::observe::peek::{PeekError, QueuePeeker};
+use warren_controller::observe::{BrokerObserver, BrokerTarget, QueueObserver, ReadySource};
+use warren_controller::reconcile::unacked;
 use warren_crd::{BrokerRef, CredentialsSecretRef, QueueRef};
 use warren_fakekube::FakeApiServer;
 use warren_fakekube::resources::SECRETS;
@@ -404,7 +405,7 @@ async fn a_burst_is_observed_at_once_while_the_management_api_still_shows_the_ol
         .with_metrics(metrics.clone());
     let hub = Arc::new(QueueStatsHub::new(management, Duration::from_millis(100)));
     let peeker = Arc::new(QueuePeeker::new(Duration::from_secs(5)).with_metrics(metrics.clone()));
-    let source = BrokerMetrics::new(credentials.clone(), hub.clone(), peeker.clone());
+    let source = BrokerObserver::new(credentials.clone(), hub.clone(), peeker.clone());
     let probe = ManagementClient::new(ManagementConfig::default()).unwrap();
 
     // A stats emission may land between the publish and the reads; a few
@@ -437,7 +438,7 @@ async fn a_burst_is_observed_at_once_while_the_management_api_still_shows_the_ol
         assert_eq!(read.ready_source, ReadySource::PassiveDeclare);
         assert_eq!(read.unacked, Some(0), "unacked comes from management");
         assert_eq!(read.consumers, 0);
-        assert_eq!(read.observation(None).ready, 50);
+        assert_eq!(unacked::observation(&read, None).ready, 50);
         if management_ready != Some(50) {
             stale_seen += 1;
             eprintln!(
@@ -460,7 +461,7 @@ async fn a_burst_is_observed_at_once_while_the_management_api_still_shows_the_ol
         .await
         .unwrap();
     assert_eq!((read.ready, read.unacked), (3, None));
-    assert_eq!(read.observation(Some(2)).unacked, 2);
+    assert_eq!(unacked::observation(&read, Some(2)).unacked, 2);
 
     // Both down: an error.
     let dead_amqp = warren_testkit::free_port().unwrap();
@@ -671,7 +672,7 @@ async fn a_scaler_on_a_missing_queue_gets_queue_not_found_without_a_declare_per_
     let management = ManagementClient::new(ManagementConfig::default()).unwrap();
     let hub = Arc::new(QueueStatsHub::new(management, Duration::from_millis(100)));
     let peeker = Arc::new(QueuePeeker::new(Duration::from_secs(5)));
-    let source = BrokerMetrics::new(credentials, hub, peeker.clone());
+    let source = BrokerObserver::new(credentials, hub, peeker.clone());
     let queue = unique_name("late");
     let target = target(node.management_url(), node.amqp_port(), &queue);
 
@@ -718,7 +719,7 @@ async fn a_scaler_over_names_and_a_pattern_reads_every_matching_queue_with_one_l
     let management = ManagementClient::new(ManagementConfig::default()).unwrap();
     let hub = Arc::new(QueueStatsHub::new(management, Duration::from_secs(30)));
     let peeker = Arc::new(QueuePeeker::new(Duration::from_secs(5)));
-    let source = BrokerMetrics::new(credentials, hub.clone(), peeker.clone());
+    let source = BrokerObserver::new(credentials, hub.clone(), peeker.clone());
     let probe = ManagementClient::new(ManagementConfig::default()).unwrap();
     let endpoint = guest(&node);
 
@@ -769,7 +770,7 @@ async fn a_scaler_over_names_and_a_pattern_reads_every_matching_queue_with_one_l
     // passive declare per queue.
     assert_eq!(hub.client().requests_sent() - requests_before, 1);
     assert_eq!(peeker.declares_sent(), 4);
-    let observation = read.observation(None);
+    let observation = unacked::observation(&read, None);
     assert_eq!(observation.queues.len(), 4);
     assert_eq!(observation.ready, 13);
 
@@ -782,7 +783,7 @@ async fn a_scaler_over_names_and_a_pattern_reads_every_matching_queue_with_one_l
         Duration::from_millis(100),
     ));
     let (_server2, credentials2) = credentials_cache().await;
-    let fresh = BrokerMetrics::new(credentials2, fresh_hub, peeker.clone());
+    let fresh = BrokerObserver::new(credentials2, fresh_hub, peeker.clone());
     wait_for_stats(&probe, &endpoint, |s| s.get(&late).is_some()).await;
     let read = fresh.observe(&target).await.unwrap();
     assert_eq!(read.queues.len(), 5);

@@ -23,14 +23,14 @@ use tokio_util::sync::CancellationToken;
 use warren_broker::events_log::{self, StartAt};
 use warren_broker::{QueueType, Topology};
 use warren_controller::audit::BrokerAudit;
-use warren_controller::credentials::CredentialsCache;
 use warren_controller::metrics::ControllerMetrics;
-use warren_controller::queue_peek::QueuePeeker;
-use warren_controller::queue_stats::{
+use warren_controller::observe::BrokerObserver;
+use warren_controller::observe::credentials::CredentialsCache;
+use warren_controller::observe::management::{
     Credentials, ManagementClient, ManagementConfig, ManagementEndpoint, QueueStatsHub,
 };
+use warren_controller::observe::peek::QueuePeeker;
 use warren_controller::reconcile::{self, Context, Settings};
-use warren_controller::source::BrokerMetrics;
 use warren_fakekube::FakeApiServer;
 use warren_fakekube::resources::{DEPLOYMENTS, LEASES, PODS, QUEUESCALERS, SECRETS};
 use warren_testkit::{RabbitNode, RabbitOptions, unique_name};
@@ -227,7 +227,7 @@ fn context(client: kube::Client, metrics: &ControllerMetrics) -> Arc<Context> {
         client,
         Some("controller-test".into()),
         metrics.clone(),
-        Arc::new(BrokerMetrics::new(credentials.clone(), hub, peeker)),
+        Arc::new(BrokerObserver::new(credentials.clone(), hub, peeker)),
         Arc::new(BrokerAudit::new(
             credentials,
             Duration::from_secs(5),

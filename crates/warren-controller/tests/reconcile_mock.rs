@@ -1,5 +1,5 @@
 //! The reconciler against a mocked Kubernetes API (tower-test), asserting
-//! every request it makes, in order, with a fake queue observation source.
+//! every request it makes, in order, with a fake queue observer.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -19,11 +19,11 @@ use warren_controller::audit::{ScaleAudit, ScaleRecord};
 use warren_controller::metrics::{
     ControllerMetrics, DirectionLabels, ObservationLabels, ResultLabels,
 };
-use warren_controller::queue_stats::ConnectionUnacked;
-use warren_controller::reconcile::{Context, Settings, TargetStores, error_policy, reconcile};
-use warren_controller::source::{
-    BrokerTarget, MetricsError, MetricsSource, QueueRead, ReadySource,
+use warren_controller::observe::management::ConnectionUnacked;
+use warren_controller::observe::{
+    BrokerTarget, ObserveError, QueueObserver, QueueRead, ReadySource,
 };
+use warren_controller::reconcile::{Context, Settings, TargetStores, error_policy, reconcile};
 use warren_crd::{Observation, QueueScaler, QueueScalerSpec, QueueScalerStatus};
 
 const NS: &str = "ns";
@@ -37,16 +37,16 @@ const COST: &str = "controller.kubernetes.io/pod-deletion-cost";
 
 /// Queue reads served from a script; the last entry repeats.
 #[derive(Default)]
-struct FakeSource {
-    script: Mutex<VecDeque<Result<QueueRead, MetricsError>>>,
+struct FakeObserver {
+    script: Mutex<VecDeque<Result<QueueRead, ObserveError>>>,
     unacked: Mutex<ConnectionUnacked>,
     /// Observe calls so far.
     calls: Mutex<usize>,
     unacked_calls: Mutex<u32>,
 }
 
-impl FakeSource {
-    fn with(reads: Vec<Result<QueueRead, MetricsError>>) -> Arc<Self> {
+impl FakeObserver {
+    fn with(reads: Vec<Result<QueueRead, ObserveError>>) -> Arc<Self> {
         Arc::new(Self {
             script: Mutex::new(reads.into()),
             ..Self::default()
@@ -58,8 +58,8 @@ impl FakeSource {
 }
 
 #[async_trait]
-impl MetricsSource for FakeSource {
-    async fn observe(&self, _target: &BrokerTarget) -> Result<QueueRead, MetricsError> {
+impl QueueObserver for FakeObserver {
+    async fn observe(&self, _target: &BrokerTarget) -> Result<QueueRead, ObserveError> {
         *self.calls.lock().unwrap() += 1;
         let mut script = self.script.lock().unwrap();
         if script.len() > 1 {
@@ -72,7 +72,7 @@ impl MetricsSource for FakeSource {
     async fn connection_unacked(
         &self,
         _target: &BrokerTarget,
-    ) -> Result<ConnectionUnacked, MetricsError> {
+    ) -> Result<ConnectionUnacked, ObserveError> {
         *self.unacked_calls.lock().unwrap() += 1;
         Ok(self.unacked.lock().unwrap().clone())
     }
@@ -88,7 +88,7 @@ impl ScaleAudit for FakeAudit {
     }
 }
 
-fn observed(ready: u64, unacked: u64) -> Result<QueueRead, MetricsError> {
+fn observed(ready: u64, unacked: u64) -> Result<QueueRead, ObserveError> {
     Ok(QueueRead::from(Observation::new(
         ready,
         unacked,
@@ -100,7 +100,7 @@ fn observed(ready: u64, unacked: u64) -> Result<QueueRead, MetricsError> {
 }
 
 /// The passive declare answered, the management API did not: no unacked count.
-fn unacked_unknown(ready: u64) -> Result<QueueRead, MetricsError> {
+fn unacked_unknown(ready: u64) -> Result<QueueRead, ObserveError> {
     Ok(QueueRead {
         ready,
         unacked: None,
@@ -114,7 +114,7 @@ fn unacked_unknown(ready: u64) -> Result<QueueRead, MetricsError> {
 }
 
 /// A read of several queues, each (name, ready, unacked).
-fn observed_queues(queues: &[(&str, u64, u64)]) -> Result<QueueRead, MetricsError> {
+fn observed_queues(queues: &[(&str, u64, u64)]) -> Result<QueueRead, ObserveError> {
     let reads = queues
         .iter()
         .map(|(name, ready, unacked)| {
@@ -132,8 +132,8 @@ fn observed_queues(queues: &[(&str, u64, u64)]) -> Result<QueueRead, MetricsErro
     Ok(QueueRead::of_queues(reads, Utc::now()))
 }
 
-fn broker_down() -> Result<QueueRead, MetricsError> {
-    Err(MetricsError::Other("connection refused".into()))
+fn broker_down() -> Result<QueueRead, ObserveError> {
+    Err(ObserveError::Other("connection refused".into()))
 }
 
 // ------------------------------------------------------------- fixtures
@@ -191,12 +191,12 @@ fn pod(name: &str, cost: Option<&str>) -> Value {
 
 struct Harness {
     ctx: Arc<Context>,
-    source: Arc<FakeSource>,
+    observer: Arc<FakeObserver>,
     audit: Arc<FakeAudit>,
     server: ApiServer,
 }
 
-fn harness(source: Arc<FakeSource>) -> Harness {
+fn harness(observer: Arc<FakeObserver>) -> Harness {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let audit = Arc::new(FakeAudit::default());
@@ -204,13 +204,13 @@ fn harness(source: Arc<FakeSource>) -> Harness {
         client,
         Some("controller-0".into()),
         ControllerMetrics::default(),
-        source.clone(),
+        observer.clone(),
         audit.clone(),
         Settings::default(),
     ));
     Harness {
         ctx,
-        source,
+        observer,
         audit,
         server: ApiServer(handle),
     }
@@ -403,7 +403,7 @@ fn scales(ctx: &Context, direction: &str) -> u64 {
 
 #[tokio::test]
 async fn backlog_scales_up_with_scale_patch_event_audit_and_status_and_no_pod_patches() {
-    let mut h = harness(FakeSource::with(vec![observed(12, 0)]));
+    let mut h = harness(FakeObserver::with(vec![observed(12, 0)]));
     let qs = scaler(json!({"messagesPerReplica": 5}));
     let mut status = None;
     let action = run(&mut h, &qs, async |api: &mut ApiServer| {
@@ -442,8 +442,8 @@ async fn backlog_scales_up_with_scale_patch_event_audit_and_status_and_no_pod_pa
     assert_eq!(cond("Fallback").0, "False");
     assert_eq!(cond("Paused").0, "False");
 
-    assert_eq!(h.source.calls(), 1);
-    assert_eq!(*h.source.unacked_calls.lock().unwrap(), 0);
+    assert_eq!(h.observer.calls(), 1);
+    assert_eq!(*h.observer.unacked_calls.lock().unwrap(), 0);
     let audit = h.audit.0.lock().unwrap().clone();
     assert_eq!(audit.len(), 1);
     assert_eq!((audit[0].from, audit[0].to), (1, 3));
@@ -455,7 +455,7 @@ async fn backlog_scales_up_with_scale_patch_event_audit_and_status_and_no_pod_pa
 
 #[tokio::test]
 async fn scale_in_marks_busy_pods_expensive_and_idle_ones_cheap_before_patching_scale() {
-    let source = FakeSource::with(vec![observed(2, 1)]);
+    let source = FakeObserver::with(vec![observed(2, 1)]);
     *source.unacked.lock().unwrap() = ConnectionUnacked {
         by_connection: [
             ("worker-a".to_string(), 1),
@@ -488,7 +488,7 @@ async fn scale_in_marks_busy_pods_expensive_and_idle_ones_cheap_before_patching_
     })
     .await
     .unwrap();
-    assert_eq!(*h.source.unacked_calls.lock().unwrap(), 1);
+    assert_eq!(*h.observer.unacked_calls.lock().unwrap(), 1);
     assert_eq!(h.ctx.metrics.deletion_cost_patches.get(), 2);
     assert_eq!(scales(&h.ctx, "down"), 1);
     let audit = h.audit.0.lock().unwrap().clone();
@@ -497,7 +497,7 @@ async fn scale_in_marks_busy_pods_expensive_and_idle_ones_cheap_before_patching_
 
 #[tokio::test]
 async fn nothing_to_change_means_no_scale_patch_and_an_unchanged_status_is_not_rewritten() {
-    let mut h = harness(FakeSource::with(vec![observed(10, 0)]));
+    let mut h = harness(FakeObserver::with(vec![observed(10, 0)]));
     let qs = scaler(json!({"messagesPerReplica": 5}));
     let mut written = None;
     run(&mut h, &qs, async |api: &mut ApiServer| {
@@ -525,7 +525,7 @@ async fn nothing_to_change_means_no_scale_patch_and_an_unchanged_status_is_not_r
 
 #[tokio::test]
 async fn broker_failures_hold_then_fall_back_after_the_threshold() {
-    let mut h = harness(FakeSource::with(vec![broker_down()]));
+    let mut h = harness(FakeObserver::with(vec![broker_down()]));
     let qs = scaler(json!({"fallback": {"failureThreshold": 3, "replicas": 2}}));
 
     // 1st failure: hold 1 replica, Warning event once, Ready=False.
@@ -588,7 +588,7 @@ async fn broker_failures_hold_then_fall_back_after_the_threshold() {
 #[tokio::test]
 async fn failures_continue_from_the_status_after_a_restart() {
     // A fresh controller (empty memory) sees status.consecutiveFailures = 2.
-    let mut h = harness(FakeSource::with(vec![broker_down()]));
+    let mut h = harness(FakeObserver::with(vec![broker_down()]));
     let qs = with_status(
         scaler(json!({"fallback": {"failureThreshold": 3, "replicas": 2}})),
         QueueScalerStatus {
@@ -609,7 +609,7 @@ async fn failures_continue_from_the_status_after_a_restart() {
 
 #[tokio::test]
 async fn at_zero_replicas_the_ready_count_activates() {
-    let mut h = harness(FakeSource::with(vec![observed(3, 0)]));
+    let mut h = harness(FakeObserver::with(vec![observed(3, 0)]));
     let qs = scaler(json!({"minReplicas": 0, "activationMessages": 2}));
     run(&mut h, &qs, async |api: &mut ApiServer| {
         api.expect_get_scale(0).await;
@@ -623,7 +623,7 @@ async fn at_zero_replicas_the_ready_count_activates() {
     })
     .await
     .unwrap();
-    assert_eq!(h.source.calls(), 1);
+    assert_eq!(h.observer.calls(), 1);
 }
 
 fn observations(ctx: &Context, ready: &str, unacked: &str) -> u64 {
@@ -640,7 +640,7 @@ fn observations(ctx: &Context, ready: &str, unacked: &str) -> u64 {
 async fn unknown_unacked_never_scales_a_running_target_to_zero_but_a_measured_zero_does() {
     // Same empty queue twice: first without an unacked count (management
     // API down), then with a measured 0.
-    let mut h = harness(FakeSource::with(vec![unacked_unknown(0), observed(0, 0)]));
+    let mut h = harness(FakeObserver::with(vec![unacked_unknown(0), observed(0, 0)]));
     let qs = scaler(json!({"minReplicas": 0, "behavior": {"cooldownSeconds": 0}}));
     let mut written = None;
     run(&mut h, &qs, async |api: &mut ApiServer| {
@@ -691,7 +691,7 @@ async fn unknown_unacked_never_scales_a_running_target_to_zero_but_a_measured_ze
 async fn unknown_unacked_is_the_last_known_count_from_the_status() {
     // A previous status saw 7 unacked; now the management API is down and
     // the passive declare sees 3 ready: 3 + 7 counted at 5 per replica.
-    let mut h = harness(FakeSource::with(vec![unacked_unknown(3)]));
+    let mut h = harness(FakeObserver::with(vec![unacked_unknown(3)]));
     let qs = with_status(
         scaler(json!({"messagesPerReplica": 5})),
         QueueScalerStatus {
@@ -722,7 +722,7 @@ async fn unknown_unacked_is_the_last_known_count_from_the_status() {
 
 #[tokio::test]
 async fn paused_scaler_reads_nothing_and_scales_nothing() {
-    let mut h = harness(FakeSource::with(vec![observed(100, 0)]));
+    let mut h = harness(FakeObserver::with(vec![observed(100, 0)]));
     let qs = scaler(json!({"paused": true}));
     run(&mut h, &qs, async |api: &mut ApiServer| {
         api.expect_get_scale(1).await;
@@ -734,13 +734,13 @@ async fn paused_scaler_reads_nothing_and_scales_nothing() {
     })
     .await
     .unwrap();
-    assert_eq!(h.source.calls(), 0);
+    assert_eq!(h.observer.calls(), 0);
     assert_eq!(count(&h.ctx, "paused"), 1);
 }
 
 #[tokio::test]
 async fn invalid_spec_is_reported_once_and_requeued_slowly() {
-    let mut h = harness(FakeSource::with(vec![observed(1, 0)]));
+    let mut h = harness(FakeObserver::with(vec![observed(1, 0)]));
     let qs = scaler(json!({"maxReplicas": 0}));
     let mut status = None;
     let action = run(&mut h, &qs, async |api: &mut ApiServer| {
@@ -767,13 +767,13 @@ async fn invalid_spec_is_reported_once_and_requeued_slowly() {
     run(&mut h, &qs, async |_api: &mut ApiServer| {})
         .await
         .unwrap();
-    assert_eq!(h.source.calls(), 0);
+    assert_eq!(h.observer.calls(), 0);
     assert_eq!(count(&h.ctx, "invalid_spec"), 2);
 }
 
 #[tokio::test]
 async fn missing_target_is_reported_not_retried_fast() {
-    let mut h = harness(FakeSource::with(vec![observed(1, 0)]));
+    let mut h = harness(FakeObserver::with(vec![observed(1, 0)]));
     let qs = scaler(json!({}));
     let action = run(&mut h, &qs, async |api: &mut ApiServer| {
         let (seen, send) = api.next().await;
@@ -798,12 +798,12 @@ async fn missing_target_is_reported_not_retried_fast() {
     .await
     .unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(5)));
-    assert_eq!(h.source.calls(), 0);
+    assert_eq!(h.observer.calls(), 0);
 }
 
 #[tokio::test]
 async fn api_errors_fail_the_reconcile_and_back_off_exponentially() {
-    let mut h = harness(FakeSource::with(vec![observed(1, 0)]));
+    let mut h = harness(FakeObserver::with(vec![observed(1, 0)]));
     let qs = scaler(json!({}));
     let failing_get = async |api: &mut ApiServer| {
         let (seen, send) = api.next().await;
@@ -858,7 +858,7 @@ async fn api_errors_fail_the_reconcile_and_back_off_exponentially() {
 
 #[tokio::test]
 async fn statefulset_targets_use_their_scale_subresource_and_skip_deletion_costs() {
-    let mut h = harness(FakeSource::with(vec![observed(0, 0)]));
+    let mut h = harness(FakeObserver::with(vec![observed(0, 0)]));
     let qs = scaler(json!({
         "scaleTargetRef": {"kind": "StatefulSet", "name": "worker"},
         "minReplicas": 1
@@ -873,7 +873,7 @@ async fn statefulset_targets_use_their_scale_subresource_and_skip_deletion_costs
     })
     .await
     .unwrap();
-    assert_eq!(*h.source.unacked_calls.lock().unwrap(), 0);
+    assert_eq!(*h.observer.unacked_calls.lock().unwrap(), 0);
 }
 
 // ------------------------------------------------- several queues
@@ -881,7 +881,7 @@ async fn statefulset_targets_use_their_scale_subresource_and_skip_deletion_costs
 #[tokio::test]
 async fn a_scaler_over_several_queues_sizes_by_its_operation_and_shows_each_queue() {
     // jobs 12, sms 9 at 5 per replica: max counts 12 -> 3 replicas (sum would be 5).
-    let mut h = harness(FakeSource::with(vec![observed_queues(&[
+    let mut h = harness(FakeObserver::with(vec![observed_queues(&[
         ("jobs", 12, 0),
         ("sms", 9, 0),
     ])]));
@@ -933,7 +933,7 @@ async fn a_scaler_over_several_queues_sizes_by_its_operation_and_shows_each_queu
 #[tokio::test]
 async fn avg_over_several_queues_rounds_up_and_never_scales_a_waiting_message_away() {
     // jobs 12, sms 0: avg 6 -> 2 replicas (sum and max would ask for 3).
-    let mut h = harness(FakeSource::with(vec![
+    let mut h = harness(FakeObserver::with(vec![
         observed_queues(&[("jobs", 12, 0), ("sms", 0, 0)]),
         // Later: one message left on one queue of two: avg 1 (0.5 rounded up).
         observed_queues(&[("jobs", 0, 0), ("sms", 1, 0)]),
@@ -970,7 +970,7 @@ async fn avg_over_several_queues_rounds_up_and_never_scales_a_waiting_message_aw
 
 #[tokio::test]
 async fn an_invalid_pattern_is_an_invalid_spec() {
-    let mut h = harness(FakeSource::with(vec![observed(1, 0)]));
+    let mut h = harness(FakeObserver::with(vec![observed(1, 0)]));
     let qs = scaler(json!({"queue": {"pattern": "sms(["}}));
     run(&mut h, &qs, async |api: &mut ApiServer| {
         let event = api.expect_event("Warning", "InvalidSpec").await;
@@ -986,7 +986,7 @@ async fn an_invalid_pattern_is_an_invalid_spec() {
     })
     .await
     .unwrap();
-    assert_eq!(h.source.calls(), 0);
+    assert_eq!(h.observer.calls(), 0);
 }
 
 // ------------------------------------------------ targets from the watch cache
@@ -1039,7 +1039,7 @@ async fn only_a_status_patch(h: &mut Harness, qs: QueueScaler) -> QueueScaler {
 #[tokio::test]
 async fn targets_come_from_the_watch_cache_and_a_write_is_trusted_until_the_cache_moves() {
     // 10 messages at 5 per replica: 2 wanted; then 15: 3; then 20: 4.
-    let mut h = harness(FakeSource::with(vec![
+    let mut h = harness(FakeObserver::with(vec![
         observed(10, 0),
         observed(15, 0),
         observed(15, 0),
@@ -1084,7 +1084,7 @@ async fn targets_come_from_the_watch_cache_and_a_write_is_trusted_until_the_cach
 
 #[tokio::test]
 async fn a_target_missing_from_the_cache_is_read_with_one_get() {
-    let mut h = harness(FakeSource::with(vec![observed(10, 0)]));
+    let mut h = harness(FakeObserver::with(vec![observed(10, 0)]));
     let (stores, _writer) = synced_caches(vec![]);
     h.ctx.read_targets_from(stores);
     let qs = scaler(json!({"messagesPerReplica": 5}));
@@ -1098,7 +1098,7 @@ async fn a_target_missing_from_the_cache_is_read_with_one_get() {
 
 #[tokio::test]
 async fn a_status_already_written_is_not_rewritten_while_the_cache_shows_the_old_one() {
-    let mut h = harness(FakeSource::with(vec![observed(0, 0)]));
+    let mut h = harness(FakeObserver::with(vec![observed(0, 0)]));
     let qs = scaler(json!({"messagesPerReplica": 5}));
     run(&mut h, &qs, async |api: &mut ApiServer| {
         api.expect_get_scale(0).await;
@@ -1114,4 +1114,61 @@ async fn a_status_already_written_is_not_rewritten_while_the_cache_shows_the_old
     .await
     .unwrap();
     assert_eq!(count(&h.ctx, "unchanged"), 2);
+}
+
+/// A log writer into a shared buffer (the JSON lines a test reads back).
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn json_log_lines_of_a_reconcile_carry_the_scaler() {
+    // The JSON format of warren_telemetry::init_tracing (`--log-format json`).
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let mut h = harness(FakeObserver::with(vec![broker_down()]));
+    let qs = scaler(json!({}));
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect_get_scale(1).await;
+        api.expect_event("Warning", "MetricsUnavailable").await;
+        api.expect_status_patch(&qs).await;
+    })
+    .await
+    .unwrap();
+    let err = warren_controller::Error::MissingNamespace;
+    error_policy(Arc::new(qs.clone()), &err, h.ctx.clone());
+
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let line = |message: &str| {
+        lines
+            .iter()
+            .find(|l| l["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} line in {text}"))
+    };
+    let read_failed = line("cannot read the queue");
+    assert_eq!(read_failed["span"]["name"], "reconcile");
+    assert_eq!(read_failed["span"]["scaler"], "ns/jobs");
+    assert_eq!(read_failed["failures_in_a_row"], 1);
+    assert_eq!(line("reconcile failed")["span"]["scaler"], "ns/jobs");
 }

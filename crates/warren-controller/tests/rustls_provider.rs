@@ -11,7 +11,7 @@ use kube::Api;
 use kube::api::ListParams;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use lapin::{Connection, ConnectionProperties};
-use warren_controller::queue_stats::{
+use warren_controller::observe::management::{
     Credentials, ManagementClient, ManagementConfig, ManagementEndpoint, StatsError,
 };
 use warren_crd::QueueScaler;

@@ -1,5 +1,7 @@
-//! The QueueScaler status a reconcile writes, computed purely from the
-//! previous status and what the reconcile saw and did.
+//! Step 4 of a reconcile: the QueueScaler status it writes, computed purely
+//! from the previous status and what the reconcile saw and did
+//! ([`after_tick`], one function per condition; [`not_ready`] for a
+//! reconcile that stopped early), then written by `write`.
 //!
 //! Conditions keep their `lastTransitionTime` unless their status changes,
 //! `lastDecision.at` is kept while the decision (replicas, reason, message)
@@ -12,11 +14,18 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use warren_crd::{
-    Condition, ConditionStatus, LastDecision, Observation, QueueScalerStatus, condition_type,
+    Condition, ConditionStatus, LastDecision, Observation, QueueScaler, QueueScalerStatus,
+    condition_type,
 };
 use warren_scaling::Decision;
 
-use crate::source::MetricsError;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
+
+use super::context::{Context, Memory, ScalerKey};
+use crate::error::Error;
+use crate::observe::ObserveError;
 
 /// Ready=False reason for a spec that fails validation.
 pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
@@ -33,7 +42,7 @@ pub struct TickOutcome<'a> {
     /// This tick's observation (`None` when paused or the read failed).
     pub observation: Option<Observation>,
     /// Why the read failed, if it did.
-    pub metrics_error: Option<&'a MetricsError>,
+    pub observe_error: Option<&'a ObserveError>,
     pub consecutive_failures: u32,
     pub paused: bool,
     /// Set when this reconcile patched the target's replicas.
@@ -59,12 +68,11 @@ fn condition(
     c
 }
 
-/// The status after a regular reconcile.
+/// The status after a regular reconcile: the tick's figures, the last
+/// decision and one condition per type.
 pub fn after_tick(previous: &QueueScalerStatus, tick: &TickOutcome<'_>) -> QueueScalerStatus {
     let mut status = previous.clone();
-    let now = tick.now;
-    let generation = tick.generation;
-    status.observed_generation = generation;
+    status.observed_generation = tick.generation;
     status.queue_summary = Some(tick.queue.to_owned());
     if let Some(observation) = &tick.observation {
         status.observation = Some(observation.clone());
@@ -75,14 +83,24 @@ pub fn after_tick(previous: &QueueScalerStatus, tick: &TickOutcome<'_>) -> Queue
         status.last_scale_time = Some(at);
     }
     status.consecutive_failures = tick.consecutive_failures;
+    status.last_decision = Some(last_decision(previous.last_decision.as_ref(), tick));
+    status.set_condition(ready_condition(tick));
+    status.set_condition(active_condition(tick));
+    status.set_condition(fallback_condition(tick));
+    status.set_condition(paused_condition(tick));
+    status
+}
 
+/// The tick's decision; the previous one (its time kept) while replicas,
+/// reason and message stay the same.
+fn last_decision(previous: Option<&LastDecision>, tick: &TickOutcome<'_>) -> LastDecision {
     let decision = LastDecision {
         replicas: tick.decision.replicas,
         reason: tick.decision.reason.label().to_string(),
         message: Some(tick.decision.reason.to_string()),
-        at: now,
+        at: tick.now,
     };
-    status.last_decision = Some(match &previous.last_decision {
+    match previous {
         Some(last)
             if last.replicas == decision.replicas
                 && last.reason == decision.reason
@@ -91,127 +109,108 @@ pub fn after_tick(previous: &QueueScalerStatus, tick: &TickOutcome<'_>) -> Queue
             last.clone()
         }
         _ => decision,
-    });
+    }
+}
 
-    let ready = match (tick.metrics_error, tick.paused) {
-        (Some(err), _) => condition(
-            condition_type::READY,
+/// `Ready`: False when the queue could not be read; True otherwise, with
+/// the reason saying whether the read was complete, partial or paused.
+fn ready_condition(tick: &TickOutcome<'_>) -> Condition {
+    let (status, reason, message) = match (tick.observe_error, tick.paused) {
+        (Some(err), _) => (
             false,
             err.condition_reason(),
             format!(
                 "cannot read queue {:?} ({} failed reads in a row): {err}",
                 tick.queue, tick.consecutive_failures
             ),
-            generation,
-            now,
         ),
-        (None, true) => condition(
-            condition_type::READY,
+        (None, true) => (
             true,
             "Paused",
-            "the spec is valid and the target exists; scaling is paused",
-            generation,
-            now,
+            "the spec is valid and the target exists; scaling is paused".to_owned(),
         ),
-        (None, false) if tick.unacked_unknown => condition(
-            condition_type::READY,
+        (None, false) if tick.unacked_unknown => (
             true,
             "MetricsPartial",
             format!(
                 "reading queue {:?}; its unacked count is unknown (management API unavailable): using the last known one and not scaling to zero",
                 tick.queue
             ),
-            generation,
-            now,
         ),
-        (None, false) => condition(
-            condition_type::READY,
+        (None, false) => (
             true,
             "MetricsAvailable",
             format!("reading queue {:?}", tick.queue),
-            generation,
-            now,
         ),
     };
-    status.set_condition(ready);
+    tick.condition(condition_type::READY, status, reason, message)
+}
 
-    let active = tick.current_replicas > 0 || tick.decision.replicas > 0;
-    status.set_condition(if active {
-        condition(
-            condition_type::ACTIVE,
-            true,
-            "ReplicasRunning",
-            format!(
-                "{} replicas, {} desired",
-                tick.current_replicas, tick.decision.replicas
-            ),
-            generation,
-            now,
-        )
+/// `Active`: whether the target runs or should run replicas.
+fn active_condition(tick: &TickOutcome<'_>) -> Condition {
+    if tick.current_replicas > 0 || tick.decision.replicas > 0 {
+        let message = format!(
+            "{} replicas, {} desired",
+            tick.current_replicas, tick.decision.replicas
+        );
+        tick.condition(condition_type::ACTIVE, true, "ReplicasRunning", message)
     } else {
-        condition(
+        tick.condition(
             condition_type::ACTIVE,
             false,
             "ScaledToZero",
             "the target runs no replica",
-            generation,
-            now,
         )
-    });
+    }
+}
 
-    status.set_condition(if tick.decision.is_fallback() {
-        condition(
-            condition_type::FALLBACK,
-            true,
-            "FallbackReplicas",
-            tick.decision.reason.to_string(),
-            generation,
-            now,
-        )
-    } else if tick.metrics_error.is_some() {
-        condition(
+/// `Fallback`: True when the decision is the fallback replica count.
+fn fallback_condition(tick: &TickOutcome<'_>) -> Condition {
+    if tick.decision.is_fallback() {
+        let message = tick.decision.reason.to_string();
+        tick.condition(condition_type::FALLBACK, true, "FallbackReplicas", message)
+    } else if tick.observe_error.is_some() {
+        tick.condition(
             condition_type::FALLBACK,
             false,
             "HoldingReplicas",
             "metrics are missing; holding the current replicas until the fallback threshold",
-            generation,
-            now,
         )
     } else {
-        condition(
-            condition_type::FALLBACK,
-            false,
-            if tick.paused {
-                "Paused"
-            } else {
-                "MetricsAvailable"
-            },
-            "",
-            generation,
-            now,
-        )
-    });
+        let reason = if tick.paused {
+            "Paused"
+        } else {
+            "MetricsAvailable"
+        };
+        tick.condition(condition_type::FALLBACK, false, reason, "")
+    }
+}
 
-    status.set_condition(if tick.paused {
-        condition(
+/// `Paused`: mirrors `spec.paused`.
+fn paused_condition(tick: &TickOutcome<'_>) -> Condition {
+    if tick.paused {
+        tick.condition(
             condition_type::PAUSED,
             true,
             "Paused",
             "spec.paused is true; replicas are left alone",
-            generation,
-            now,
         )
     } else {
-        condition(
-            condition_type::PAUSED,
-            false,
-            "Scaling",
-            "",
-            generation,
-            now,
-        )
-    });
-    status
+        tick.condition(condition_type::PAUSED, false, "Scaling", "")
+    }
+}
+
+impl TickOutcome<'_> {
+    /// A condition of this tick (its generation and time).
+    fn condition(
+        &self,
+        type_: &str,
+        status: bool,
+        reason: &str,
+        message: impl Into<String>,
+    ) -> Condition {
+        condition(type_, status, reason, message, self.generation, self.now)
+    }
 }
 
 /// The status when the reconcile stopped early with `Ready=False`
@@ -271,6 +270,37 @@ pub fn needs_patch(
     }
 }
 
+/// Merge-patches `/status` when [`needs_patch`] says so and remembers the
+/// written status in `memory` (the next one is built on it).
+pub(super) async fn write(
+    ctx: &Context,
+    (namespace, name): &ScalerKey,
+    previous: &QueueScalerStatus,
+    next: QueueScalerStatus,
+    now: DateTime<Utc>,
+    memory: &mut Memory,
+) -> Result<(), Error> {
+    ctx.metrics.record_status(namespace, name, &next);
+    if !needs_patch(previous, &next, now, ctx.settings.status_heartbeat) {
+        return Ok(());
+    }
+    let scalers: Api<QueueScaler> = Api::namespaced(ctx.client.clone(), namespace);
+    scalers
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": next })),
+        )
+        .await
+        .map_err(|source| Error::PatchStatus {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            source,
+        })?;
+    memory.written_status = Some(next);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,7 +323,7 @@ mod tests {
         d: &'a Decision,
         now: DateTime<Utc>,
         obs: Option<Observation>,
-        err: Option<&'a MetricsError>,
+        err: Option<&'a ObserveError>,
     ) -> TickOutcome<'a> {
         TickOutcome {
             generation: Some(3),
@@ -301,7 +331,7 @@ mod tests {
             current_replicas: 1,
             decision: d,
             observation: obs,
-            metrics_error: err,
+            observe_error: err,
             consecutive_failures: u32::from(err.is_some()),
             paused: false,
             scaled_at: None,
@@ -345,7 +375,7 @@ mod tests {
 
         // A failed read flips Ready (new transition time) and keeps the
         // last good observation.
-        let err = MetricsError::Other("connection refused".into());
+        let err = ObserveError::Other("connection refused".into());
         let held = decision(
             1,
             Reason::MetricsUnavailable {
@@ -369,7 +399,7 @@ mod tests {
     #[test]
     fn fallback_and_scaled_to_zero_conditions() {
         let now = DateTime::<Utc>::UNIX_EPOCH + TimeDelta::days(20000);
-        let err = MetricsError::Other("down".into());
+        let err = ObserveError::Other("down".into());
         let d = decision(
             2,
             Reason::Fallback {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 
-use crate::queue_stats::Credentials;
+use crate::observe::management::Credentials;
 
 /// Which Secret and which of its keys hold the user name and password.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

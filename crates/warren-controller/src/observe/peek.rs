@@ -4,14 +4,14 @@
 //! (5 s by default, and 2–6 s measured even at 1 s). A passive declare asks
 //! the queue itself: it answers with the ready count and the consumer count
 //! as of now and changes nothing on the broker. The controller makes one per
-//! scaler per tick (see [`crate::source`] for how it is combined with the
+//! scaler per tick (see [`crate::observe`] for how it is combined with the
 //! management API).
 //!
 //! # Connections and channels
 //!
 //! [`QueuePeeker`] keeps ONE long-lived AMQP connection (named
 //! `warren-controller`) and ONE long-lived channel per (AMQP URL,
-//! credentials, vhost) — a pool keyed like [`crate::queue_stats::QueueStatsHub`].
+//! credentials, vhost) — a pool keyed like [`crate::observe::management::QueueStatsHub`].
 //! Every passive declare of that key goes on the shared channel; lapin
 //! pipelines them (replies come back in order), so concurrent reconciles do
 //! not wait for each other and a declare costs one frame pair on an open
@@ -48,10 +48,11 @@ use lapin::options::QueueDeclareOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
-use lapin::{Channel, Connection, ConnectionProperties, ErrorKind};
+use lapin::{Channel, Connection, ErrorKind};
+use warren_broker::connect::{ConnectError, connect, redact_url};
 
 use crate::metrics::{AmqpOpenLabels, ControllerMetrics, ResultLabels};
-use crate::queue_stats::Credentials;
+use crate::observe::management::Credentials;
 
 /// AMQP connection name of the controller (visible in the management UI).
 pub const CONNECTION_NAME: &str = "warren-controller";
@@ -73,12 +74,8 @@ pub struct QueuePeek {
 pub enum PeekError {
     #[error("invalid AMQP URL {url:?}: {reason}")]
     InvalidUrl { url: String, reason: String },
-    #[error("cannot connect to {url}: {source}")]
-    Connect {
-        url: String,
-        #[source]
-        source: lapin::Error,
-    },
+    #[error("{0}")]
+    Connect(Arc<ConnectError>),
     #[error("cannot open a channel to {url}: {source}")]
     Channel {
         url: String,
@@ -101,7 +98,7 @@ impl PeekError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             PeekError::InvalidUrl { .. } => "invalid_url",
-            PeekError::Connect { .. } => "connect",
+            PeekError::Connect(_) => "connect",
             PeekError::Channel { .. } => "channel",
             PeekError::QueueNotFound { .. } => "queue_not_found",
             PeekError::Declare { .. } => "declare",
@@ -391,31 +388,16 @@ impl QueuePeeker {
         }
         let key = &link.key;
         let uri = amqp_uri(&key.url, &key.credentials, &key.vhost)?;
-        let properties =
-            ConnectionProperties::default().with_connection_name(CONNECTION_NAME.into());
         self.count_open(&self.counters.connections, "connection");
-        let connected = match tokio::time::timeout(
-            self.timeout,
-            Connection::connect_uri(uri, properties),
-        )
-        .await
-        {
-            Ok(Ok(connection)) => Ok(Arc::new(connection)),
-            Ok(Err(source)) => Err(PeekError::Connect {
-                url: redacted(&key.url),
-                source,
-            }),
-            Err(_) => Err(PeekError::Connect {
-                url: redacted(&key.url),
-                source: lapin::Error::from(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no connection within {:?}", self.timeout),
-                )),
-            }),
-        };
+        // The URI renders back to a URL lapin parses into the same URI
+        // (credentials and vhost percent-encoded).
+        let connected = connect(&uri.to_string(), CONNECTION_NAME, self.timeout)
+            .await
+            .map(Arc::new)
+            .map_err(|source| PeekError::Connect(Arc::new(source)));
         match connected {
             Ok(connection) => {
-                tracing::debug!(url = %redacted(&key.url), vhost = %key.vhost, "AMQP connection for passive declares opened");
+                tracing::debug!(url = %redact_url(&key.url), vhost = %key.vhost, "AMQP connection for passive declares opened");
                 session.failed = None;
                 session.connection = Some(connection.clone());
                 Ok(connection)
@@ -446,7 +428,7 @@ impl QueuePeeker {
             session.connection = None;
             session.channel = None;
             PeekError::Channel {
-                url: redacted(&key.url),
+                url: redact_url(&key.url),
                 source,
             }
         })
@@ -540,24 +522,13 @@ pub fn amqp_uri(url: &str, credentials: &Credentials, vhost: &str) -> Result<AMQ
     let mut uri: AMQPUri = url
         .parse()
         .map_err(|reason: String| PeekError::InvalidUrl {
-            url: redacted(url),
+            url: redact_url(url),
             reason,
         })?;
     uri.authority.userinfo.username = credentials.username.clone();
     uri.authority.userinfo.password = credentials.password.clone();
     uri.vhost = vhost.to_string();
     Ok(uri)
-}
-
-/// `url` with any password replaced, for messages.
-fn redacted(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        _ => url.to_string(),
-    }
 }
 
 #[cfg(test)]
@@ -603,8 +574,8 @@ mod tests {
             username: "u".into(),
             password: "p".into(),
         };
-        let err = amqp_uri("http://x", &creds, "/").unwrap_err();
+        let err = amqp_uri("http://u:secret@x", &creds, "/").unwrap_err();
         assert_eq!(err.metric_label(), "invalid_url");
-        assert_eq!(redacted("amqp://u:secret@h:1/"), "amqp://u:***@h:1/");
+        assert!(!err.to_string().contains("secret"), "{err}");
     }
 }
