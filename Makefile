@@ -14,19 +14,26 @@ else
 TEST_CMD = $(CARGO) test --workspace --no-fail-fast
 endif
 
-.PHONY: help test lint fmt rust-test crds bench bench-worker bench-venv bench-hostile fuzz bench-controller bench-scaling e2e e2e-bench dashboard-snapshot
+.PHONY: help test test-unit lint fmt rust-test crds bench bench-worker bench-venv bench-hostile fuzz bench-controller bench-scaling e2e e2e-bench dashboard-snapshot
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 test: lint rust-test chart-test local-go-test local-e2e ## every test this repository runs on one machine (local-e2e: the chart on a local control plane, mk/local.mk)
 
-lint: ## rustfmt check and clippy with -D warnings
+lint: ## rustfmt check, clippy with -D warnings (workspace lints in Cargo.toml), unused dependencies, size bar
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@$(CARGO) machete --version >/dev/null 2>&1 || { echo "make lint needs cargo-machete: cargo install --locked cargo-machete (.ci/install-tools.sh does)" >&2; exit 1; }
+	$(CARGO) machete
+	python3 mk/check_sizes.py
 
 fmt: ## format the workspace
 	$(CARGO) fmt --all
+
+test-unit: ## the pure Rust tests: no RabbitMQ, PostgreSQL, cluster or browser needed (nextest profile `unit`, .config/nextest.toml)
+	@$(CARGO) nextest --version >/dev/null 2>&1 || $(CARGO) install --locked cargo-nextest
+	$(CARGO) nextest run --workspace --profile unit --no-fail-fast
 
 rust-test: ## the Rust test suite, end-to-end scenarios included (needs RabbitMQ on 127.0.0.1:5672 and rabbitmq-server installed)
 	$(CARGO) build --bins --workspace

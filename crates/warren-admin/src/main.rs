@@ -7,7 +7,6 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use warren_admin::{DbArgs, ServeArgs};
 use warren_telemetry::LogArgs;
@@ -152,11 +151,9 @@ async fn main() -> anyhow::Result<()> {
         // Only the server logs: the CLI's standard output is its answer
         // (`TOKEN=$(warren-admin tokens create … --secret-only)`), errors go to stderr.
         warren_telemetry::init_tracing(&cli.log).context("setting up logging")?;
-        let shutdown = CancellationToken::new();
-        let admin = warren_admin::serve(&cli.db, args, shutdown.clone()).await?;
+        let shutdown = warren_telemetry::shutdown_on_signal();
+        let admin = warren_admin::serve(&cli.db, args, shutdown).await?;
         tracing::info!(addr = %admin.addr, "warren-admin listening");
-        warren_telemetry::shutdown_signal().await;
-        shutdown.cancel();
         admin
             .server
             .await

@@ -1,9 +1,11 @@
 //! Audit events on the `warren.events` topic exchange.
 //!
 //! Emitting is a non-blocking `try_send` into a bounded buffer; a background
-//! task publishes the events on a plain (no-confirm) channel. When the buffer
-//! is full or no connection is up, the event is dropped and counted: an audit
-//! event never blocks, slows or fails a job.
+//! task publishes the events on a plain (no-confirm) channel. The sink owns
+//! the slot for that channel: whoever owns the connection hands it a channel
+//! with [`AuditSink::attach`] and takes it back with [`AuditSink::detach`].
+//! When the buffer is full or no connected channel is attached, the event is
+//! dropped and counted: an audit event never blocks, slows or fails a job.
 //!
 //! Batching ([`AuditSink::spawn_batched`]): events of one kind (routing key)
 //! are gathered and published as ONE broker message per batch, so a worker
@@ -15,8 +17,8 @@
 //! shape into the list of events.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
@@ -88,8 +90,28 @@ impl AuditEvent {
 #[derive(Clone)]
 pub struct AuditSink {
     tx: mpsc::Sender<Command>,
+    channel: ChannelSlot,
     dropped: Arc<AtomicU64>,
     published: Arc<AtomicU64>,
+}
+
+/// The channel the events go out on, if one is attached.
+#[derive(Clone, Default)]
+struct ChannelSlot(Arc<Mutex<Option<Channel>>>);
+
+impl ChannelSlot {
+    fn set(&self, channel: Option<Channel>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = channel;
+    }
+
+    /// The attached channel while it is open.
+    fn current(&self) -> Option<Channel> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .filter(|channel| channel.status().connected())
+    }
 }
 
 /// Counters shared by the sink and its publishing task.
@@ -100,38 +122,49 @@ struct Counts {
 }
 
 impl AuditSink {
-    /// Starts the publishing task: one broker message per event. `channel`
-    /// is asked for the current channel for every publish (None while
-    /// disconnected).
-    pub fn spawn<F>(capacity: usize, channel: F) -> Self
-    where
-        F: Fn() -> Option<Channel> + Send + 'static,
-    {
+    /// Starts the publishing task: one broker message per event. Events are
+    /// dropped until a channel is [attached](AuditSink::attach).
+    pub fn spawn(capacity: usize) -> Self {
         Self::spawn_batched(
             capacity,
             Batching {
                 max_events: 1,
                 linger: Duration::ZERO,
             },
-            channel,
         )
     }
 
     /// Starts the publishing task, publishing events in batches (see the
     /// module documentation).
-    pub fn spawn_batched<F>(capacity: usize, batching: Batching, channel: F) -> Self
-    where
-        F: Fn() -> Option<Channel> + Send + 'static,
-    {
+    pub fn spawn_batched(capacity: usize, batching: Batching) -> Self {
         let (tx, rx) = mpsc::channel::<Command>(capacity.max(1));
         let counts = Counts::default();
+        let channel = ChannelSlot::default();
         let sink = Self {
             tx,
+            channel: channel.clone(),
             dropped: counts.dropped.clone(),
             published: counts.published.clone(),
         };
         tokio::spawn(publish_loop(rx, batching, channel, counts));
         sink
+    }
+
+    /// Publishes on `channel` from now on (a plain channel of the caller's
+    /// connection; the exchange must be declared).
+    pub fn attach(&self, channel: Channel) {
+        self.channel.set(Some(channel));
+    }
+
+    /// Stops publishing (the connection is going): events are dropped until
+    /// a channel is attached again.
+    pub fn detach(&self) {
+        self.channel.set(None);
+    }
+
+    /// True while an attached channel is open.
+    pub fn is_attached(&self) -> bool {
+        self.channel.current().is_some()
     }
 
     /// Queues `event` for publishing; drops it (and counts it) when the
@@ -215,14 +248,13 @@ impl Pending {
     }
 }
 
-async fn publish_loop<F>(
+async fn publish_loop(
     mut rx: mpsc::Receiver<Command>,
     batching: Batching,
-    channel: F,
+    slot: ChannelSlot,
     counts: Counts,
-) where
-    F: Fn() -> Option<Channel> + Send + 'static,
-{
+) {
+    let channel = || slot.current();
     let max_events = batching.max_events.max(1);
     let mut pending = Pending::default();
     loop {
@@ -334,7 +366,8 @@ mod tests {
 
     #[tokio::test]
     async fn emitting_never_blocks_when_disconnected_or_full() {
-        let sink = AuditSink::spawn(2, || None);
+        let sink = AuditSink::spawn(2);
+        assert!(!sink.is_attached(), "no channel until one is attached");
         for i in 0..100 {
             sink.emit(AuditEvent::job(
                 "message.accepted",
@@ -406,7 +439,6 @@ mod tests {
                 max_events: 50,
                 linger: Duration::from_secs(3600),
             },
-            || None,
         );
         for i in 0..5 {
             sink.emit(event("message.processed", i));

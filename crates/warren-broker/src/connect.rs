@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
 
 /// Why a connection could not be opened.
@@ -28,7 +29,7 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// Opens a connection named `connection_name` (shown by RabbitMQ as
+/// Opens a connection to `url` named `connection_name` (shown by RabbitMQ as
 /// `user_provided_name`; workers use their pod name), giving up after
 /// `timeout`. No automatic recovery: callers own their reconnect loop, so a
 /// pending confirm or an in-flight job is never silently replayed.
@@ -37,14 +38,40 @@ pub async fn connect(
     connection_name: &str,
     timeout: Duration,
 ) -> Result<Connection, ConnectError> {
-    let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
-    match tokio::time::timeout(timeout, Connection::connect(url, properties)).await {
+    let opening = Connection::connect(url, properties(connection_name));
+    within(timeout, opening, || redact_url(url)).await
+}
+
+/// [`connect`] to a URI the caller built (e.g. a broker's URL with the
+/// credentials of a Secret and a vhost filled in). Errors show the URI with
+/// its password redacted.
+pub async fn connect_uri(
+    uri: AMQPUri,
+    connection_name: &str,
+    timeout: Duration,
+) -> Result<Connection, ConnectError> {
+    let shown = uri.to_string();
+    let opening = Connection::connect_uri(uri, properties(connection_name));
+    within(timeout, opening, || redact_url(&shown)).await
+}
+
+fn properties(connection_name: &str) -> ConnectionProperties {
+    ConnectionProperties::default().with_connection_name(connection_name.into())
+}
+
+/// Waits for `opening` at most `timeout`; errors name the broker as `shown()`.
+async fn within(
+    timeout: Duration,
+    opening: impl Future<Output = lapin::Result<Connection>>,
+    shown: impl Fn() -> String,
+) -> Result<Connection, ConnectError> {
+    match tokio::time::timeout(timeout, opening).await {
         Err(_) => Err(ConnectError::Timeout {
-            url: redact_url(url),
+            url: shown(),
             timeout,
         }),
         Ok(Err(source)) => Err(ConnectError::Amqp {
-            url: redact_url(url),
+            url: shown(),
             source,
         }),
         Ok(Ok(connection)) => Ok(connection),
@@ -107,6 +134,24 @@ mod tests {
             "amqp://user:***@rabbit:5672/%2f"
         );
         assert_eq!(redact_url("amqp://rabbit"), "amqp://rabbit");
+    }
+
+    #[tokio::test]
+    async fn a_refused_uri_is_named_without_its_password() {
+        let port = warren_testkit::free_port().unwrap();
+        let uri: AMQPUri = format!("amqp://warren:s3cret@127.0.0.1:{port}/jobs")
+            .parse()
+            .unwrap();
+        let err = connect_uri(uri, "test", Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ConnectError::Amqp { .. }), "{err}");
+        let shown = err.to_string();
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains(&format!("warren:***@127.0.0.1:{port}/jobs")),
+            "{shown}"
+        );
     }
 
     #[tokio::test]

@@ -4,6 +4,8 @@
 //! Extra fields sent by a client (seed 004's `phone`, say) are carried as-is.
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use lapin::BasicProperties;
+use lapin::types::ShortString;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -70,6 +72,18 @@ impl Envelope {
         Ok(envelope)
     }
 
+    /// The AMQP properties a job is published with: persistent
+    /// (`delivery_mode` 2), JSON, `message_id` = the job id, `timestamp` =
+    /// `created_at` (Unix seconds), `app_id` = the publishing program.
+    pub fn publish_properties(&self, app_id: &str) -> BasicProperties {
+        BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(ShortString::from("application/json"))
+            .with_message_id(ShortString::from(self.id.to_string()))
+            .with_timestamp(u64::try_from(self.created_at.timestamp()).unwrap_or(0))
+            .with_app_id(ShortString::from(app_id))
+    }
+
     /// `created_at` as RFC 3339 with milliseconds (for logs and events).
     pub fn created_at_rfc3339(&self) -> String {
         self.created_at.to_rfc3339_opts(SecondsFormat::Millis, true)
@@ -106,6 +120,29 @@ mod tests {
         let parsed = Envelope::from_bytes(&bytes).unwrap();
         assert_eq!(parsed, envelope);
         assert_eq!(parsed.dots(), 3);
+    }
+
+    #[test]
+    fn a_job_is_published_persistent_with_its_id_and_time() {
+        let envelope = Envelope::new("work.", Map::new());
+        let properties = envelope.publish_properties("warren-sender");
+        assert_eq!(properties.delivery_mode(), &Some(2));
+        assert_eq!(
+            properties.message_id().as_ref().map(|id| id.to_string()),
+            Some(envelope.id.to_string())
+        );
+        assert_eq!(
+            properties.content_type().as_ref().map(|t| t.to_string()),
+            Some("application/json".to_string())
+        );
+        assert_eq!(
+            properties.timestamp(),
+            &Some(envelope.created_at.timestamp() as u64)
+        );
+        assert_eq!(
+            properties.app_id().as_ref().map(|a| a.to_string()),
+            Some("warren-sender".to_string())
+        );
     }
 
     #[test]

@@ -32,6 +32,7 @@ use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::AuditSink;
 use crate::connect::{Backoff, close_quietly, connect, redact_url};
 use crate::topology::Topology;
 
@@ -124,6 +125,27 @@ impl Publisher {
     /// (publishes fail with [`PublishError::Unavailable`] until connected).
     /// The supervisor stops and closes the connection when `shutdown` fires.
     pub fn start(config: PublisherConfig, topology: Topology, shutdown: CancellationToken) -> Self {
+        Self::start_supervisor(config, topology, None, shutdown)
+    }
+
+    /// [`Publisher::start`], and `audit` publishes on a plain channel of
+    /// each session's connection (attached when the session is up, detached
+    /// when it goes).
+    pub fn start_with_audit(
+        config: PublisherConfig,
+        topology: Topology,
+        audit: AuditSink,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self::start_supervisor(config, topology, Some(audit), shutdown)
+    }
+
+    fn start_supervisor(
+        config: PublisherConfig,
+        topology: Topology,
+        audit: Option<AuditSink>,
+        shutdown: CancellationToken,
+    ) -> Self {
         let (tx, rx) = watch::channel(None);
         let (blocked_tx, blocked) = watch::channel(false);
         let connects = Arc::new(AtomicUsize::new(0));
@@ -131,6 +153,7 @@ impl Publisher {
         let states = SessionStates {
             session: tx,
             blocked: blocked_tx,
+            audit,
         };
         tokio::spawn(supervise(
             config,
@@ -181,14 +204,6 @@ impl Publisher {
             .await
             .map(|r| r.is_ok())
             .unwrap_or(false)
-    }
-
-    /// The current audit channel, if connected.
-    pub fn audit_channel(&self) -> Option<Channel> {
-        self.session
-            .borrow()
-            .as_ref()
-            .map(|s| s.audit_channel.clone())
     }
 
     /// Publishes `payload` with `mandatory` set and waits for the broker's
@@ -273,6 +288,26 @@ impl ConnectionWatch {
 struct SessionStates {
     session: watch::Sender<Option<Arc<Session>>>,
     blocked: watch::Sender<bool>,
+    /// Gets each session's audit channel.
+    audit: Option<AuditSink>,
+}
+
+impl SessionStates {
+    fn up(&self, session: &Arc<Session>) {
+        if let Some(audit) = &self.audit {
+            audit.attach(session.audit_channel.clone());
+        }
+        self.blocked.send_replace(false);
+        self.session.send_replace(Some(session.clone()));
+    }
+
+    fn down(&self) {
+        if let Some(audit) = &self.audit {
+            audit.detach();
+        }
+        self.session.send_replace(None);
+        self.blocked.send_replace(false);
+    }
 }
 
 async fn supervise(
@@ -297,8 +332,7 @@ async fn supervise(
                 connects.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(url = %url, channels = config.channels, "publisher connected");
                 let session = Arc::new(session);
-                state.blocked.send_replace(false);
-                state.session.send_replace(Some(session.clone()));
+                state.up(&session);
                 let stop = tokio::select! {
                     _ = shutdown.cancelled() => true,
                     reason = wait_until_broken(&session, &state.blocked) => {
@@ -306,8 +340,7 @@ async fn supervise(
                         false
                     }
                 };
-                state.session.send_replace(None);
-                state.blocked.send_replace(false);
+                state.down();
                 close_quietly(&session.connection).await;
                 if stop {
                     return;

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection};
 use serde_json::{Map, Value, json};
 use warren_broker::{AuditEvent, AuditSink, EventsLogRetention, QueueType, Topology};
 
@@ -100,9 +100,9 @@ struct LinkKey {
     vhost: String,
 }
 
-/// One broker's audit connection and its buffered sink.
+/// One broker's audit connection and its buffered sink (which holds the
+/// connection's channel).
 struct AuditLink {
-    channel: Arc<Mutex<Option<Channel>>>,
     connection: tokio::sync::Mutex<LinkState>,
     sink: AuditSink,
 }
@@ -157,19 +157,9 @@ impl Links {
         links
             .entry(key.clone())
             .or_insert_with(|| {
-                let channel: Arc<Mutex<Option<Channel>>> = Arc::default();
-                let current = channel.clone();
-                let sink = AuditSink::spawn(BUFFER, move || {
-                    current
-                        .lock()
-                        .ok()
-                        .and_then(|slot| slot.clone())
-                        .filter(|c| c.status().connected())
-                });
                 Arc::new(AuditLink {
-                    channel,
                     connection: tokio::sync::Mutex::default(),
-                    sink,
+                    sink: AuditSink::spawn(BUFFER),
                 })
             })
             .clone()
@@ -202,13 +192,7 @@ impl AuditLink {
         events_log: &EventsLogRetention,
     ) {
         let mut state = self.connection.lock().await;
-        let up = self
-            .channel
-            .lock()
-            .ok()
-            .and_then(|slot| slot.as_ref().map(|c| c.status().connected()))
-            .unwrap_or(false);
-        if up {
+        if self.sink.is_attached() {
             return;
         }
         if state
@@ -217,11 +201,9 @@ impl AuditLink {
         {
             return;
         }
-        match tokio::time::timeout(timeout, open(key, events_log)).await {
+        match tokio::time::timeout(timeout, open(key, timeout, events_log)).await {
             Ok(Ok((connection, channel))) => {
-                if let Ok(mut slot) = self.channel.lock() {
-                    *slot = Some(channel);
-                }
+                self.sink.attach(channel);
                 state.connection = Some(connection);
                 state.last_failure = None;
             }
@@ -239,14 +221,13 @@ impl AuditLink {
 
 async fn open(
     key: &LinkKey,
+    timeout: Duration,
     events_log: &EventsLogRetention,
 ) -> Result<(Connection, Channel), String> {
     let uri = amqp_uri(&key.url, &key.credentials, &key.vhost).map_err(|e| e.to_string())?;
-    let properties =
-        ConnectionProperties::default().with_connection_name("warren-controller-audit".into());
-    let connection = Connection::connect_uri(uri, properties)
+    let connection = warren_broker::connect_uri(uri, "warren-controller-audit", timeout)
         .await
-        .map_err(|e| format!("cannot connect to {}: {e}", key.url))?;
+        .map_err(|e| e.to_string())?;
     // The exchange may not exist yet if the controller talks to the broker
     // before the sender or a worker does; declaring is idempotent.
     Topology::new(Vec::new(), QueueType::Quorum)

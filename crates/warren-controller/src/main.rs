@@ -111,25 +111,14 @@ async fn main() -> anyhow::Result<()> {
     let metrics = ControllerMetrics::register(&mut registry);
     let readiness = Readiness::default();
 
-    let shutdown = CancellationToken::new();
-    {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            warren_telemetry::shutdown_signal().await;
-            shutdown.cancel();
-        });
-    }
-
-    let listener = tokio::net::TcpListener::bind(args.listen_addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen_addr))?;
-    let router: axum::Router = warren_telemetry::ops_router(Arc::new(registry), readiness.clone());
-    let server_shutdown = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
-            .await
-    });
+    let shutdown = warren_telemetry::shutdown_on_signal();
+    let server = warren_telemetry::serve_ops(
+        args.listen_addr,
+        registry,
+        readiness.clone(),
+        shutdown.clone(),
+    )
+    .await?;
     tracing::info!(addr = %args.listen_addr, "serving /metrics /healthz /readyz");
 
     let client = kube::Client::try_default()
@@ -176,11 +165,7 @@ async fn main() -> anyhow::Result<()> {
 
     shutdown.cancel();
     readiness.set(false);
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => tracing::warn!(error = %err, "HTTP server failed"),
-        Err(err) => tracing::warn!(error = %err, "HTTP server task failed"),
-    }
+    server.stopped().await;
     tracing::info!("stopped");
     result
 }

@@ -29,8 +29,6 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use lapin::BasicProperties;
-use lapin::types::ShortString;
 use prometheus_client::registry::Registry;
 use serde_json::{Map, json};
 use tokio::sync::Semaphore;
@@ -180,20 +178,19 @@ pub async fn start(args: &Args, shutdown: CancellationToken) -> anyhow::Result<R
     // The broker connection outlives the HTTP server's drain, so the last
     // jobs and their batched audit events still reach the broker.
     let broker_stop = CancellationToken::new();
-    let publisher = Publisher::start(
-        config,
-        Topology::new(queues.clone(), args.broker.queue_type)
-            .with_events_log(args.broker.events_log.retention()),
-        broker_stop.clone(),
-    );
-    let audit_source = publisher.clone();
     let audit = AuditSink::spawn_batched(
         10_000,
         Batching {
             max_events: usize::from(args.audit_batch),
             linger: Duration::from_millis(args.audit_linger_ms),
         },
-        move || audit_source.audit_channel(),
+    );
+    let publisher = Publisher::start_with_audit(
+        config,
+        Topology::new(queues.clone(), args.broker.queue_type)
+            .with_events_log(args.broker.events_log.retention()),
+        audit.clone(),
+        broker_stop.clone(),
     );
 
     let auth = Auth::start(&args.auth).context("starting the token gate")?;
@@ -364,12 +361,7 @@ async fn send(state: &AppState, queue: &str, headers: &HeaderMap, body: Body) ->
     };
     let envelope = Envelope::new(job.message, job.extra);
     let id = envelope.id.to_string();
-    let properties = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type(ShortString::from("application/json"))
-        .with_message_id(ShortString::from(id.as_str()))
-        .with_timestamp(u64::try_from(envelope.created_at.timestamp()).unwrap_or(0))
-        .with_app_id(ShortString::from("warren-sender"));
+    let properties = envelope.publish_properties("warren-sender");
     let started = Instant::now();
     let published = inner
         .publisher

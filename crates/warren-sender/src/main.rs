@@ -1,6 +1,5 @@
 use anyhow::Context as _;
 use clap::Parser as _;
-use tokio_util::sync::CancellationToken;
 use warren_sender::Args;
 
 #[tokio::main]
@@ -8,11 +7,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     warren_telemetry::init_tracing(&args.log).context("setting up logging")?;
     warren_telemetry::install_crypto_provider();
-    let shutdown = CancellationToken::new();
-    let sender = warren_sender::start(&args, shutdown.clone()).await?;
+    let shutdown = warren_telemetry::shutdown_on_signal();
+    let sender = warren_sender::start(&args, shutdown).await?;
     tracing::info!(addr = %sender.addr, queues = ?args.all_queues(), "warren-sender listening");
-    warren_telemetry::shutdown_signal().await;
-    shutdown.cancel();
     sender
         .server
         .await

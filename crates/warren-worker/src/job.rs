@@ -53,6 +53,17 @@ pub struct SettleError {
 
 /// Processes one delivery from `queue` to the end: the work, then the ack
 /// (or the dead-lettering reject). Never interrupted by SIGTERM.
+///
+/// Runs in the span `job` (`id`, `queue`, `redelivered`), which every log
+/// line of the job inherits; `id` is the envelope's (a poison message's AMQP
+/// `message_id`). The `job started` and `job done` lines also carry `id` and
+/// `redelivered` themselves: the e2e job log (warren-e2e `JobLog`) reads them
+/// there.
+#[tracing::instrument(
+    name = "job",
+    skip_all,
+    fields(id = tracing::field::Empty, queue = %queue, redelivered = delivery.redelivered)
+)]
 pub async fn process(
     ctx: Arc<JobContext>,
     queue: Arc<str>,
@@ -69,7 +80,8 @@ pub async fn process(
             return Ok(Outcome::DeadLettered);
         }
     };
-    tracing::debug!(id = %envelope.id, queue = %queue, job_message = %envelope.message, redelivered, "job started");
+    tracing::Span::current().record("id", tracing::field::display(envelope.id));
+    tracing::debug!(id = %envelope.id, job_message = %envelope.message, redelivered, "job started");
     ctx.metrics
         .job_wait_seconds
         .get_or_create(&QueueLabel {
@@ -117,7 +129,7 @@ fn record_done(
     let duration_ms = elapsed.as_millis() as u64;
     ctx.metrics.processed.inc();
     ctx.metrics.job_seconds.observe(elapsed.as_secs_f64());
-    tracing::info!(id = %envelope.id, queue, job_message = %envelope.message, redelivered, duration_ms, "job done");
+    tracing::info!(id = %envelope.id, job_message = %envelope.message, redelivered, duration_ms, "job done");
     let mut fields = worker_fields(ctx, queue);
     fields.insert("redelivered".into(), json!(redelivered));
     fields.insert("duration_ms".into(), json!(duration_ms));
@@ -142,7 +154,8 @@ async fn dead_letter(
         .as_ref()
         .map(|id| id.to_string())
         .unwrap_or_default();
-    tracing::warn!(id = %id, queue, error = %err, "poison message: dead-lettering it");
+    tracing::Span::current().record("id", id.as_str());
+    tracing::warn!(error = %err, "poison message: dead-lettering it");
     delivery
         .acker
         .reject(BasicRejectOptions { requeue: false })
@@ -175,7 +188,7 @@ mod tests {
         JobContext {
             worker: "w".into(),
             seconds_per_dot,
-            audit: AuditSink::spawn(1, || None),
+            audit: AuditSink::spawn(1),
             metrics: WorkerMetrics::register(&mut Default::default()),
         }
     }

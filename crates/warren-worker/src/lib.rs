@@ -34,11 +34,13 @@ use futures::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection, Consumer};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
-use warren_broker::connect::{Backoff, close_quietly, redact_url};
-use warren_broker::{AuditSink, Batching, BrokerArgs, Topology, connect};
+use warren_broker::{
+    AuditSink, Backoff, Batching, BrokerArgs, ConnectError, Topology, close_quietly, connect,
+    redact_url,
+};
 use warren_telemetry::{LogArgs, Readiness};
 
 use crate::fair::{Fair, Turn};
@@ -151,7 +153,50 @@ fn consumer_tag(pod_name: &str, queue: &str, several: bool) -> String {
 /// Why a consuming session ended.
 enum SessionEnd {
     Shutdown,
-    Lost(String),
+    Lost(SessionError),
+}
+
+/// Why the worker lost (or never got) its broker session; it reconnects.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("setting up the consumers: {0}")]
+    Setup(#[source] lapin::Error),
+    #[error("no consumer left")]
+    NoConsumer,
+    #[error("the broker cancelled the consumer of queue {queue}")]
+    ConsumerCancelled { queue: Arc<str> },
+    #[error("consumer error on queue {queue}: {source}")]
+    Consumer {
+        queue: Arc<str>,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error(transparent)]
+    Job(#[from] JobError),
+}
+
+/// Why a job in hand did not end with the broker told: it stays unacked
+/// and the broker redelivers it.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Settle(#[from] SettleError),
+    #[error("a job panicked")]
+    Panicked,
+    #[error("a job was cancelled")]
+    Cancelled,
+}
+
+impl From<JoinError> for JobError {
+    fn from(err: JoinError) -> Self {
+        if err.is_panic() {
+            JobError::Panicked
+        } else {
+            JobError::Cancelled
+        }
+    }
 }
 
 /// Consumes until `shutdown` fires (after finishing the jobs in hand).
@@ -166,20 +211,17 @@ pub async fn run(
     let queues = args.consumed_queues();
     let topology = Topology::new(queues.clone(), args.broker.queue_type)
         .with_events_log(args.broker.events_log.retention());
-    let audit_channel: Arc<Mutex<Option<Channel>>> = Arc::default();
-    let audit_source = audit_channel.clone();
     let audit = AuditSink::spawn_batched(
         AUDIT_BUFFER,
         Batching {
             max_events: usize::from(args.audit_batch),
             linger: Duration::from_millis(args.audit_linger_ms),
         },
-        move || audit_source.lock().ok().and_then(|guard| guard.clone()),
     );
     let jobs = Arc::new(JobContext {
         worker: args.pod_name.clone(),
         seconds_per_dot: args.seconds_per_dot,
-        audit: audit.clone(),
+        audit,
         metrics: metrics.clone(),
     });
     let queues: Vec<Arc<str>> = queues.into_iter().map(Arc::from).collect();
@@ -189,7 +231,6 @@ pub async fn run(
         prefetch,
         topology: &topology,
         jobs: &jobs,
-        audit_channel: &audit_channel,
         metrics: &metrics,
         readiness: &readiness,
         shutdown: &shutdown,
@@ -210,30 +251,9 @@ pub async fn run(
         let end = match connected {
             Ok(connection) => {
                 tracing::info!(url = %url, queues = ?queues, prefetch, concurrency = args.concurrency, most_held, "connected");
-                let blocked = tokio::spawn(follow_blocked(
-                    connection.events_listener(),
-                    metrics.broker_blocked.clone(),
-                ));
-                let end = session.serve(&connection).await;
-                // A session that got as far as consuming was healthy: the
-                // next reconnect starts from the shortest delay again.
-                if readiness.is_ready() {
-                    backoff.reset();
-                }
-                readiness.set(false);
-                blocked.abort();
-                metrics.broker_blocked.set(0);
-                if matches!(end, SessionEnd::Shutdown) {
-                    // The events of the last jobs, before the connection goes.
-                    audit.flush(Duration::from_secs(2)).await;
-                }
-                if let Ok(mut guard) = audit_channel.lock() {
-                    *guard = None;
-                }
-                close_quietly(&connection).await;
-                end
+                session.run_connected(connection, &mut backoff).await
             }
-            Err(err) => SessionEnd::Lost(err.to_string()),
+            Err(err) => SessionEnd::Lost(err.into()),
         };
         match end {
             SessionEnd::Shutdown => {
@@ -265,7 +285,6 @@ struct Session<'a> {
     prefetch: u16,
     topology: &'a Topology,
     jobs: &'a Arc<JobContext>,
-    audit_channel: &'a Mutex<Option<Channel>>,
     metrics: &'a WorkerMetrics,
     readiness: &'a Readiness,
     shutdown: &'a CancellationToken,
@@ -304,13 +323,13 @@ impl<'a> InHand<'a> {
 
     /// Waits for the next job to finish. Err: its ack could not be sent
     /// (the connection is gone; the broker redelivers it).
-    async fn next_finished(&mut self) -> Result<(), String> {
+    async fn next_finished(&mut self) -> Result<(), JobError> {
         let joined = self.tasks.join_next().await;
         self.update_gauges();
         match joined {
             None | Some(Ok(Ok(_))) => Ok(()),
-            Some(Ok(Err(err))) => Err(err.to_string()),
-            Some(Err(err)) => Err(join_failure(err)),
+            Some(Ok(Err(err))) => Err(err.into()),
+            Some(Err(err)) => Err(err.into()),
         }
     }
 
@@ -322,22 +341,40 @@ impl<'a> InHand<'a> {
     }
 }
 
-fn join_failure(err: JoinError) -> String {
-    if err.is_panic() {
-        "a job panicked".to_string()
-    } else {
-        "a job was cancelled".to_string()
-    }
-}
-
 impl Session<'_> {
+    /// One connection's life: follows its blocked state, serves until it
+    /// ends, then lets go of the connection (flushing the audit events of
+    /// the last jobs on the way out).
+    async fn run_connected(&self, connection: Connection, backoff: &mut Backoff) -> SessionEnd {
+        let blocked = tokio::spawn(follow_blocked(
+            connection.events_listener(),
+            self.metrics.broker_blocked.clone(),
+        ));
+        let end = self.serve(&connection).await;
+        // A session that got as far as consuming was healthy: the next
+        // reconnect starts from the shortest delay again.
+        if self.readiness.is_ready() {
+            backoff.reset();
+        }
+        self.readiness.set(false);
+        blocked.abort();
+        self.metrics.broker_blocked.set(0);
+        if matches!(end, SessionEnd::Shutdown) {
+            // The events of the last jobs, before the connection goes.
+            self.jobs.audit.flush(Duration::from_secs(2)).await;
+        }
+        self.jobs.audit.detach();
+        close_quietly(&connection).await;
+        end
+    }
+
     /// Declares, consumes and runs jobs until SIGTERM (then finishes the
     /// jobs in hand) or until the connection is lost (then the jobs in hand
     /// are abandoned: unacked, the broker redelivers them).
     async fn serve(&self, connection: &Connection) -> SessionEnd {
         let (channel, mut consumers) = match self.setup(connection).await {
             Ok(parts) => parts,
-            Err(err) => return SessionEnd::Lost(format!("setting up the consumers: {err}")),
+            Err(err) => return SessionEnd::Lost(SessionError::Setup(err)),
         };
         self.readiness.set(true);
         tracing::info!(queues = ?self.queues, consumer = %self.args.pod_name, "waiting for jobs");
@@ -349,17 +386,18 @@ impl Session<'_> {
                 _ = self.shutdown.cancelled() => break,
                 finished = in_hand.next_finished(), if !in_hand.is_empty() => {
                     if let Err(reason) = finished {
-                        return SessionEnd::Lost(reason);
+                        return SessionEnd::Lost(reason.into());
                     }
                 }
                 turn = consumers.next(), if in_hand.len() < concurrency => match turn {
-                    None => return SessionEnd::Lost("no consumer left".into()),
-                    Some(Turn::Ended { index }) => return SessionEnd::Lost(format!(
-                        "the broker cancelled the consumer of queue {}", self.queues[index]
-                    )),
-                    Some(Turn::Item { index, item: Err(err) }) => return SessionEnd::Lost(format!(
-                        "consumer error on queue {}: {err}", self.queues[index]
-                    )),
+                    None => return SessionEnd::Lost(SessionError::NoConsumer),
+                    Some(Turn::Ended { index }) => return SessionEnd::Lost(SessionError::ConsumerCancelled {
+                        queue: self.queues[index].clone(),
+                    }),
+                    Some(Turn::Item { index, item: Err(source) }) => return SessionEnd::Lost(SessionError::Consumer {
+                        queue: self.queues[index].clone(),
+                        source,
+                    }),
                     Some(Turn::Item { index, item: Ok(delivery) }) => {
                         in_hand.start(self.queues[index].clone(), delivery);
                     }
@@ -415,10 +453,7 @@ impl Session<'_> {
                 .await?;
             consumers.push(consumer);
         }
-        let events = connection.create_channel().await?;
-        if let Ok(mut guard) = self.audit_channel.lock() {
-            *guard = Some(events);
-        }
+        self.jobs.audit.attach(connection.create_channel().await?);
         Ok((channel, Fair::new(consumers)))
     }
 }
