@@ -56,9 +56,9 @@ pub struct SettleError {
 ///
 /// Runs in the span `job` (`id`, `queue`, `redelivered`), which every log
 /// line of the job inherits; `id` is the envelope's (a poison message's AMQP
-/// `message_id`). The `job started` and `job done` lines also carry `id` and
-/// `redelivered` themselves: the e2e job log (warren-e2e `JobLog`) reads them
-/// there.
+/// `message_id`). The `job started`, `job done` and poison lines also carry
+/// `id` and `queue` (and `redelivered`) themselves, at the top of a JSON line:
+/// the e2e job log (warren-e2e `JobLog`) and the worker's tests read them there.
 #[tracing::instrument(
     name = "job",
     skip_all,
@@ -81,7 +81,7 @@ pub async fn process(
         }
     };
     tracing::Span::current().record("id", tracing::field::display(envelope.id));
-    tracing::debug!(id = %envelope.id, job_message = %envelope.message, redelivered, "job started");
+    tracing::debug!(id = %envelope.id, queue = %queue, job_message = %envelope.message, redelivered, "job started");
     ctx.metrics
         .job_wait_seconds
         .get_or_create(&QueueLabel {
@@ -129,7 +129,7 @@ fn record_done(
     let duration_ms = elapsed.as_millis() as u64;
     ctx.metrics.processed.inc();
     ctx.metrics.job_seconds.observe(elapsed.as_secs_f64());
-    tracing::info!(id = %envelope.id, job_message = %envelope.message, redelivered, duration_ms, "job done");
+    tracing::info!(id = %envelope.id, queue, job_message = %envelope.message, redelivered, duration_ms, "job done");
     let mut fields = worker_fields(ctx, queue);
     fields.insert("redelivered".into(), json!(redelivered));
     fields.insert("duration_ms".into(), json!(duration_ms));
@@ -155,7 +155,7 @@ async fn dead_letter(
         .map(|id| id.to_string())
         .unwrap_or_default();
     tracing::Span::current().record("id", id.as_str());
-    tracing::warn!(error = %err, "poison message: dead-lettering it");
+    tracing::warn!(id = %id, queue, error = %err, "poison message: dead-lettering it");
     delivery
         .acker
         .reject(BasicRejectOptions { requeue: false })
