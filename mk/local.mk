@@ -5,7 +5,9 @@
 #                     background, helm install the chart, wait until every workload is Ready
 #   make local-down   stop the cluster and remove its state
 #   make local-test   the README flow end to end with assertions, on the running cluster
-#   make local-e2e    local-up + local-test + local-down: what `make test` runs
+#   make local-scenarios  the Rust end-to-end scenarios (crates/warren-e2e) on the running
+#                     cluster: one namespace per test, one test at a time
+#   make local-e2e    local-up + local-test + local-scenarios + local-down: what `make test` runs
 
 LOCAL_STATE ?= $(CURDIR)/.local/cluster
 LOCAL_KUBECONFIG := $(LOCAL_STATE)/admin.kubeconfig
@@ -34,7 +36,10 @@ LOCAL_ENV = KUBECONFIG=$(LOCAL_KUBECONFIG) LOCAL_STATE=$(LOCAL_STATE) LOCAL_BIN=
 	WARREN_BIN_DIR=$(CARGO_TARGET_DIR)/debug HELM=$(HELM) KUBECTL=$(KUBECTL) \
 	RELEASE=$(RELEASE) NAMESPACE=$(NAMESPACE) CHART_DIR=$(CHART_DIR) LOCAL_HELM_TIMEOUT=$(LOCAL_HELM_TIMEOUT)
 
-.PHONY: local-build local-go-build local-go-test local-up local-down local-test local-e2e
+# Which tests of crates/warren-e2e `make local-scenarios` runs (a nextest filter).
+LOCAL_SCENARIOS ?= -E 'binary(scenarios)'
+
+.PHONY: local-build local-go-build local-go-test local-up local-down local-test local-scenarios local-e2e
 
 local-go-build: ## build the localcluster binary (kube-apiserver, controller-manager, scheduler, etcd, node agent)
 	@command -v $(GO) >/dev/null || { echo "local-go-build needs Go >= 1.26 on PATH" >&2; exit 1; }
@@ -62,7 +67,15 @@ local-down: ## stop the local cluster and delete its state
 local-test: ## the README flow, asserted end to end, on the cluster `make local-up` started
 	@$(LOCAL_ENV) bash mk/local-cluster.sh test
 
-local-e2e: ## local-up, local-test, local-down (part of `make test`; refuses to run beside a cluster left up)
+# WARREN_E2E_CLUSTER turns every Harness of crates/warren-e2e onto this cluster (the chart's
+# controller and worker Deployments in a namespace per test, the real ReplicaSet controller);
+# a cluster that does not answer fails the tests, it never skips them.
+# The sender runs on this machine: local-build (make local-up) built it.
+local-scenarios: ## the end-to-end scenarios of crates/warren-e2e on the cluster `make local-up` started, one at a time
+	WARREN_E2E_CLUSTER=$(LOCAL_STATE) HELM=$(HELM) $(CARGO) nextest run -p warren-e2e --no-fail-fast --test-threads 1 $(LOCAL_SCENARIOS)
+
+local-e2e: ## local-up, local-test, local-scenarios, local-down (part of `make test`; refuses to run beside a cluster left up)
 	@$(LOCAL_ENV) bash mk/local-cluster.sh fresh
-	@rc=0; $(SUBMAKE) local-up HELM_ARGS="$(LOCAL_E2E_HELM_ARGS) $(HELM_ARGS)" && $(SUBMAKE) local-test || rc=$$?; \
+	@rc=0; $(SUBMAKE) local-up HELM_ARGS="$(LOCAL_E2E_HELM_ARGS) $(HELM_ARGS)" && $(SUBMAKE) local-test \
+	  && $(SUBMAKE) local-scenarios || rc=$$?; \
 	  $(LOCAL_ENV) bash mk/local-cluster.sh down; exit $$rc

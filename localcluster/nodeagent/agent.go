@@ -63,6 +63,7 @@ type agent struct {
 	images  *ImageMap
 	net     *network
 	podsDir string
+	logsDir string // container logs (see podRuntime.logPath)
 	self    string
 
 	cmLister    corelisters.ConfigMapLister
@@ -135,7 +136,8 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	a := &agent{
 		cfg: cfg, ctx: ctx, client: client, images: images, net: nw, self: self,
-		podsDir: filepath.Join(cfg.StateDir, "pods"), pods: map[types.UID]*podRuntime{},
+		podsDir: filepath.Join(cfg.StateDir, "pods"), logsDir: filepath.Join(cfg.StateDir, "logs", "pods"),
+		pods: map[types.UID]*podRuntime{},
 	}
 	if err := os.MkdirAll(a.podsDir, 0o755); err != nil {
 		return err

@@ -27,6 +27,8 @@ type podRuntime struct {
 	a   *agent
 	uid types.UID
 	dir string
+	// logDir holds the containers' logs (see logPath); it outlives dir.
+	logDir string
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -64,8 +66,9 @@ func newPodRuntime(a *agent, pod *corev1.Pod) *podRuntime {
 	ctx, cancel := context.WithCancel(a.ctx)
 	r := &podRuntime{
 		a: a, uid: pod.UID, pod: pod.DeepCopy(),
-		dir: filepath.Join(a.podsDir, string(pod.UID)),
-		ctx: ctx, cancel: cancel,
+		dir:    filepath.Join(a.podsDir, string(pod.UID)),
+		logDir: filepath.Join(a.logsDir, pod.Namespace+"_"+pod.Name+"_"+string(pod.UID)),
+		ctx:    ctx, cancel: cancel,
 		done:        make(chan struct{}),
 		dirty:       make(chan struct{}, 1),
 		startTime:   metav1.Now(),
@@ -353,8 +356,12 @@ func (r *podRuntime) buildLaunch(c *containerRuntime) (launchSpec, error) {
 	}, nil
 }
 
+// logPath is where one instance of a container writes its output, in the kubelet's
+// /var/log/pods layout: <state>/logs/pods/<namespace>_<pod>_<uid>/<container>/<restart>.log.
+// Unlike the pod directory it outlives the pod (removed with the state by make local-down),
+// so a test can read what a deleted pod wrote last (crates/warren-e2e's job log).
 func (r *podRuntime) logPath(c *containerRuntime, restart int32) string {
-	return filepath.Join(r.dir, "logs", c.spec.Name, strconv.Itoa(int(restart))+".log")
+	return filepath.Join(r.logDir, c.spec.Name, strconv.Itoa(int(restart))+".log")
 }
 
 // startInstance launches one instance of a container and records it as running.

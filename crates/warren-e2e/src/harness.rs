@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use warren_crd::{
     Behavior, BrokerRef, CredentialsSecretRef, Fallback, PolicyType, QueueRef, QueueScaler,
@@ -15,17 +16,19 @@ use warren_crd::{
 use warren_fakekube::resources::{DEPLOYMENTS, LEASES, QUEUESCALERS, SECRETS};
 use warren_fakekube::{
     ChildOutput, FakeApiServer, PodExit, ProcessReplicaSet, ProcessTemplate, Readiness,
-    RecordedRequest,
 };
 use warren_testkit::{RabbitNode, RabbitOptions};
 
+use crate::cluster::{
+    self, ApiWrite, CONTROLLER, Cluster, ClusterSetup, describe_pods, instance_name,
+};
 use crate::process::tail;
 use crate::{
-    Binaries, CountingProxy, HarnessError, JobLog, JobReport, Process, ReplicaChange,
+    Binaries, CountingProxy, HarnessError, JobLog, JobReport, MetricsText, Process, ReplicaChange,
     ReplicaRecorder, http_client,
 };
 
-/// Namespace of everything in the fake.
+/// Namespace of everything in the fake (on a cluster each harness has its own).
 pub const NAMESPACE: &str = "default";
 /// The worker Deployment the scaler targets.
 pub const DEPLOYMENT: &str = "warren-worker";
@@ -122,7 +125,9 @@ pub struct Pool {
     pub queue: String,
     /// Its Deployment (and the name of its QueueScaler, by convention).
     pub deployment: String,
-    pub workers: ProcessReplicaSet,
+    /// Its process ReplicaSet (fake backend; on a cluster the ReplicaSet
+    /// controller runs its pods).
+    pub workers: Option<ProcessReplicaSet>,
     pub recorder: ReplicaRecorder,
 }
 
@@ -276,16 +281,34 @@ pub struct Burst {
     pub first_confirm_wall: chrono::DateTime<chrono::Utc>,
 }
 
+/// Where the Kubernetes side of a run lives.
+enum Kube {
+    /// The fake API server; controllers are processes with this kubeconfig.
+    Fake {
+        api: FakeApiServer,
+        kubeconfig: PathBuf,
+    },
+    /// A namespace of the local cluster ([`cluster::CLUSTER_ENV`]).
+    Cluster(Box<Cluster>),
+}
+
 /// One end-to-end environment. Everything is killed when it is dropped; when
 /// dropped during a panic it prints its diagnostics (replica history,
 /// controller logs, scaler status, job accounting) to stderr.
+///
+/// It runs against the fake API server, or, when [`cluster::CLUSTER_ENV`]
+/// names the state directory of a local cluster (`make local-up`), against
+/// that cluster: see [`crate::cluster`]. The methods are the same.
 pub struct Harness {
     pub queue: String,
     pub queue_kind: QueueKind,
     pub node: RabbitNode,
-    pub api: FakeApiServer,
+    kube: Kube,
+    /// The worker processes (fake backend only).
     pub workers: Option<ProcessReplicaSet>,
     pub sender: Process,
+    /// The controller processes (fake backend only; on a cluster they are
+    /// pods: [`Harness::controller_names`]).
     pub controllers: Vec<Process>,
     pub recorder: ReplicaRecorder,
     pub proxy: Option<CountingProxy>,
@@ -297,18 +320,30 @@ pub struct Harness {
     lease_duration_seconds: u64,
     lease_grace_seconds: u64,
     controller_env: Vec<(String, String)>,
-    kubeconfig: PathBuf,
+    /// Waits last this many times what a scenario asks (1 on the fake; a
+    /// real control plane on a loaded machine is slower to react).
+    patience: f64,
     dir: Option<tempfile::TempDir>,
     sent: Mutex<Vec<String>>,
     http: reqwest::Client,
 }
 
 impl Harness {
-    /// Starts the broker, the fake API server (Deployment, Secret,
-    /// QueueScaler), the worker ReplicaSet, the sender and the controllers.
+    /// Starts the broker, the Kubernetes side (the fake API server with a
+    /// Deployment, a Secret and a process ReplicaSet; or a namespace of the
+    /// local cluster with the chart's objects), the sender, the QueueScaler
+    /// and the controllers.
     pub async fn start(options: HarnessOptions) -> Result<Self, HarnessError> {
         let started = Instant::now();
         let binaries = Binaries::locate()?;
+        // A cluster that does not answer fails the test before anything starts.
+        let cluster = match cluster::cluster_state_dir() {
+            Some(state) => {
+                let (client, node_ip) = Cluster::connect(&state).await?;
+                Some((state, client, node_ip))
+            }
+            None => None,
+        };
         let dir = tempfile::Builder::new()
             .prefix("warren-e2e-")
             .tempdir()
@@ -321,31 +356,17 @@ impl Harness {
             management: true,
             prometheus: options.rabbit_prometheus,
             stats_interval_ms: options.stats_interval_ms,
+            http_on_all_interfaces: cluster.is_some(),
             ..RabbitOptions::default()
         })
         .await?;
-
-        let api = FakeApiServer::start().await?;
-        let kubeconfig = dir.path().join("kubeconfig");
-        api.write_kubeconfig(&kubeconfig)?;
-        api.put_object(
-            &SECRETS,
-            json!({
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {"name": SECRET, "namespace": NAMESPACE},
-                "type": "Opaque",
-                "data": {"username": GUEST_B64, "password": GUEST_B64},
-            }),
-        )?;
-        api.put_object(
-            &DEPLOYMENTS,
-            deployment_object(DEPLOYMENT, 0, options.grace_seconds),
-        )?;
-        let recorder = ReplicaRecorder::start(&api, &DEPLOYMENTS, NAMESPACE, DEPLOYMENT);
-
         let proxy = if options.count_management_requests {
-            Some(CountingProxy::start(&node.management_url()).await?)
+            let ip = if cluster.is_some() {
+                std::net::Ipv4Addr::UNSPECIFIED
+            } else {
+                std::net::Ipv4Addr::LOCALHOST
+            };
+            Some(CountingProxy::start_on(ip, &node.management_url()).await?)
         } else {
             None
         };
@@ -384,56 +405,147 @@ impl Harness {
             .wait_http_ok("/readyz", Duration::from_secs(30))
             .await?;
 
-        let worker_template = |queue: &str| {
-            ProcessTemplate::new(&binaries.worker)
-                .env("AMQP_URL", node.amqp_url())
-                .env("WARREN_QUEUE", queue)
-                .env("WARREN_QUEUE_TYPE", options.queue_kind.as_str())
-                .env(
-                    "WARREN_SECONDS_PER_DOT",
-                    options.seconds_per_dot.to_string(),
+        let leader_election = options.leader_election.unwrap_or(options.controllers > 1);
+        let (kube, recorder, workers, pools, patience) = match cluster {
+            Some((state, client, node_ip)) => {
+                let extra_pools: Vec<(String, String)> = options
+                    .extra_pools
+                    .iter()
+                    .cloned()
+                    .zip(pool_queues.iter().cloned())
+                    .collect();
+                let cluster = Cluster::start(
+                    state,
+                    client,
+                    node_ip.clone(),
+                    ClusterSetup {
+                        namespace: &queue,
+                        queue: &queue,
+                        queue_type: options.queue_kind.as_str(),
+                        amqp_host_port: format!("{node_ip}:{}", node.amqp_port()),
+                        seconds_per_dot: options.seconds_per_dot,
+                        grace_seconds: options.grace_seconds,
+                        controllers: options.controllers,
+                        leader_election,
+                        lease_duration_seconds: options.lease_duration_seconds,
+                        lease_grace_seconds: options.lease_grace_seconds,
+                        controller_env: &options.controller_env,
+                        worker_queues: &worker_queues,
+                        extra_pools: &extra_pools,
+                    },
                 )
-                .env("WARREN_PREFETCH", "1")
-                .env("WARREN_LOG_FORMAT", "json")
-                // `job started` is a debug line; the job log needs it.
-                .env("WARREN_LOG", "info,warren_worker::job=debug")
-                .env("WARREN_RECONNECT_MIN_MS", "100")
-                .env("WARREN_RECONNECT_MAX_MS", "1000")
-                .readiness(Readiness::HttpGet {
-                    path: "/readyz".into(),
-                })
-                .output(ChildOutput::Files(dir.path().join("pods")))
+                .await?;
+                let recorder = cluster.recorder(DEPLOYMENT);
+                let pools = extra_pools
+                    .into_iter()
+                    .map(|(suffix, queue)| {
+                        let deployment = format!("{DEPLOYMENT}-{suffix}");
+                        Pool {
+                            suffix,
+                            queue,
+                            recorder: cluster.recorder(&deployment),
+                            workers: None,
+                            deployment,
+                        }
+                    })
+                    .collect();
+                let patience = std::env::var("WARREN_E2E_PATIENCE")
+                    .ok()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(3.0);
+                (
+                    Kube::Cluster(Box::new(cluster)),
+                    recorder,
+                    None,
+                    pools,
+                    patience,
+                )
+            }
+            None => {
+                let api = FakeApiServer::start().await?;
+                let kubeconfig = dir.path().join("kubeconfig");
+                api.write_kubeconfig(&kubeconfig)?;
+                api.put_object(
+                    &SECRETS,
+                    json!({
+                        "apiVersion": "v1",
+                        "kind": "Secret",
+                        "metadata": {"name": SECRET, "namespace": NAMESPACE},
+                        "type": "Opaque",
+                        "data": {"username": GUEST_B64, "password": GUEST_B64},
+                    }),
+                )?;
+                api.put_object(
+                    &DEPLOYMENTS,
+                    deployment_object(DEPLOYMENT, 0, options.grace_seconds),
+                )?;
+                let recorder = ReplicaRecorder::start(&api, &DEPLOYMENTS, NAMESPACE, DEPLOYMENT);
+                let worker_template = |queue: &str| {
+                    ProcessTemplate::new(&binaries.worker)
+                        .env("AMQP_URL", node.amqp_url())
+                        .env("WARREN_QUEUE", queue)
+                        .env("WARREN_QUEUE_TYPE", options.queue_kind.as_str())
+                        .env(
+                            "WARREN_SECONDS_PER_DOT",
+                            options.seconds_per_dot.to_string(),
+                        )
+                        .env("WARREN_PREFETCH", "1")
+                        .env("WARREN_LOG_FORMAT", "json")
+                        // `job started` is a debug line; the job log needs it.
+                        .env("WARREN_LOG", "info,warren_worker::job=debug")
+                        .env("WARREN_RECONNECT_MIN_MS", "100")
+                        .env("WARREN_RECONNECT_MAX_MS", "1000")
+                        .readiness(Readiness::HttpGet {
+                            path: "/readyz".into(),
+                        })
+                        .output(ChildOutput::Files(dir.path().join("pods")))
+                };
+                let workers = options.workers.then(|| {
+                    let template =
+                        worker_template(&queue).env("WARREN_QUEUES", worker_queues.join(","));
+                    ProcessReplicaSet::start(&api, NAMESPACE, DEPLOYMENT, template)
+                });
+                let mut pools = Vec::new();
+                for (suffix, pool_queue) in options.extra_pools.iter().zip(pool_queues) {
+                    let deployment = format!("{DEPLOYMENT}-{suffix}");
+                    api.put_object(
+                        &DEPLOYMENTS,
+                        deployment_object(&deployment, 0, options.grace_seconds),
+                    )?;
+                    pools.push(Pool {
+                        suffix: suffix.clone(),
+                        recorder: ReplicaRecorder::start(
+                            &api,
+                            &DEPLOYMENTS,
+                            NAMESPACE,
+                            &deployment,
+                        ),
+                        workers: Some(ProcessReplicaSet::start(
+                            &api,
+                            NAMESPACE,
+                            &deployment,
+                            worker_template(&pool_queue),
+                        )),
+                        queue: pool_queue,
+                        deployment,
+                    });
+                }
+                (
+                    Kube::Fake { api, kubeconfig },
+                    recorder,
+                    workers,
+                    pools,
+                    1.0,
+                )
+            }
         };
-        let workers = options.workers.then(|| {
-            let template = worker_template(&queue).env("WARREN_QUEUES", worker_queues.join(","));
-            ProcessReplicaSet::start(&api, NAMESPACE, DEPLOYMENT, template)
-        });
-        let mut pools = Vec::new();
-        for (suffix, pool_queue) in options.extra_pools.iter().zip(pool_queues) {
-            let deployment = format!("{DEPLOYMENT}-{suffix}");
-            api.put_object(
-                &DEPLOYMENTS,
-                deployment_object(&deployment, 0, options.grace_seconds),
-            )?;
-            pools.push(Pool {
-                suffix: suffix.clone(),
-                recorder: ReplicaRecorder::start(&api, &DEPLOYMENTS, NAMESPACE, &deployment),
-                workers: ProcessReplicaSet::start(
-                    &api,
-                    NAMESPACE,
-                    &deployment,
-                    worker_template(&pool_queue),
-                ),
-                queue: pool_queue,
-                deployment,
-            });
-        }
 
+        let on_cluster = matches!(kube, Kube::Cluster(_));
         let mut harness = Self {
             queue,
             queue_kind: options.queue_kind,
             node,
-            api,
+            kube,
             workers,
             sender,
             controllers: Vec::new(),
@@ -442,11 +554,11 @@ impl Harness {
             binaries,
             started,
             pools,
-            leader_election: options.leader_election.unwrap_or(options.controllers > 1),
+            leader_election,
             lease_duration_seconds: options.lease_duration_seconds,
             lease_grace_seconds: options.lease_grace_seconds,
             controller_env: options.controller_env,
-            kubeconfig,
+            patience,
             dir: Some(dir),
             sent: Mutex::default(),
             http,
@@ -457,7 +569,7 @@ impl Harness {
             if let Some(edit) = options.spec_edit {
                 edit(&mut spec);
             }
-            harness.put_scaler(SCALER, spec)?;
+            harness.put_scaler(SCALER, spec).await?;
         }
         if options.wait_for_queue_stats {
             let waited = harness
@@ -465,12 +577,48 @@ impl Harness {
                 .await?;
             tracing::info!(?waited, "management API reports counts for the work queue");
         }
-        for i in 0..options.controllers {
-            harness
-                .start_controller(&format!("warren-controller-{i}"))
-                .await?;
+        if !on_cluster {
+            for i in 0..options.controllers {
+                harness
+                    .start_controller(&format!("warren-controller-{i}"))
+                    .await?;
+            }
         }
         Ok(harness)
+    }
+
+    /// Whether this harness runs on a cluster (else on the fake API server).
+    pub fn on_cluster(&self) -> bool {
+        matches!(self.kube, Kube::Cluster(_))
+    }
+
+    /// The cluster backend, if this harness runs on one.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        match &self.kube {
+            Kube::Cluster(cluster) => Some(cluster),
+            Kube::Fake { .. } => None,
+        }
+    }
+
+    /// The fake API server, if this harness runs on one.
+    pub fn fake_api(&self) -> Option<&FakeApiServer> {
+        match &self.kube {
+            Kube::Fake { api, .. } => Some(api),
+            Kube::Cluster(_) => None,
+        }
+    }
+
+    fn patient(&self, timeout: Duration) -> Duration {
+        timeout.mul_f64(self.patience)
+    }
+
+    /// `url` (an address on 127.0.0.1) as the controller reaches it: on a
+    /// cluster, through the node's bridge address.
+    fn reachable(&self, url: &str) -> String {
+        match &self.kube {
+            Kube::Cluster(cluster) => url.replace("127.0.0.1", &cluster.node_ip),
+            Kube::Fake { .. } => url.to_string(),
+        }
     }
 
     /// Waits until the management API reports message counts for the work
@@ -571,18 +719,13 @@ impl Harness {
         timeout: Duration,
     ) -> Result<Duration, HarnessError> {
         let started = Instant::now();
+        let timeout = self.patient(timeout);
         loop {
             let alive: Vec<String> = self
-                .workers
-                .as_ref()
-                .map(|w| {
-                    w.pods()
-                        .into_iter()
-                        .filter(|p| !p.terminating)
-                        .map(|p| p.name)
-                        .collect()
-                })
-                .unwrap_or_default();
+                .live_workers()
+                .into_iter()
+                .map(|(pod, _)| pod)
+                .collect();
             let view = self
                 .management_unacked_by_connection()
                 .await
@@ -604,17 +747,45 @@ impl Harness {
         }
     }
 
-    /// [`base_spec`] for this harness's queue and broker.
+    /// [`base_spec`] for this harness's queue and broker (as the controller
+    /// reaches them).
     pub fn default_spec(&self) -> QueueScalerSpec {
         let management = match &self.proxy {
-            Some(proxy) => proxy.url(),
+            Some(proxy) => format!("http://127.0.0.1:{}", proxy.port()),
             None => self.node.management_url(),
         };
         base_spec(
             &self.queue,
-            &management,
-            &format!("amqp://127.0.0.1:{}", self.node.amqp_port()),
+            &self.reachable(&management),
+            &self.reachable(&format!("amqp://127.0.0.1:{}", self.node.amqp_port())),
         )
+    }
+
+    /// Worker pods (main Deployment) running, not terminating: (pod, the
+    /// name of its current instance in the job log).
+    fn live_workers(&self) -> Vec<(String, String)> {
+        match &self.kube {
+            Kube::Cluster(cluster) => cluster
+                .pods_of(DEPLOYMENT)
+                .into_iter()
+                .filter(|p| !p.deleted && !p.terminating)
+                .map(|p| {
+                    let instance = instance_name(&p.name, p.restart_count);
+                    (p.name, instance)
+                })
+                .collect(),
+            Kube::Fake { .. } => self
+                .workers
+                .as_ref()
+                .map(|w| {
+                    w.pods()
+                        .into_iter()
+                        .filter(|p| !p.terminating)
+                        .map(|p| (p.name.clone(), p.name))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
     }
 
     /// The extra pool with this suffix.
@@ -634,29 +805,70 @@ impl Harness {
         Ok(spec)
     }
 
+    /// The QueueScaler `name` as JSON.
+    fn scaler_object(&self, name: &str) -> Option<Value> {
+        match &self.kube {
+            Kube::Fake { api, .. } => api.get_object(&QUEUESCALERS, NAMESPACE, name),
+            Kube::Cluster(cluster) => cluster.scaler(name),
+        }
+    }
+
+    /// Every QueueScaler of the harness, as JSON.
+    pub fn scalers(&self) -> Vec<Value> {
+        match &self.kube {
+            Kube::Fake { api, .. } => api.list_objects(&QUEUESCALERS, Some(NAMESPACE)),
+            Kube::Cluster(cluster) => cluster.scalers(),
+        }
+    }
+
     /// The status of the QueueScaler `name`, as the controller last wrote it.
     pub fn status_of(&self, name: &str) -> Option<QueueScalerStatus> {
-        let object = self.api.get_object(&QUEUESCALERS, NAMESPACE, name)?;
+        let object = self.scaler_object(name)?;
         serde_json::from_value(object.get("status")?.clone()).ok()
     }
 
     /// Creates or replaces a QueueScaler.
-    pub fn put_scaler(&self, name: &str, spec: QueueScalerSpec) -> Result<(), HarnessError> {
-        self.api
-            .put_object(&QUEUESCALERS, scaler_object(name, spec)?)?;
+    pub async fn put_scaler(&self, name: &str, spec: QueueScalerSpec) -> Result<(), HarnessError> {
+        let object = scaler_object(name, spec)?;
+        match &self.kube {
+            Kube::Fake { api, .. } => {
+                api.put_object(&QUEUESCALERS, object)?;
+            }
+            Kube::Cluster(cluster) => cluster.put_scaler(object).await?,
+        }
         Ok(())
     }
 
     /// Applies a JSON merge patch to the QueueScaler's spec (as `kubectl
     /// patch --type merge` would; the generation moves).
-    pub fn patch_scaler_spec(&self, spec_patch: Value) -> Result<(), HarnessError> {
-        self.api.patch_object(
-            &QUEUESCALERS,
-            NAMESPACE,
-            SCALER,
-            &json!({"spec": spec_patch}),
-        )?;
+    pub async fn patch_scaler_spec(&self, spec_patch: Value) -> Result<(), HarnessError> {
+        let patch = json!({"spec": spec_patch});
+        match &self.kube {
+            Kube::Fake { api, .. } => {
+                api.patch_object(&QUEUESCALERS, NAMESPACE, SCALER, &patch)?;
+            }
+            Kube::Cluster(cluster) => cluster.merge_patch_scaler(SCALER, patch).await?,
+        }
         Ok(())
+    }
+
+    /// Creates a Deployment (e.g. [`deployment_object`]) next to the harness's.
+    pub async fn put_deployment(&self, object: Value) -> Result<(), HarnessError> {
+        match &self.kube {
+            Kube::Fake { api, .. } => {
+                api.put_object(&DEPLOYMENTS, object)?;
+            }
+            Kube::Cluster(cluster) => cluster.create_deployment(object).await?,
+        }
+        Ok(())
+    }
+
+    /// Kubernetes Events recorded so far (JSON).
+    pub async fn events(&self) -> Result<Vec<Value>, HarnessError> {
+        match &self.kube {
+            Kube::Fake { api, .. } => Ok(api.events()),
+            Kube::Cluster(cluster) => cluster.events().await,
+        }
     }
 
     /// Run directory (logs, kubeconfig).
@@ -667,19 +879,23 @@ impl Harness {
             .unwrap_or(Path::new("."))
     }
 
-    /// Where the worker pods write their logs.
+    /// Where the worker pods write their logs (fake backend).
     pub fn pods_dir(&self) -> PathBuf {
         self.dir().join("pods")
     }
 
     /// Starts a controller process named `name` (its `POD_NAME`) and waits
-    /// until it serves `/healthz`.
+    /// until it serves `/healthz` (fake backend; on a cluster the
+    /// controllers are the chart's Deployment, `HarnessOptions::controllers`).
     pub async fn start_controller(&mut self, name: &str) -> Result<(), HarnessError> {
+        let Kube::Fake { kubeconfig, .. } = &self.kube else {
+            return Err(HarnessError::Other(
+                "start_controller: on a cluster the controllers are pods of the chart's Deployment"
+                    .into(),
+            ));
+        };
         let mut vars = vec![
-            (
-                "KUBECONFIG".to_string(),
-                self.kubeconfig.display().to_string(),
-            ),
+            ("KUBECONFIG".to_string(), kubeconfig.display().to_string()),
             ("POD_NAME".into(), name.into()),
             ("POD_NAMESPACE".into(), NAMESPACE.into()),
             (
@@ -718,18 +934,150 @@ impl Harness {
         Ok(())
     }
 
-    /// The controller process named `name`.
+    /// The controller process named `name` (fake backend).
     pub fn controller(&self, name: &str) -> Option<&Process> {
         self.controllers.iter().find(|c| c.name == name)
     }
 
+    /// The controllers by name (their `POD_NAME`): the processes, or on a
+    /// cluster the controller Deployment's live pods.
+    pub fn controller_names(&self) -> Vec<String> {
+        match &self.kube {
+            Kube::Fake { .. } => self.controllers.iter().map(|c| c.name.clone()).collect(),
+            Kube::Cluster(cluster) => cluster
+                .pods_of(CONTROLLER)
+                .into_iter()
+                .filter(|p| !p.deleted && !p.terminating)
+                .map(|p| p.name)
+                .collect(),
+        }
+    }
+
+    /// One scrape of the controller `name`'s `/metrics`.
+    pub async fn controller_metrics(&self, name: &str) -> Result<MetricsText, HarnessError> {
+        match &self.kube {
+            Kube::Fake { .. } => {
+                self.controller(name)
+                    .ok_or_else(|| HarnessError::Other(format!("no controller {name}")))?
+                    .metrics()
+                    .await
+            }
+            Kube::Cluster(cluster) => {
+                Ok(MetricsText(cluster.pod_get(name, 8080, "/metrics").await?))
+            }
+        }
+    }
+
+    /// Takes the controller `name` away without a clean release: SIGKILL of
+    /// the process (fake); deletion of its pod (cluster: the kubelet stops
+    /// it and its Deployment starts another).
+    pub async fn kill_controller(&self, name: &str) -> Result<(), HarnessError> {
+        match &self.kube {
+            Kube::Fake { .. } => self
+                .controller(name)
+                .ok_or_else(|| HarnessError::Other(format!("no controller {name}")))?
+                .signal(Signal::SIGKILL),
+            Kube::Cluster(cluster) => cluster.delete_pod(name).await,
+        }
+    }
+
+    /// Sends `signal` to the worker process of pod `pod` (not a deletion: on a
+    /// cluster the kubelet restarts the container, as for a crash).
+    pub fn kill_worker(&self, pod: &str, signal: Signal) -> Result<(), HarnessError> {
+        match &self.kube {
+            Kube::Fake { .. } => self
+                .workers
+                .as_ref()
+                .ok_or_else(|| HarnessError::Other("no worker pods".into()))?
+                .kill_pod(pod, signal)
+                .map_err(|e| HarnessError::Other(format!("signalling pod {pod}: {e}"))),
+            Kube::Cluster(cluster) => {
+                // A job log instance name (`<pod>#<restart>`) names its pod.
+                let pod = pod.split('#').next().unwrap_or(pod);
+                cluster.signal_pod_process(pod, "warren-worker", signal)
+            }
+        }
+    }
+
+    /// Waits until the worker pod `pod` (or a job log instance name of it)
+    /// has been restarted by its kubelet and is Ready again; returns its
+    /// restart count (cluster backend only: the fake's ReplicaSet replaces
+    /// a dead process with a new pod instead).
+    pub async fn wait_restarted(&self, pod: &str, timeout: Duration) -> Result<i32, HarnessError> {
+        let Kube::Cluster(cluster) = &self.kube else {
+            return Err(HarnessError::Other(
+                "container restarts happen on a cluster only".into(),
+            ));
+        };
+        let pod = pod.split('#').next().unwrap_or(pod);
+        let restarted = |p: &cluster::PodRecord| {
+            p.name == pod && p.restart_count >= 1 && p.ready && !p.terminating
+        };
+        cluster
+            .wait_pods(
+                self.patient(timeout),
+                &format!("pod {pod} restarted and Ready"),
+                |pods| pods.iter().any(restarted),
+            )
+            .await?;
+        Ok(cluster
+            .pods()
+            .iter()
+            .find(|p| restarted(p))
+            .map(|p| p.restart_count)
+            .unwrap_or_default())
+    }
+
+    /// Judges every scale-in victim of the main Deployment against the pods
+    /// the ReplicaSet controller kept (cluster backend: from the pod watch).
+    /// A victim that was Ready must have had a deletion cost no higher than
+    /// any Ready pod kept; pods deleted within 5 s of each other count as one
+    /// batch (not as kept). Returns how many victims were judged and the
+    /// violations.
+    pub fn scale_in_cost_violations(&self) -> Result<(usize, Vec<String>), HarnessError> {
+        let Kube::Cluster(cluster) = &self.kube else {
+            return Err(HarnessError::Other(
+                "victims are judged on a cluster (the fake's ReplicaSet is ours)".into(),
+            ));
+        };
+        let pods = cluster.pods_of(DEPLOYMENT);
+        let deleted_at: BTreeMap<String, Instant> = pods
+            .iter()
+            .filter_map(|p| Some((p.name.clone(), p.deletion.as_ref()?.at)))
+            .collect();
+        let mut judged = 0;
+        let mut violations = Vec::new();
+        for pod in &pods {
+            let Some(d) = &pod.deletion else { continue };
+            if !d.ready {
+                continue;
+            }
+            judged += 1;
+            for (kept, cost, ready) in &d.kept {
+                let same_batch = deleted_at
+                    .get(kept)
+                    .is_some_and(|at| at.saturating_duration_since(d.at) < Duration::from_secs(5));
+                if *ready && !same_batch && *cost < d.cost {
+                    violations.push(format!(
+                        "{} (cost {}) deleted while {kept} (cost {cost}) was kept",
+                        pod.name, d.cost
+                    ));
+                }
+            }
+        }
+        Ok((judged, violations))
+    }
+
     /// Holder of the leader Lease, if any.
     pub fn lease_holder(&self) -> Option<String> {
-        self.api
-            .get_object(&LEASES, NAMESPACE, LEASE)?
-            .pointer("/spec/holderIdentity")?
-            .as_str()
-            .map(str::to_string)
+        match &self.kube {
+            Kube::Fake { api, .. } => api
+                .get_object(&LEASES, NAMESPACE, LEASE)?
+                .pointer("/spec/holderIdentity")?
+                .as_str()
+                .map(str::to_string),
+            Kube::Cluster(cluster) => cluster.lease_holder(),
+        }
     }
 
     /// POSTs one job; returns its id once the sender answered 202.
@@ -814,16 +1162,41 @@ impl Harness {
             .clone()
     }
 
-    /// The worker logs as they are now.
+    /// The worker logs as they are now. On a cluster a container's second
+    /// run (after a crash) is `<pod>#1`, and so on: see [`instance_name`].
     pub fn job_log(&self) -> JobLog {
-        JobLog::read(&self.pods_dir())
+        match &self.kube {
+            Kube::Fake { .. } => JobLog::read(&self.pods_dir()),
+            Kube::Cluster(cluster) => cluster.job_log(),
+        }
     }
 
-    /// Exits of worker pod processes (every pool's).
+    /// Exits of worker pod processes (every pool's). On a cluster: one per
+    /// container instance that ended (named like the job log's); SIGTERM
+    /// "sent" means the pod was being deleted, SIGKILL "sent" that it then
+    /// died of signal 9.
     pub fn exits(&self) -> Vec<PodExit> {
+        if let Kube::Cluster(cluster) = &self.kube {
+            return cluster
+                .pods()
+                .into_iter()
+                .filter(|p| p.deployment != CONTROLLER)
+                .flat_map(|p| {
+                    p.exits.into_values().map(move |e| PodExit {
+                        pod: instance_name(&p.name, e.restart),
+                        pid: 0,
+                        code: Some(e.code),
+                        signal: e.signal,
+                        sigterm_sent: e.while_deleting,
+                        sigkill_sent: e.while_deleting && e.signal == Some(9),
+                        ran_for: e.ran_for,
+                    })
+                })
+                .collect();
+        }
         let mut exits = self.workers.as_ref().map(|w| w.exits()).unwrap_or_default();
         for pool in &self.pools {
-            exits.extend(pool.workers.exits());
+            exits.extend(pool.workers.iter().flat_map(|w| w.exits()));
         }
         exits
     }
@@ -841,6 +1214,7 @@ impl Harness {
         timeout: Duration,
     ) -> Result<(), HarnessError> {
         let started = Instant::now();
+        let timeout = self.patient(timeout);
         loop {
             let log = self.job_log();
             if log.all_done(ids) {
@@ -870,12 +1244,13 @@ impl Harness {
         timeout: Duration,
     ) -> Result<Vec<(String, String)>, HarnessError> {
         let started = Instant::now();
+        let timeout = self.patient(timeout);
         loop {
             let alive: BTreeSet<String> = self
-                .workers
-                .as_ref()
-                .map(|w| w.pods().into_iter().map(|p| p.name).collect())
-                .unwrap_or_default();
+                .live_workers()
+                .into_iter()
+                .map(|(_, instance)| instance)
+                .collect();
             let in_hand: Vec<(String, String)> = self
                 .job_log()
                 .in_hand()
@@ -903,7 +1278,7 @@ impl Harness {
     ) -> Result<ReplicaChange, HarnessError> {
         let started = Instant::now();
         self.recorder
-            .wait_value(timeout, |v| v == n)
+            .wait_value(self.patient(timeout), |v| v == n)
             .await
             .ok_or_else(|| self.timeout(format!("the Deployment to have {n} replicas"), started))
     }
@@ -918,7 +1293,7 @@ impl Harness {
     ) -> Result<ReplicaChange, HarnessError> {
         let started = Instant::now();
         self.recorder
-            .wait_change(since, timeout, pred)
+            .wait_change(since, self.patient(timeout), pred)
             .await
             .ok_or_else(|| self.timeout(what.to_string(), started))
     }
@@ -926,9 +1301,20 @@ impl Harness {
     /// Waits until `n` worker pods run, are ready and none is terminating.
     pub async fn wait_pods_ready(&self, n: usize, timeout: Duration) -> Result<(), HarnessError> {
         let started = Instant::now();
-        let ok = match &self.workers {
-            Some(workers) => workers.wait_for_ready(n, timeout).await,
-            None => false,
+        let timeout = self.patient(timeout);
+        let ok = match (&self.kube, &self.workers) {
+            (Kube::Cluster(cluster), _) => cluster
+                .wait_pods(timeout, "ready worker pods", |pods| {
+                    let live: Vec<_> = pods
+                        .iter()
+                        .filter(|p| p.deployment == DEPLOYMENT && !p.deleted)
+                        .collect();
+                    live.len() == n && live.iter().all(|p| p.ready && !p.terminating)
+                })
+                .await
+                .is_ok(),
+            (Kube::Fake { .. }, Some(workers)) => workers.wait_for_ready(n, timeout).await,
+            (Kube::Fake { .. }, None) => false,
         };
         if ok {
             Ok(())
@@ -939,8 +1325,7 @@ impl Harness {
 
     /// The QueueScaler's status as the controller last wrote it.
     pub fn scaler_status(&self) -> Option<QueueScalerStatus> {
-        let object = self.api.get_object(&QUEUESCALERS, NAMESPACE, SCALER)?;
-        serde_json::from_value(object.get("status")?.clone()).ok()
+        self.status_of(SCALER)
     }
 
     /// Waits until the QueueScaler's status satisfies `pred`.
@@ -951,40 +1336,79 @@ impl Harness {
         mut pred: impl FnMut(&QueueScalerStatus) -> bool,
     ) -> Result<QueueScalerStatus, HarnessError> {
         let started = Instant::now();
-        let found = self
-            .api
-            .wait_for_object(&QUEUESCALERS, NAMESPACE, SCALER, timeout, |object| {
-                object
-                    .get("status")
-                    .and_then(|s| serde_json::from_value::<QueueScalerStatus>(s.clone()).ok())
-                    .is_some_and(|s| pred(&s))
-            })
-            .await;
+        let timeout = self.patient(timeout);
+        let mut matches = |object: &Value| {
+            object
+                .get("status")
+                .and_then(|s| serde_json::from_value::<QueueScalerStatus>(s.clone()).ok())
+                .is_some_and(|s| pred(&s))
+        };
+        let found = match &self.kube {
+            Kube::Fake { api, .. } => {
+                api.wait_for_object(&QUEUESCALERS, NAMESPACE, SCALER, timeout, matches)
+                    .await
+            }
+            Kube::Cluster(cluster) => cluster.wait_scaler(SCALER, timeout, &mut matches).await,
+        };
         found
             .and_then(|o| serde_json::from_value(o.get("status")?.clone()).ok())
             .ok_or_else(|| self.timeout(what.to_string(), started))
     }
 
-    /// PATCH requests to the Deployment's `/scale` subresource.
-    pub fn scale_patches(&self) -> Vec<RecordedRequest> {
-        let path = format!("/apis/apps/v1/namespaces/{NAMESPACE}/deployments/{DEPLOYMENT}/scale");
-        self.api
-            .requests()
-            .into_iter()
-            .filter(|r| r.method == "PATCH" && r.path == path)
-            .collect()
+    /// PATCH requests to the Deployment's `/scale` subresource (on a
+    /// cluster: from the apiserver's audit log, any writer).
+    pub fn scale_patches(&self) -> Vec<ApiWrite> {
+        match &self.kube {
+            Kube::Fake { api, .. } => {
+                let path =
+                    format!("/apis/apps/v1/namespaces/{NAMESPACE}/deployments/{DEPLOYMENT}/scale");
+                api.requests()
+                    .into_iter()
+                    .filter(|r| r.method == "PATCH" && r.path == path)
+                    .map(|r| ApiWrite {
+                        method: r.method,
+                        path: r.path,
+                        user: String::new(),
+                        status: r.status,
+                    })
+                    .collect()
+            }
+            Kube::Cluster(cluster) => cluster
+                .deployment_writes(DEPLOYMENT, Some("scale"))
+                .into_iter()
+                .filter(|w| w.method == "PATCH")
+                .collect(),
+        }
     }
 
     /// Writes to the Deployment other than through `/scale` (the controller
-    /// should only ever use `/scale`).
-    pub fn other_deployment_writes(&self) -> Vec<RecordedRequest> {
-        let base = format!("/apis/apps/v1/namespaces/{NAMESPACE}/deployments/{DEPLOYMENT}");
-        self.api
-            .requests()
-            .into_iter()
-            .filter(|r| matches!(r.method.as_str(), "PATCH" | "PUT" | "POST"))
-            .filter(|r| r.path == base)
-            .collect()
+    /// should only ever use `/scale`); on a cluster, those made with the
+    /// controller's ServiceAccount.
+    pub fn other_deployment_writes(&self) -> Vec<ApiWrite> {
+        match &self.kube {
+            Kube::Fake { api, .. } => {
+                let base = format!("/apis/apps/v1/namespaces/{NAMESPACE}/deployments/{DEPLOYMENT}");
+                api.requests()
+                    .into_iter()
+                    .filter(|r| matches!(r.method.as_str(), "PATCH" | "PUT" | "POST"))
+                    .filter(|r| r.path == base)
+                    .map(|r| ApiWrite {
+                        method: r.method,
+                        path: r.path,
+                        user: String::new(),
+                        status: r.status,
+                    })
+                    .collect()
+            }
+            Kube::Cluster(cluster) => {
+                let controller = cluster.controller_user();
+                cluster
+                    .deployment_writes(DEPLOYMENT, None)
+                    .into_iter()
+                    .filter(|w| w.user == controller)
+                    .collect()
+            }
+        }
     }
 
     /// Ready messages in the work queue (AMQP passive declare).
@@ -1033,6 +1457,16 @@ impl Harness {
             "--- replicas (t=0 at harness start): {}\n",
             self.recorder.describe(self.started)
         ));
+        if let Kube::Cluster(cluster) = &self.kube {
+            out.push_str(&format!(
+                "--- namespace {} pods:\n    {}\n",
+                cluster.namespace,
+                describe_pods(&cluster.pods())
+            ));
+            for exit in self.exits() {
+                out.push_str(&format!("--- exit {exit:?}\n"));
+            }
+        }
         if let Some(workers) = &self.workers {
             let pods: Vec<String> = workers
                 .pods()
@@ -1073,11 +1507,11 @@ impl Harness {
             "--- scale patches: {}\n",
             self.scale_patches()
                 .iter()
-                .map(|r| format!("{} {}", r.status, r.body))
+                .map(|r| format!("{} {} by {}", r.status, r.method, r.user))
                 .collect::<Vec<_>>()
                 .join(" | ")
         ));
-        match self.api.get_object(&QUEUESCALERS, NAMESPACE, SCALER) {
+        match self.scaler_object(SCALER) {
             Some(object) => out.push_str(&format!(
                 "--- scaler status: {}\n",
                 object.get("status").cloned().unwrap_or(Value::Null)
@@ -1091,6 +1525,15 @@ impl Harness {
                 controller.name,
                 controller.log_tail(40)
             ));
+        }
+        if let Kube::Cluster(cluster) = &self.kube {
+            for pod in cluster.pods_of(CONTROLLER) {
+                out.push_str(&format!(
+                    "--- controller pod {} log (last 40 lines):\n{}\n",
+                    pod.name,
+                    cluster.controller_log_tail(&pod.name, 40)
+                ));
+            }
         }
         out.push_str(&format!(
             "--- sender log (last 5 lines):\n{}\n",

@@ -5,7 +5,7 @@
 //! the job `id` and whether the delivery was a `redelivered` one.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -37,22 +37,32 @@ pub struct JobLog {
 }
 
 impl JobLog {
-    /// Reads `<dir>/*.log` (a missing directory is an empty log).
+    /// Reads `<dir>/*.log` (a missing directory is an empty log), each file
+    /// named after its pod.
     pub fn read(dir: &Path) -> Self {
-        let mut events = Vec::new();
         let Ok(entries) = std::fs::read_dir(dir) else {
             return Self::default();
         };
         let mut files: Vec<_> = entries.flatten().map(|e| e.path()).collect();
         files.sort();
-        for path in files {
-            if path.extension().and_then(|e| e.to_str()) != Some("log") {
-                continue;
-            }
-            let pod = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
+        Self::from_files(
+            files
+                .into_iter()
+                .filter(|path| path.extension().and_then(|e| e.to_str()) == Some("log"))
+                .map(|path| {
+                    let pod = path
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    (pod, path)
+                }),
+        )
+    }
+
+    /// Reads each (pod, log file) in order; an unreadable file is empty.
+    pub fn from_files(files: impl IntoIterator<Item = (String, PathBuf)>) -> Self {
+        let mut events = Vec::new();
+        for (pod, path) in files {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
             events.extend(parse(&pod, &text));
         }

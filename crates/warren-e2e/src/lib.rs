@@ -1,7 +1,9 @@
-//! End to end without a cluster: the real `warren-controller`,
-//! `warren-sender` and `warren-worker` binaries, a real RabbitMQ node, and
-//! the Kubernetes API replaced by [`warren_fakekube::FakeApiServer`] over
-//! HTTP.
+//! End to end: the real `warren-controller`, `warren-sender` and
+//! `warren-worker` binaries, a real RabbitMQ node, and Kubernetes either
+//! replaced by [`warren_fakekube::FakeApiServer`] over HTTP (the default,
+//! described below) or, with `WARREN_E2E_CLUSTER` set to the state directory
+//! of `make local-up`, a real control plane where the controller and workers
+//! are pods of the chart (see [`cluster`]).
 //!
 //! [`Harness::start`] brings up, for one test:
 //! - a private RabbitMQ node with the management plugin (its own ports and
@@ -28,6 +30,7 @@
 //! `cargo nextest run --workspace`, which builds every binary).
 
 mod binaries;
+pub mod cluster;
 mod harness;
 mod jobs;
 mod metrics;
@@ -37,6 +40,7 @@ mod proxy;
 mod recorder;
 
 pub use binaries::{BIN_DIR_ENV, Binaries};
+pub use cluster::{ApiWrite, CLUSTER_ENV};
 pub use harness::{
     Burst, DATA_LAG_COOLDOWN, DATA_LAG_WINDOW, DEPLOYMENT, Harness, HarnessOptions, LEASE,
     NAMESPACE, Pool, QueueKind, SCALER, SECRET, base_spec, deployment_object, job, scaler_object,
@@ -71,6 +75,12 @@ pub enum HarnessError {
     FakeKube(#[from] warren_fakekube::FakeKubeError),
     #[error("fake API server rejected an object: {0}")]
     Api(#[from] warren_fakekube::ApiError),
+    #[error("{context}: {source}")]
+    Kube {
+        context: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("{context}: {source}")]
     Http {
         context: String,

@@ -19,7 +19,6 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::json;
 use warren_dashboards::prometheus::PrometheusApi;
 use warren_dashboards::rules::RuleFile;
-use warren_fakekube::resources::DEPLOYMENTS;
 use warren_testkit::PrometheusServer;
 
 use crate::{Harness, HarnessError, HarnessOptions, NAMESPACE, deployment_object, job};
@@ -206,12 +205,12 @@ pub async fn observed_load(options: LoadOptions) -> Result<ObservedRun, HarnessE
 
     // A QueueScaler that cannot read its queue: errors, fallback, not Ready.
     harness
-        .api
-        .put_object(&DEPLOYMENTS, deployment_object("warren-idle", 0, 30))?;
+        .put_deployment(deployment_object("warren-idle", 0, 30))
+        .await?;
     let mut broken = harness.default_spec();
     broken.scale_target_ref.name = "warren-idle".into();
     broken.queue.name = "no-such-queue".into();
-    harness.put_scaler(BROKEN_SCALER, broken)?;
+    harness.put_scaler(BROKEN_SCALER, broken).await?;
 
     let rules = std::fs::read_to_string(RuleFile::path()).map_err(|source| HarnessError::Io {
         context: format!("reading {}", RuleFile::path().display()),

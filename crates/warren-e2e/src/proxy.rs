@@ -44,7 +44,13 @@ impl CountingProxy {
     /// Listens on a free local port and forwards to `upstream`
     /// (e.g. `http://127.0.0.1:15672`).
     pub async fn start(upstream: &str) -> Result<Self, HarnessError> {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST, upstream).await
+    }
+
+    /// [`start`](Self::start) on `ip` (`0.0.0.0`: reachable from the local
+    /// cluster's pods too).
+    pub async fn start_on(ip: std::net::Ipv4Addr, upstream: &str) -> Result<Self, HarnessError> {
+        let listener = tokio::net::TcpListener::bind((ip, 0))
             .await
             .map_err(|source| HarnessError::Io {
                 context: "binding the counting proxy".into(),
@@ -68,9 +74,14 @@ impl CountingProxy {
         Ok(Self { addr, state, task })
     }
 
-    /// `http://127.0.0.1:<port>`
+    /// `http://<ip>:<port>`
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
     }
 
     /// Requests so far by `METHOD path` (query not included).

@@ -1,8 +1,10 @@
-//! The replica history of a workload in the fake API server, timestamped as
-//! the store changes (the fake notifies in-process, so a change is seen
-//! within the scheduling latency of this task, well under a millisecond on
-//! an idle machine).
+//! The replica history of a workload, timestamped as it is seen: in the fake
+//! API server as the store changes (the fake notifies in-process, so a change
+//! is seen within the scheduling latency of this task, well under a
+//! millisecond on an idle machine), on a cluster as a watch event arrives
+//! (see `Cluster::recorder`).
 
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -23,6 +25,36 @@ pub struct ReplicaChange {
     pub to: i64,
 }
 
+/// Where a source reports the value it sees; a value equal to the last one
+/// is no change.
+pub struct Recording {
+    sink: Arc<Mutex<Vec<ReplicaChange>>>,
+    notify: watch::Sender<usize>,
+    last: Option<i64>,
+}
+
+impl Recording {
+    /// The workload has `to` replicas now.
+    pub fn record(&mut self, to: i64) {
+        if self.last == Some(to) {
+            return;
+        }
+        let change = ReplicaChange {
+            at: Instant::now(),
+            wall: Utc::now(),
+            from: self.last,
+            to,
+        };
+        self.last = Some(to);
+        let len = {
+            let mut guard = self.sink.lock().unwrap_or_else(PoisonError::into_inner);
+            guard.push(change);
+            guard.len()
+        };
+        self.notify.send_replace(len);
+    }
+}
+
 /// Records every change of `spec.replicas` of one workload.
 pub struct ReplicaRecorder {
     changes: Arc<Mutex<Vec<ReplicaChange>>>,
@@ -37,48 +69,46 @@ impl Drop for ReplicaRecorder {
 }
 
 impl ReplicaRecorder {
-    /// Starts recording `namespace/name` of type `rt`.
+    /// Starts recording `namespace/name` of type `rt` in the fake API server.
     pub fn start(
         api: &FakeApiServer,
         rt: &'static ResourceType,
         namespace: &str,
         name: &str,
     ) -> Self {
-        let changes: Arc<Mutex<Vec<ReplicaChange>>> = Arc::default();
-        let (notify, seen) = watch::channel(0usize);
         let api = api.clone();
         let namespace = namespace.to_string();
         let name = name.to_string();
-        let sink = changes.clone();
         let mut store_changes = api.changes();
-        let task = tokio::spawn(async move {
-            let mut last: Option<i64> = None;
+        Self::from_source(move |mut recording| async move {
             loop {
                 let replicas = api
                     .get_object(rt, &namespace, &name)
                     .and_then(|o| o.pointer("/spec/replicas").and_then(Value::as_i64));
-                if let Some(to) = replicas
-                    && last != Some(to)
-                {
-                    let change = ReplicaChange {
-                        at: Instant::now(),
-                        wall: Utc::now(),
-                        from: last,
-                        to,
-                    };
-                    last = Some(to);
-                    let len = {
-                        let mut guard = sink.lock().unwrap_or_else(PoisonError::into_inner);
-                        guard.push(change);
-                        guard.len()
-                    };
-                    notify.send_replace(len);
+                if let Some(to) = replicas {
+                    recording.record(to);
                 }
                 if store_changes.changed().await.is_err() {
                     return;
                 }
             }
-        });
+        })
+    }
+
+    /// Records what `source` reports through its [`Recording`] (a task
+    /// aborted when the recorder is dropped).
+    pub fn from_source<F, Fut>(source: F) -> Self
+    where
+        F: FnOnce(Recording) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let changes: Arc<Mutex<Vec<ReplicaChange>>> = Arc::default();
+        let (notify, seen) = watch::channel(0usize);
+        let task = tokio::spawn(source(Recording {
+            sink: changes.clone(),
+            notify,
+            last: None,
+        }));
         Self {
             changes,
             seen,

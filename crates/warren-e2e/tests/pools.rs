@@ -60,7 +60,7 @@ async fn three_pools_scale_independently_and_process_every_job() {
         spec.max_replicas = 4;
         spec.messages_per_replica = 2;
         let name = ok(h.pool(suffix)).deployment.clone();
-        ok(h.put_scaler(&name, spec));
+        ok(h.put_scaler(&name, spec).await);
     }
     let sms = ok(h.pool("sms"));
     let email = ok(h.pool("email"));

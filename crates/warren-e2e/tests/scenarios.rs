@@ -19,6 +19,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use lapin::{Connection, ConnectionProperties};
+use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use warren_broker::events_log::{self, StartAt};
 use warren_crd::{ConditionStatus, condition_type};
@@ -26,8 +27,6 @@ use warren_e2e::{
     DATA_LAG_COOLDOWN, DATA_LAG_WINDOW, DEPLOYMENT, Harness, HarnessError, HarnessOptions, JobKind,
     QueueKind, SCALER, deployment_object, job,
 };
-use warren_fakekube::Signal;
-use warren_fakekube::resources::DEPLOYMENTS;
 
 /// Unwraps a harness result, panicking with its Display (which carries the
 /// diagnostics of a timeout).
@@ -43,15 +42,35 @@ fn secs(s: f64) -> Duration {
 /// happened: one polling interval plus scheduling noise.
 const POLL_SLACK: f64 = 1.25;
 
+/// On a cluster: every scale-in victim that was Ready had a deletion cost no
+/// higher than any Ready pod the ReplicaSet controller kept (the real
+/// controller ranked the pods by the controller's marks), and at least
+/// `at_least` victims were judged. The fake's ReplicaSet ranks by cost by
+/// construction, so there is nothing to judge.
+fn assert_victims_had_the_lowest_cost(h: &Harness, at_least: usize) {
+    if !h.on_cluster() {
+        return;
+    }
+    let (judged, violations) = ok(h.scale_in_cost_violations());
+    println!("{judged} scale-in victims judged by deletion cost");
+    assert!(
+        violations.is_empty(),
+        "a scale-in victim was not the pod with the lowest deletion cost: {violations:?}\n{}",
+        h.diagnostics()
+    );
+    assert!(
+        judged >= at_least,
+        "{judged} Ready scale-in victims, expected at least {at_least}\n{}",
+        h.diagnostics()
+    );
+}
+
 fn condition(h: &Harness, type_: &str) -> Option<ConditionStatus> {
     h.scaler_status()?.condition(type_).map(|c| c.status)
 }
 
 async fn controller_counter(h: &Harness, controller: &str, metric: &str) -> f64 {
-    let process = h
-        .controller(controller)
-        .unwrap_or_else(|| panic!("no controller {controller}"));
-    ok(process.metrics().await).sum_or_zero(metric, &[])
+    ok(h.controller_metrics(controller).await).sum_or_zero(metric, &[])
 }
 
 /// Burst from zero: activation and scale-up to the replicas the backlog needs
@@ -115,7 +134,7 @@ async fn burst_from_zero_activates_and_scales_to_the_needed_replicas() {
         "the controller wrote the Deployment itself: {:?}",
         h.other_deployment_writes()
     );
-    let events = h.api.events();
+    let events = ok(h.events().await);
     assert!(
         events.iter().any(|e| {
             let regarding = e
@@ -215,6 +234,7 @@ async fn drained_queue_scales_down_after_the_window_and_to_zero_after_the_cooldo
         "the scale-in picked busy pods: {:?}",
         h.job_log().busy_at_sigterm()
     );
+    assert_victims_had_the_lowest_cost(&h, 2);
 }
 
 /// The safety rule that holds whatever the windows: never from N to 0 while
@@ -300,7 +320,7 @@ async fn scale_in_while_long_jobs_run_interrupts_no_job() {
     let lag = ok(h.wait_management_busy(&busy, secs(20.0)).await);
     println!("the management API showed the busy pods after another {lag:?}");
     let edited = Instant::now();
-    ok(h.patch_scaler_spec(json!({"maxReplicas": 2})));
+    ok(h.patch_scaler_spec(json!({"maxReplicas": 2})).await);
     ok(
         h.wait_change(edited, secs(10.0), "the scale-in to 2", |c| c.to == 2)
             .await,
@@ -313,7 +333,7 @@ async fn scale_in_while_long_jobs_run_interrupts_no_job() {
             .await,
     );
     let edited = Instant::now();
-    ok(h.patch_scaler_spec(json!({"maxReplicas": 1})));
+    ok(h.patch_scaler_spec(json!({"maxReplicas": 1})).await);
     ok(
         h.wait_change(edited, secs(10.0), "the scale-in to 1", |c| c.to == 1)
             .await,
@@ -347,6 +367,7 @@ async fn scale_in_while_long_jobs_run_interrupts_no_job() {
             "a scale-in victim did not exit 0 within its grace period: {exit:?}"
         );
     }
+    assert_victims_had_the_lowest_cost(&h, 3);
 }
 
 /// Scale-in when every pod is busy and a backlog waits (maxReplicas lowered
@@ -367,7 +388,7 @@ async fn scale_in_of_busy_workers_with_a_backlog_redelivers_nothing() {
     ok(h.wait_in_hand(4, secs(20.0)).await);
 
     let edited = Instant::now();
-    ok(h.patch_scaler_spec(json!({"maxReplicas": 2})));
+    ok(h.patch_scaler_spec(json!({"maxReplicas": 2})).await);
     ok(
         h.wait_change(edited, secs(20.0), "the scale-in to maxReplicas 2", |c| {
             c.to == 2
@@ -397,6 +418,7 @@ async fn scale_in_of_busy_workers_with_a_backlog_redelivers_nothing() {
             "a busy victim did not finish and exit 0: {exit:?}"
         );
     }
+    assert_victims_had_the_lowest_cost(&h, 2);
 }
 
 /// A worker SIGKILLed mid-job: the broker redelivers the job, another pod
@@ -412,11 +434,7 @@ async fn a_sigkilled_workers_job_completes_elsewhere() {
     ok(h.wait_replicas(2, secs(15.0)).await);
     let in_hand = ok(h.wait_in_hand(2, secs(20.0)).await);
     let (victim, victim_job) = in_hand[0].clone();
-    h.workers
-        .as_ref()
-        .expect("worker pods")
-        .kill_pod(&victim, Signal::SIGKILL)
-        .expect("SIGKILL the worker");
+    ok(h.kill_worker(&victim, Signal::SIGKILL));
 
     ok(h.wait_jobs_done(&burst.ids, secs(40.0)).await);
     let log = h.job_log();
@@ -444,6 +462,12 @@ async fn a_sigkilled_workers_job_completes_elsewhere() {
         !exit.sigterm_sent,
         "the kill was ours, not a scale-in: {exit:?}"
     );
+    if h.on_cluster() {
+        // Not deleted: the kubelet restarts the container in the same pod
+        // (restartPolicy Always) and it serves again.
+        let restarts = ok(h.wait_restarted(&victim, secs(60.0)).await);
+        println!("{victim} restarted by its kubelet ({restarts} restart(s)), Ready again");
+    }
 }
 
 /// Broker crash and restart: while metrics are missing the controller keeps
@@ -524,7 +548,7 @@ async fn editing_max_and_target_takes_effect() {
     assert_eq!(h.recorder.current(), Some(2), "held at maxReplicas 2");
 
     let edited = Instant::now();
-    ok(h.patch_scaler_spec(json!({"maxReplicas": 6})));
+    ok(h.patch_scaler_spec(json!({"maxReplicas": 6})).await);
     let up = ok(h
         .wait_change(
             edited,
@@ -537,7 +561,8 @@ async fn editing_max_and_target_takes_effect() {
     ok(h.wait_replicas(6, secs(10.0)).await);
 
     let edited = Instant::now();
-    ok(h.patch_scaler_spec(json!({"messagesPerReplica": 100})));
+    ok(h.patch_scaler_spec(json!({"messagesPerReplica": 100}))
+        .await);
     let down = ok(h
         .wait_change(
             edited,
@@ -593,9 +618,9 @@ async fn paused_holds_the_replicas() {
     })
     .await);
 
-    ok(h.patch_scaler_spec(json!({"paused": false})));
+    ok(h.patch_scaler_spec(json!({"paused": false})).await);
     ok(h.wait_replicas(4, secs(10.0)).await);
-    ok(h.patch_scaler_spec(json!({"paused": true})));
+    ok(h.patch_scaler_spec(json!({"paused": true})).await);
     let paused = Instant::now();
     let held = h.recorder.current().expect("replicas");
     ok(h.wait_jobs_done(&burst.ids, secs(30.0)).await);
@@ -608,7 +633,7 @@ async fn paused_holds_the_replicas() {
         h.recorder.describe(h.started)
     );
 
-    ok(h.patch_scaler_spec(json!({"paused": false})));
+    ok(h.patch_scaler_spec(json!({"paused": false})).await);
     ok(h.wait_replicas(0, secs(20.0)).await);
     assert_ne!(
         condition(&h, condition_type::PAUSED),
@@ -633,7 +658,7 @@ async fn two_controllers_one_leader_scales_and_the_other_takes_over() {
         }),
     )
     .await);
-    let names: Vec<String> = h.controllers.iter().map(|c| c.name.clone()).collect();
+    let names: Vec<String> = h.controller_names();
     let started = Instant::now();
     let leader = loop {
         if let Some(holder) = h.lease_holder() {
@@ -646,6 +671,7 @@ async fn two_controllers_one_leader_scales_and_the_other_takes_over() {
         );
         tokio::time::sleep(secs(0.1)).await;
     };
+    assert_eq!(names.len(), 2, "two controllers: {names:?}");
     assert!(names.contains(&leader), "unknown holder {leader}");
     let follower = names.iter().find(|n| **n != leader).expect("two").clone();
 
@@ -668,9 +694,7 @@ async fn two_controllers_one_leader_scales_and_the_other_takes_over() {
         0.0
     );
 
-    ok(h.controller(&leader)
-        .expect("leader process")
-        .signal(Signal::SIGKILL));
+    ok(h.kill_controller(&leader).await);
     let killed = Instant::now();
     loop {
         if h.lease_holder().as_deref() == Some(follower.as_str()) {
@@ -704,6 +728,19 @@ async fn two_controllers_one_leader_scales_and_the_other_takes_over() {
     );
     let report = h.report();
     assert!(report.lost.is_empty(), "{report:?}");
+    if h.on_cluster() {
+        // The deleted leader's Deployment brought the count back to two.
+        let deleted = Instant::now();
+        while h.controller_names().len() != 2 || h.controller_names().contains(&leader) {
+            assert!(
+                deleted.elapsed() < secs(120.0),
+                "no replacement controller pod: {:?}\n{}",
+                h.controller_names(),
+                h.diagnostics()
+            );
+            tokio::time::sleep(secs(0.5)).await;
+        }
+    }
 }
 
 /// One management-API listing per broker/vhost per tick serves every scaler
@@ -733,21 +770,18 @@ async fn one_management_request_per_tick_serves_every_scaler_on_a_vhost() {
             )
             .await
             .expect("declare");
-        h.api
-            .put_object(&DEPLOYMENTS, deployment_object(&name, 0, 30))
-            .expect("deployment");
+        ok(h.put_deployment(deployment_object(&name, 0, 30)).await);
         let mut spec = h.default_spec();
         spec.queue.name = queue;
         spec.scale_target_ref.name = name.clone();
-        ok(h.put_scaler(&name, spec));
+        ok(h.put_scaler(&name, spec).await);
         names.insert(name);
     }
     // Every scaler has been reconciled at least once.
     let started = Instant::now();
     loop {
         let observed = h
-            .api
-            .list_objects(&warren_fakekube::resources::QUEUESCALERS, Some("default"))
+            .scalers()
             .iter()
             .filter(|o| o.pointer("/status/observation").is_some())
             .count();

@@ -65,6 +65,10 @@ pub struct RabbitOptions {
     pub stats_interval_ms: u64,
     /// How long to wait for the node to accept AMQP connections.
     pub start_timeout: Duration,
+    /// Serve the management and Prometheus HTTP APIs on every interface
+    /// instead of 127.0.0.1 (AMQP always listens on every interface), so pods
+    /// of the local cluster reach them through the node's bridge address.
+    pub http_on_all_interfaces: bool,
 }
 
 impl Default for RabbitOptions {
@@ -74,6 +78,7 @@ impl Default for RabbitOptions {
             prometheus: false,
             stats_interval_ms: 5000,
             start_timeout: Duration::from_secs(90),
+            http_on_all_interfaces: false,
         }
     }
 }
@@ -171,16 +176,21 @@ impl RabbitNode {
             self.amqp_port, self.options.stats_interval_ms
         );
         let mut plugins = Vec::new();
+        let http_ip = if self.options.http_on_all_interfaces {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        };
         if self.options.management {
             conf.push_str(&format!(
-                "management.tcp.port = {}\nmanagement.tcp.ip = 127.0.0.1\n",
+                "management.tcp.port = {}\nmanagement.tcp.ip = {http_ip}\n",
                 self.management_port
             ));
             plugins.push("rabbitmq_management");
         }
         if self.options.prometheus {
             conf.push_str(&format!(
-                "prometheus.tcp.port = {}\nprometheus.tcp.ip = 127.0.0.1\n",
+                "prometheus.tcp.port = {}\nprometheus.tcp.ip = {http_ip}\n",
                 self.prometheus_port
             ));
             plugins.push("rabbitmq_prometheus");

@@ -256,7 +256,7 @@ async fn from_zero(h: &Harness, trials: usize) -> anyhow::Result<Vec<Duration>> 
 /// From one running replica (minReplicas 1): 20 jobs of 1 s, so the burst
 /// outlives the management API's lag; the target grows to 4.
 async fn from_one(h: &Harness, trials: usize) -> anyhow::Result<Vec<Duration>> {
-    h.patch_scaler_spec(json!({"minReplicas": 1}))?;
+    h.patch_scaler_spec(json!({"minReplicas": 1})).await?;
     h.wait_replicas(1, Duration::from_secs(15)).await?;
     h.wait_pods_ready(1, Duration::from_secs(30)).await?;
     let mut values = Vec::new();
@@ -277,7 +277,7 @@ async fn from_one(h: &Harness, trials: usize) -> anyhow::Result<Vec<Duration>> {
         h.wait_pods_ready(1, Duration::from_secs(30)).await?;
         eprintln!("from one, trial {}: {}", i + 1, ms(values[i]));
     }
-    h.patch_scaler_spec(json!({"minReplicas": 0}))?;
+    h.patch_scaler_spec(json!({"minReplicas": 0})).await?;
     Ok(values)
 }
 
