@@ -16,7 +16,7 @@
 //! What a test reads back comes from the apiserver and the node: replica
 //! history from a watch of the Deployment, worker pods and their exits from a
 //! pod watch, the job log from the container log files the node agent keeps
-//! (`<state>/logs/pods/<namespace>_<pod>_<uid>/<container>/<restart>.log`,
+//! (`<state>/nodeagent/logs/pods/<namespace>_<pod>_<uid>/<container>/<restart>.log`,
 //! kept after the pod is gone), `/scale` writes from the apiserver's audit
 //! log, the QueueScaler and the leader Lease from watches, controller metrics
 //! from the pod IP.
@@ -45,7 +45,7 @@ use warren_crd::QueueScaler;
 use crate::{HarnessError, JobLog, ReplicaRecorder};
 
 /// The local cluster's state directory (`make local-up` writes
-/// `admin.kubeconfig`, `logs/audit.log` and `logs/pods/` there). When set, every
+/// `admin.kubeconfig`, `logs/audit.log` and `nodeagent/logs/pods/` there). When set, every
 /// [`Harness`](crate::Harness) runs on that cluster; a cluster that does not
 /// answer is an error, never a skip.
 pub const CLUSTER_ENV: &str = "WARREN_E2E_CLUSTER";
@@ -487,7 +487,7 @@ impl Cluster {
     /// The container logs of this namespace's pods, for `container`:
     /// (instance name, path) in pod then restart order.
     fn log_files(&self, container: &str) -> Vec<(String, String, PathBuf)> {
-        let root = self.state_dir.join("logs").join("pods");
+        let root = self.state_dir.join("nodeagent").join("logs").join("pods");
         let prefix = format!("{}_", self.namespace);
         let mut files = Vec::new();
         let Ok(entries) = std::fs::read_dir(&root) else {
@@ -587,9 +587,10 @@ impl Drop for Cluster {
             eprintln!("warren-e2e: namespace {} kept", self.namespace);
             return;
         }
-        // The test's runtime may be shutting down: delete the namespace from a
-        // thread with its own.
-        let client = self.client.clone();
+        // Drop runs on the test's runtime, which this blocks: delete the
+        // namespace from a thread with its own runtime and its own client (a
+        // client's background task lives on the runtime that made it).
+        let state_dir = self.state_dir.clone();
         let namespace = self.namespace.clone();
         let deleted = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -597,11 +598,17 @@ impl Drop for Cluster {
                 .build()
                 .map_err(|e| e.to_string())?;
             runtime.block_on(async move {
-                Api::<Namespace>::all(client)
-                    .delete(&namespace, &DeleteParams::background())
+                let (client, _) = Cluster::connect(&state_dir)
                     .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string())?;
+                tokio::time::timeout(
+                    Duration::from_secs(30),
+                    Api::<Namespace>::all(client).delete(&namespace, &DeleteParams::background()),
+                )
+                .await
+                .map_err(|_| "no answer in 30 s".to_string())?
+                .map(|_| ())
+                .map_err(|e| e.to_string())
             })
         })
         .join();
@@ -942,7 +949,8 @@ fn watch_pods(
                 };
                 if let Some(t) = c.last_state.as_ref().and_then(|s| s.terminated.as_ref()) {
                     let (code, signal, ran_for) = ended(t);
-                    let restart = c.restart_count - 1;
+                    // The kubelet may report the last run's end before it counts the restart.
+                    let restart = (c.restart_count - 1).max(0);
                     record.exits.entry(restart).or_insert(InstanceExit {
                         restart,
                         code,

@@ -1,11 +1,20 @@
 //! Issue 5's scenarios, end to end: the real controller, sender and worker
-//! binaries, a private RabbitMQ node, the Kubernetes API faked over HTTP.
+//! binaries, a private RabbitMQ node, and Kubernetes either faked over HTTP
+//! or, with `WARREN_E2E_CLUSTER` set (`make local-scenarios`), the local
+//! cluster: the chart's controller and worker Deployments in a namespace per
+//! test, pods scaled by the real ReplicaSet controller (see
+//! `warren_e2e::cluster`). On the cluster the scenarios also check what only
+//! a real control plane decides: each scale-in victim had the lowest
+//! deletion cost, a SIGKILLed worker's container is restarted by its
+//! kubelet, a deleted leader pod is replaced by its Deployment.
 //!
-//! Each test has its own node, fake API server and processes, so nextest runs
-//! them in parallel. Build the binaries first: `cargo build --bins` (the
-//! harness fails loudly when one is missing). Timing checks are lower bounds
-//! (a window is never cut short) with generous upper bounds; the figures
-//! themselves are the benchmark's job (`e2e-bench`).
+//! On the fake each test has its own node, fake API server and processes, so
+//! nextest runs them in parallel; on the one cluster they run one at a time.
+//! Build the binaries first: `cargo build --bins` (the harness fails loudly
+//! when one is missing). Timing checks are lower bounds (a window is never
+//! cut short) with generous upper bounds (waits are 3× longer on a cluster,
+//! `WARREN_E2E_PATIENCE`); the figures themselves are the benchmark's job
+//! (`e2e-bench`).
 //!
 //! Scale-down windows and cooldowns are [`DATA_LAG_WINDOW`] /
 //! [`DATA_LAG_COOLDOWN`] unless a scenario says otherwise: longer than the

@@ -82,3 +82,40 @@ async fn durable_messages_survive_kill_and_restart() {
         .unwrap();
     assert_eq!(queue.message_count(), 1, "the persistent message survived");
 }
+
+/// With `http_on_all_interfaces` the management API answers on an address of
+/// this machine other than loopback (pods of the local cluster reach it
+/// through the node's bridge address).
+#[tokio::test]
+async fn management_on_every_interface_answers_on_a_non_loopback_address() {
+    // This machine's address on its default route: a UDP "connection" sends nothing.
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    probe.connect("192.0.2.1:9").unwrap();
+    let local = probe.local_addr().unwrap().ip();
+    assert!(!local.is_loopback(), "{local}");
+    let node = RabbitNode::start(RabbitOptions {
+        management: true,
+        http_on_all_interfaces: true,
+        ..RabbitOptions::default()
+    })
+    .await
+    .expect("private node must start");
+    let port = node
+        .management_url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .expect("a port in the management URL");
+    let mut answered = None;
+    for _ in 0..100 {
+        if let Ok(s) = tokio::net::TcpStream::connect((local, port)).await {
+            answered = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        answered.is_some(),
+        "the management API does not answer on {local}:{port}"
+    );
+}
