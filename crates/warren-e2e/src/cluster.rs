@@ -332,10 +332,7 @@ impl Cluster {
             {
                 return Err(HarnessError::Other(format!(
                     "timed out after {timeout:?} waiting for {what}: pods {:?}",
-                    self.pods()
-                        .iter()
-                        .map(describe_pod)
-                        .collect::<Vec<_>>()
+                    self.pods().iter().map(describe_pod).collect::<Vec<_>>()
                 )));
             }
         }
