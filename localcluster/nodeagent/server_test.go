@@ -22,6 +22,7 @@ func TestContainerLogsEndpoint(t *testing.T) {
 	r := statusRuntime(pod)
 	r.a = a
 	r.dir = filepath.Join(a.podsDir, string(pod.UID))
+	r.logDir = filepath.Join(t.TempDir(), "default_warren-worker-1_uid-1")
 	a.pods[pod.UID] = r
 	c := r.appC[0]
 	c.status.RestartCount = 1
