@@ -156,8 +156,23 @@ async fn main() -> anyhow::Result<()> {
         let kind = queue_type.as_str();
         if audit && !unbatched {
             eprintln!("raw lapin publisher, {kind} queue...");
-            let raw = raw_publisher(&url, queue_type, &body, duration).await?;
+            let raw = raw_publisher(&url, queue_type, &body, duration, RAW_WINDOW).await?;
             rows.push((format!("raw lapin, pipelined confirms ({kind})"), raw));
+        }
+        if queue_type == QueueType::Quorum && audit && !unbatched {
+            // The same publisher held to as many publishes in flight as the
+            // HTTP load has connections: what the broker alone allows at
+            // that concurrency (the sender's own cost is the rest).
+            eprintln!(
+                "raw lapin publisher, {kind} queue, {} in flight...",
+                args.concurrency
+            );
+            let window = args.concurrency.div_ceil(RAW_CHANNELS).max(1);
+            let raw = raw_publisher(&url, queue_type, &body, duration, window).await?;
+            rows.push((
+                format!("raw lapin, {} in flight ({kind})", window * RAW_CHANNELS),
+                raw,
+            ));
         }
         eprintln!("warren-sender, {kind} queue, audit events {audit}, unbatched {unbatched}...");
         let queue = unique_name("bench-sender");
@@ -284,6 +299,21 @@ async fn main() -> anyhow::Result<()> {
             rate("raw lapin, pipelined confirms (quorum)")
         )
     );
+    let at_concurrency = format!(
+        "raw lapin, {} in flight (quorum)",
+        args.concurrency.div_ceil(RAW_CHANNELS).max(1) * RAW_CHANNELS
+    );
+    println!(
+        "| raw lapin at the HTTP load's concurrency / raw ceiling (quorum): the most any sender could reach here | {:.2} | |",
+        ratio(
+            rate(&at_concurrency),
+            rate("raw lapin, pipelined confirms (quorum)")
+        )
+    );
+    println!(
+        "| warren-sender / raw lapin at the same concurrency (quorum): the sender's own cost | {:.2} | |",
+        ratio(rate("warren-sender (quorum)"), rate(&at_concurrency))
+    );
     println!(
         "| warren-sender, one audit message per job (before batching) / raw ceiling (quorum) | {:.2} | >= 0.5 |",
         ratio(
@@ -384,13 +414,19 @@ async fn wait_tcp(port: u16) -> anyhow::Result<()> {
     bail!("nothing listens on port {port}")
 }
 
-/// The ceiling: 4 confirm-mode channels, each keeping up to 256 publishes
-/// in flight, persistent + mandatory like the sender.
+/// Confirm-mode channels of the raw publisher.
+const RAW_CHANNELS: usize = 4;
+/// Publishes each raw channel keeps in flight for the ceiling.
+const RAW_WINDOW: usize = 256;
+
+/// The ceiling: [`RAW_CHANNELS`] confirm-mode channels, each keeping up to
+/// `window` publishes in flight, persistent + mandatory like the sender.
 async fn raw_publisher(
     url: &str,
     queue_type: QueueType,
     body: &[u8],
     duration: Duration,
+    window: usize,
 ) -> anyhow::Result<LoadResult> {
     let queue = unique_name("bench-raw");
     let connection = Connection::connect(url, ConnectionProperties::default()).await?;
@@ -400,7 +436,7 @@ async fn raw_publisher(
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..RAW_CHANNELS {
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -413,7 +449,7 @@ async fn raw_publisher(
             let mut errors = 0usize;
             let mut latencies = Vec::new();
             loop {
-                while in_flight.len() < 256 && Instant::now() < deadline {
+                while in_flight.len() < window && Instant::now() < deadline {
                     let sent = Instant::now();
                     let confirm = channel
                         .basic_publish(

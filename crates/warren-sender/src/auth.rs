@@ -14,12 +14,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderValue, header};
-use axum::response::Response;
-use warren_tokens::{Admission, Gate, GateConfig, Reason, Refusal, SystemClock, Ticket};
-
-use crate::AppState;
-use crate::validation::Rejection;
+use axum::http::{HeaderMap, header};
+use warren_tokens::{Admission, Gate, GateConfig, Refusal, SystemClock, Ticket};
 
 /// Whether sends need a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -94,6 +90,17 @@ impl Auth {
         }
     }
 
+    /// Whether sends can be checked now: the token database is reachable and
+    /// migrated (always when auth is off). Part of `/readyz`.
+    pub fn is_ready(&self) -> bool {
+        self.gate.as_ref().is_none_or(Gate::is_ready)
+    }
+
+    /// Queries made to find tokens so far (0 when auth is off).
+    pub fn lookup_queries(&self) -> u64 {
+        self.gate.as_ref().map_or(0, Gate::lookup_queries)
+    }
+
     /// Waits until the gate can answer (true at once when auth is off).
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
         match &self.gate {
@@ -108,35 +115,5 @@ pub async fn reserve(admission: Option<Admission>) -> Result<Option<Ticket>, Ref
     match admission {
         Some(admission) => admission.reserve().await.map(Some),
         None => Ok(None),
-    }
-}
-
-impl AppState {
-    /// A refusal as problem+json, with `WWW-Authenticate` or `Retry-After` as it calls for.
-    pub(crate) fn refuse(&self, refusal: &Refusal) -> Response {
-        let rejection = Rejection {
-            status: refusal.reason.status(),
-            code: refusal.reason.code(),
-            detail: refusal.detail.clone(),
-        };
-        let unavailable = refusal.reason == Reason::AuthUnavailable;
-        if !unavailable {
-            self.inner
-                .metrics
-                .record_token_refusal(refusal.reason.code());
-        }
-        let mut response = self.reject(rejection, unavailable);
-        let headers = response.headers_mut();
-        if refusal.reason.challenges() {
-            let challenge = match refusal.reason {
-                Reason::MissingToken => HeaderValue::from_static("Bearer realm=\"warren\""),
-                _ => HeaderValue::from_static("Bearer realm=\"warren\", error=\"invalid_token\""),
-            };
-            headers.insert(header::WWW_AUTHENTICATE, challenge);
-        }
-        if !unavailable && let Some(seconds) = refusal.retry_after {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
-        response
     }
 }

@@ -14,34 +14,29 @@
 //! connection (a resource alarm) it is `503 broker_blocked` at once and
 //! `/readyz` is false.
 
+mod api;
 pub mod auth;
+pub mod error;
 pub mod metrics;
 pub mod server;
 pub mod validation;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use prometheus_client::registry::Registry;
-use serde_json::{Map, json};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use warren_broker::{
-    AuditEvent, AuditSink, Batching, BrokerArgs, Envelope, Publisher, PublisherConfig, Topology,
-};
+use warren_broker::{AuditSink, Batching, BrokerArgs, Publisher, PublisherConfig, Topology};
 use warren_telemetry::{LogArgs, Readiness};
 
 use crate::auth::{Auth, AuthArgs};
-use crate::metrics::{PublishErrorLabels, ResponseLabels, SenderMetrics};
+use crate::metrics::SenderMetrics;
 use crate::server::{ConnectionLimits, ConnectionMetrics};
-use crate::validation::{DotRule, Rejection, parse_job};
+use crate::validation::DotRule;
 
 /// Command-line flags and environment variables.
 #[derive(Debug, Clone, clap::Parser)]
@@ -154,7 +149,8 @@ struct AppInner {
     /// One permit per publish awaiting its confirm (`--max-in-flight`).
     in_flight: Semaphore,
     max_in_flight: usize,
-    retry_after: HeaderValue,
+    /// `Retry-After` (seconds) when the broker or the token database is unavailable.
+    retry_after_seconds: u64,
     metrics: SenderMetrics,
     auth: Auth,
 }
@@ -198,9 +194,10 @@ pub async fn start(args: &Args, shutdown: CancellationToken) -> anyhow::Result<R
     let metrics = SenderMetrics::register(&mut registry);
     let connection_metrics = ConnectionMetrics::register(&mut registry);
     let readiness = Readiness::default();
-    tokio::spawn(track_broker(
+    tokio::spawn(track_readiness(
         publisher.clone(),
         audit.clone(),
+        auth.clone(),
         readiness.clone(),
         metrics.clone(),
         shutdown.clone(),
@@ -217,7 +214,7 @@ pub async fn start(args: &Args, shutdown: CancellationToken) -> anyhow::Result<R
             body_timeout: Duration::from_millis(args.body_read_timeout_ms.max(1)),
             in_flight: Semaphore::new(args.max_in_flight.max(1)),
             max_in_flight: args.max_in_flight.max(1),
-            retry_after: HeaderValue::from(args.retry_after_seconds),
+            retry_after_seconds: args.retry_after_seconds,
             metrics,
             auth: auth.clone(),
         }),
@@ -253,32 +250,40 @@ pub async fn start(args: &Args, shutdown: CancellationToken) -> anyhow::Result<R
 /// The API routes.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/send", post(send_default))
-        .route("/send/{queue}", post(send_to_queue))
+        .route("/send", post(api::send_default))
+        .route("/send/{queue}", post(api::send_to_queue))
         .with_state(state)
 }
 
-async fn track_broker(
+/// Keeps `/readyz` and the connection gauges current: ready while the
+/// broker connection is up and not blocked and, with auth on, while tokens
+/// can be checked (the token database reachable and migrated).
+async fn track_readiness(
     publisher: Publisher,
     audit: AuditSink,
+    auth: Auth,
     readiness: Readiness,
     metrics: SenderMetrics,
     shutdown: CancellationToken,
 ) {
     let mut connection = publisher.connection_watch();
     let mut blocked = publisher.blocked_watch();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut connected = publisher.is_connected();
     loop {
         // Blocked by a resource alarm: not ready, so Kubernetes routes
         // requests to senders that can store them.
         let is_blocked = *blocked.borrow_and_update();
-        readiness.set(connected && !is_blocked);
+        readiness.set(connected && !is_blocked && auth.is_ready());
         metrics.broker_connected.set(i64::from(connected));
         metrics.broker_blocked.set(i64::from(is_blocked));
+        metrics.token_db_ready.set(i64::from(auth.is_ready()));
         metrics
             .audit_dropped
             .set(i64::try_from(audit.dropped()).unwrap_or(i64::MAX));
+        metrics
+            .token_lookups
+            .set(i64::try_from(auth.lookup_queries()).unwrap_or(i64::MAX));
         tokio::select! {
             _ = shutdown.cancelled() => break,
             now = connection.changed() => connected = now,
@@ -287,232 +292,4 @@ async fn track_broker(
         }
     }
     readiness.set(false);
-}
-
-async fn send_default(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    let queue = state.inner.queues[0].clone();
-    send(&state, &queue, &headers, body).await
-}
-
-async fn send_to_queue(
-    State(state): State<AppState>,
-    Path(queue): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    if !state.inner.queues.contains(&queue) {
-        let rejection = Rejection {
-            status: 404,
-            code: "unknown_queue",
-            detail: format!(
-                "queue {queue:?} is not served here; known queues: {}",
-                state.inner.queues.join(", ")
-            ),
-        };
-        return state.reject(rejection, false);
-    }
-    send(&state, &queue, &headers, body).await
-}
-
-async fn send(state: &AppState, queue: &str, headers: &HeaderMap, body: Body) -> Response {
-    let inner = &state.inner;
-    let admission = match inner.auth.check(headers, queue).await {
-        Ok(admission) => admission,
-        Err(refusal) => return state.refuse(&refusal),
-    };
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    let bytes = match read_body(headers, body, inner.max_body_bytes, inner.body_timeout).await {
-        Ok(bytes) => bytes,
-        Err(rejection) => return state.reject(rejection, false),
-    };
-    let job = match parse_job(content_type, &bytes, &inner.dot_rule) {
-        Ok(job) => job,
-        Err(rejection) => return state.reject(rejection, false),
-    };
-    // Refuse at once what cannot be stored soon: a blocked connection is not
-    // read by the broker, and queueing beyond the in-flight bound only grows
-    // memory and latency.
-    if inner.publisher.is_blocked() {
-        let rejection = Rejection {
-            status: 503,
-            code: "broker_blocked",
-            detail: "RabbitMQ is refusing new messages (memory or disk alarm); retry later".into(),
-        };
-        return state.reject(rejection, true);
-    }
-    let Ok(_in_flight) = inner.in_flight.try_acquire() else {
-        let rejection = Rejection {
-            status: 503,
-            code: "overloaded",
-            detail: format!(
-                "{} jobs are already waiting for the broker's confirm; retry later",
-                inner.max_in_flight
-            ),
-        };
-        return state.reject(rejection, true);
-    };
-    // Taken after validation and load shedding: a bad body or a shed request
-    // spends nothing; dropped on a failed publish.
-    let ticket = match auth::reserve(admission).await {
-        Ok(ticket) => ticket,
-        Err(refusal) => return state.refuse(&refusal),
-    };
-    let envelope = Envelope::new(job.message, job.extra);
-    let id = envelope.id.to_string();
-    let properties = envelope.publish_properties("warren-sender");
-    let started = Instant::now();
-    let published = inner
-        .publisher
-        .publish("", queue, &envelope.to_bytes(), properties)
-        .await;
-    match published {
-        Ok(()) => {
-            if let Some(ticket) = ticket {
-                ticket.commit();
-            }
-            inner
-                .metrics
-                .publish_seconds
-                .observe(started.elapsed().as_secs_f64());
-            if inner.audit_events {
-                let mut fields = Map::new();
-                fields.insert("queue".into(), json!(queue));
-                inner
-                    .audit
-                    .emit(AuditEvent::job("message.accepted", &id, fields));
-            }
-            inner
-                .metrics
-                .responses
-                .get_or_create(&ResponseLabels {
-                    status: 202,
-                    code: "accepted".into(),
-                })
-                .inc();
-            tracing::debug!(id = %id, queue, "job accepted");
-            (
-                StatusCode::ACCEPTED,
-                axum::Json(json!({"id": id, "queue": queue})),
-            )
-                .into_response()
-        }
-        Err(err) => {
-            inner
-                .metrics
-                .publish_errors
-                .get_or_create(&PublishErrorLabels {
-                    kind: err.kind().into(),
-                })
-                .inc();
-            tracing::warn!(error = %err, queue, "publish failed");
-            let rejection = Rejection {
-                status: 503,
-                code: match err.kind() {
-                    "unroutable" => "unroutable",
-                    "nacked" => "broker_refused",
-                    "blocked" => "broker_blocked",
-                    _ => "broker_unavailable",
-                },
-                detail: format!("the job was not stored ({err}); retry later"),
-            };
-            state.reject(rejection, true)
-        }
-    }
-}
-
-/// Reads the body up to `limit` bytes within `timeout`; larger bodies are a
-/// 413, slower ones a 408.
-async fn read_body(
-    headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-    timeout: Duration,
-) -> Result<Vec<u8>, Rejection> {
-    let too_large = || Rejection {
-        status: 413,
-        code: "body_too_large",
-        detail: format!("the body is larger than {limit} bytes"),
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|len| len > limit) {
-        return Err(too_large());
-    }
-    let Ok(read) = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await else {
-        return Err(Rejection {
-            status: 408,
-            code: "body_timeout",
-            detail: format!("the body did not arrive within {} ms", timeout.as_millis()),
-        });
-    };
-    match read {
-        Ok(bytes) => Ok(bytes.to_vec()),
-        Err(err) => {
-            let is_limit = std::error::Error::source(&err)
-                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
-            if is_limit {
-                Err(too_large())
-            } else {
-                Err(Rejection {
-                    status: 400,
-                    code: "unreadable_body",
-                    detail: format!("the body could not be read: {err}"),
-                })
-            }
-        }
-    }
-}
-
-impl AppState {
-    fn reject(&self, rejection: Rejection, retry: bool) -> Response {
-        self.inner
-            .metrics
-            .responses
-            .get_or_create(&ResponseLabels {
-                status: rejection.status,
-                code: rejection.code.into(),
-            })
-            .inc();
-        let mut response = problem(&rejection);
-        if retry {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, self.inner.retry_after.clone());
-        }
-        if rejection.status == 408 {
-            // The rest of the body may never come: do not wait for it.
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        response
-    }
-}
-
-/// An `application/problem+json` response (RFC 9457) with our `code`.
-fn problem(rejection: &Rejection) -> Response {
-    let status = StatusCode::from_u16(rejection.status).unwrap_or(StatusCode::BAD_REQUEST);
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/problem+json")],
-        problem_json(rejection),
-    )
-        .into_response()
-}
-
-/// The `application/problem+json` body of a rejection.
-pub(crate) fn problem_json(rejection: &Rejection) -> String {
-    let status = StatusCode::from_u16(rejection.status).unwrap_or(StatusCode::BAD_REQUEST);
-    json!({
-        "type": format!("https://warren.dev/problems/{}", rejection.code),
-        "title": status.canonical_reason().unwrap_or("error"),
-        "status": rejection.status,
-        "code": rejection.code,
-        "detail": rejection.detail,
-    })
-    .to_string()
 }

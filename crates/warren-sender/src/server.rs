@@ -196,15 +196,14 @@ pub fn fit_open_files_limit(wanted: usize) -> usize {
 /// The answer to a connection over the cap: the same problem+json shape as
 /// every other error.
 fn refusal_response(limits: &ConnectionLimits) -> Vec<u8> {
-    let rejection = crate::validation::Rejection {
-        status: 503,
-        code: "too_many_connections",
-        detail: format!(
+    let body = crate::error::problem_json(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "too_many_connections",
+        &format!(
             "this sender already serves {} connections; retry later",
             limits.max_connections
         ),
-    };
-    let body = crate::problem_json(&rejection);
+    );
     format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\nretry-after: {}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         limits.retry_after_seconds,
@@ -392,10 +391,20 @@ async fn serve_connection(
         .header_read_timeout(None::<Duration>);
     let connection = builder.serve_connection(io, service);
     tokio::pin!(connection);
+    // One timer for the connection's life, moved when the deadline moves
+    // (not a new one at every wake-up).
+    let watchdog = tokio::time::sleep_until(Instant::now() + Duration::from_secs(3600));
+    tokio::pin!(watchdog);
+    let mut armed = None;
     let mut draining = false;
     loop {
         let deadline = clock.deadline();
-        let far = Instant::now() + Duration::from_secs(3600);
+        if let Some((at, _)) = deadline
+            && armed != Some(at)
+        {
+            watchdog.as_mut().reset(at);
+            armed = Some(at);
+        }
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(err) = result {
@@ -404,7 +413,7 @@ async fn serve_connection(
                 return;
             }
             _ = clock.changed.notified() => {}
-            _ = tokio::time::sleep_until(deadline.map_or(far, |(at, _)| at)), if deadline.is_some() => {
+            _ = watchdog.as_mut(), if deadline.is_some() => {
                 if let Some((at, phase)) = clock.deadline()
                     && Instant::now() >= at
                 {

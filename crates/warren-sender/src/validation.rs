@@ -1,18 +1,19 @@
 //! What the sender accepts: pure functions from request parts to a job or a
 //! client error. No I/O here.
 
+use axum::http::StatusCode;
 use serde_json::{Map, Value};
 
 /// A client error: HTTP status, a machine-readable code and a sentence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
-    pub status: u16,
+    pub status: StatusCode,
     pub code: &'static str,
     pub detail: String,
 }
 
 impl Rejection {
-    fn new(status: u16, code: &'static str, detail: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -93,7 +94,7 @@ pub fn parse_job(
 ) -> Result<JobRequest, Rejection> {
     if !is_json_content_type(content_type) {
         return Err(Rejection::new(
-            415,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             format!(
                 "the body must be JSON (Content-Type: application/json), got {}",
@@ -103,21 +104,21 @@ pub fn parse_job(
     }
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(Rejection::new(
-            400,
+            StatusCode::BAD_REQUEST,
             "missing_message",
             "the request has no body; send {\"message\": \"...\"}",
         ));
     }
     let value: Value = serde_json::from_slice(body).map_err(|err| {
         Rejection::new(
-            400,
+            StatusCode::BAD_REQUEST,
             "malformed_json",
             format!("the body is not valid JSON: {err}"),
         )
     })?;
     let Value::Object(mut object) = value else {
         return Err(Rejection::new(
-            400,
+            StatusCode::BAD_REQUEST,
             "not_an_object",
             "the body must be a JSON object such as {\"message\": \"...\"}",
         ));
@@ -125,7 +126,7 @@ pub fn parse_job(
     let message = match object.remove("message") {
         None | Some(Value::Null) => {
             return Err(Rejection::new(
-                400,
+                StatusCode::BAD_REQUEST,
                 "missing_message",
                 "the field \"message\" is required",
             ));
@@ -133,7 +134,7 @@ pub fn parse_job(
         Some(Value::String(message)) => message,
         Some(other) => {
             return Err(Rejection::new(
-                400,
+                StatusCode::BAD_REQUEST,
                 "message_not_string",
                 format!("\"message\" must be a string, got {}", json_type(&other)),
             ));
@@ -141,7 +142,7 @@ pub fn parse_job(
     };
     if message.trim().is_empty() {
         return Err(Rejection::new(
-            400,
+            StatusCode::BAD_REQUEST,
             "blank_message",
             "\"message\" must not be empty or only whitespace",
         ));
@@ -149,7 +150,7 @@ pub fn parse_job(
     let dots = message.matches('.').count();
     if !rule.allows(dots) {
         return Err(Rejection::new(
-            400,
+            StatusCode::BAD_REQUEST,
             "dot_rule",
             format!(
                 "the message has {dots} dots; {} are accepted",
@@ -255,7 +256,7 @@ mod tests {
             "unsupported_media_type"
         );
         let rejection = parse_job(Some("text/plain"), b"x", &DotRule::default()).unwrap_err();
-        assert_eq!(rejection.status, 415);
+        assert_eq!(rejection.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     }
 
     #[test]

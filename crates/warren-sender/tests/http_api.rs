@@ -5,56 +5,24 @@
 // product code, and clippy.toml allows them only inside #[test] fns, not in helpers.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use common::client;
 use futures::future::join_all;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::{Connection, ConnectionProperties};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
-use warren_sender::{Args, RunningSender};
+use warren_sender::RunningSender;
 use warren_testkit::{
     EventTap, RabbitNode, RabbitOptions, ready_count, shared_amqp_url, unique_name,
 };
 
 async fn start_sender(amqp_url: &str, queue: &str, extra: &[&str]) -> RunningSender {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("warren=debug,info")
-        .with_test_writer()
-        .try_init();
-    let mut argv = vec![
-        "warren-sender".to_string(),
-        "--amqp-url".into(),
-        amqp_url.into(),
-        "--queue".into(),
-        queue.into(),
-        "--listen-addr".into(),
-        "127.0.0.1:0".into(),
-        "--confirm-timeout-ms".into(),
-        "2000".into(),
-    ];
-    argv.extend(extra.iter().map(|s| s.to_string()));
-    let args = Args::try_parse_from(argv).unwrap();
-    let sender = warren_sender::start(&args, CancellationToken::new())
-        .await
-        .unwrap();
-    assert!(
-        sender
-            .publisher
-            .wait_connected(Duration::from_secs(30))
-            .await,
-        "the sender never connected to {amqp_url}"
-    );
-    sender
-}
-
-fn client() -> reqwest::Client {
-    warren_telemetry::install_crypto_provider();
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
+    let mut flags = vec!["--confirm-timeout-ms", "2000"];
+    flags.extend_from_slice(extra);
+    common::start_sender(amqp_url, queue, &flags).await
 }
 
 async fn post(

@@ -6,14 +6,15 @@
 // product code, and clippy.toml allows them only inside #[test] fns, not in helpers.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use common::client;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
-use warren_sender::{Args, RunningSender};
+use warren_sender::RunningSender;
 use warren_testkit::{PgNode, free_port, ready_count, shared_amqp_url, unique_name};
 use warren_tokens::{Limit, NewToken, Store, SubjectKind, SubjectRef, SystemClock};
 
@@ -52,31 +53,9 @@ async fn token(
 }
 
 async fn start_sender(database_url: &str, queue: &str, extra: &[&str]) -> RunningSender {
-    let mut argv = vec![
-        "warren-sender".to_string(),
-        "--amqp-url".into(),
-        shared_amqp_url(),
-        "--queue".into(),
-        queue.into(),
-        "--listen-addr".into(),
-        "127.0.0.1:0".into(),
-        "--auth".into(),
-        "required".into(),
-        "--database-url".into(),
-        database_url.into(),
-    ];
-    argv.extend(extra.iter().map(|s| s.to_string()));
-    let args = Args::try_parse_from(argv).unwrap();
-    let sender = warren_sender::start(&args, CancellationToken::new())
-        .await
-        .unwrap();
-    assert!(
-        sender
-            .publisher
-            .wait_connected(Duration::from_secs(30))
-            .await
-    );
-    sender
+    let mut flags = vec!["--auth", "required", "--database-url", database_url];
+    flags.extend_from_slice(extra);
+    common::start_sender(&shared_amqp_url(), queue, &flags).await
 }
 
 struct Reply {
@@ -122,14 +101,6 @@ async fn send(
         retry_after,
         content_type,
     }
-}
-
-fn client() -> reqwest::Client {
-    warren_telemetry::install_crypto_provider();
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
 }
 
 fn job() -> String {
@@ -452,6 +423,8 @@ async fn database_down_is_503_auth_unavailable_never_an_accept_and_it_recovers()
         ready_count(&shared_amqp_url(), &queue).await.unwrap(),
         accepted_before
     );
+    // Not ready while tokens cannot be checked: Kubernetes stops routing here.
+    wait_readyz(&client, &addr, 503).await;
     pg.start_again().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -463,5 +436,68 @@ async fn database_down_is_503_auth_unavailable_never_an_accept_and_it_recovers()
         assert!(Instant::now() < deadline, "never recovered");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    wait_readyz(&client, &addr, 200).await;
+    sender.shutdown.cancel();
+}
+
+/// Waits until the sender's /readyz answers `status` (within 10 s).
+async fn wait_readyz(client: &reqwest::Client, addr: &str, status: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = client.get(format!("http://{addr}/readyz")).send().await;
+        if answer.is_ok_and(|r| r.status().as_u16() == status) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never answered {status} within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A sender started before `warren-admin` applied the migrations: /readyz
+/// 503 and sends `503 auth_unavailable` naming the missing schema; ready and
+/// accepting once the schema is there.
+#[tokio::test]
+async fn a_sender_before_the_migrations_is_not_ready_until_the_schema_exists() {
+    let pg = PgNode::start()
+        .await
+        .expect("a private PostgreSQL (Debian's postgresql package) must start");
+    let queue = unique_name("auth-unmigrated");
+    let sender = start_sender(&pg.url(), &queue, &[]).await;
+    let addr = sender.addr.to_string();
+    let client = client();
+    let unknown = warren_tokens::secret::Secret::generate().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = send(&client, &addr, "/send", Some(unknown.as_str()), job()).await;
+        assert_eq!(
+            (r.status, r.body["code"].as_str()),
+            (503, Some("auth_unavailable"))
+        );
+        if r.body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("warren_migrations"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the refusal never named the schema: {}",
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_readyz(&client, &addr, 503).await;
+    let store = Store::new(
+        warren_tokens::pool(&pg.url(), 2).unwrap(),
+        Arc::new(SystemClock),
+    );
+    store.migrate().await.unwrap();
+    wait_readyz(&client, &addr, 200).await;
+    let (_, secret) = token(&store, "first", Limit::MaxUses(5), None).await;
+    let r = send(&client, &addr, "/send", Some(&secret), job()).await;
+    assert_eq!(r.status, 202, "{}", r.body);
     sender.shutdown.cancel();
 }

@@ -22,6 +22,13 @@ pub enum TokenError {
     NoSuchToken(uuid::Uuid),
     #[error(transparent)]
     Random(#[from] crate::secret::RandomError),
+    /// The database lacks the tables this build needs (0: none at all).
+    #[error(
+        "the token database schema is at version {found} of {needed}{}: \
+         warren-admin applies the migrations when it starts",
+        schema_hint(.found)
+    )]
+    Schema { found: i32, needed: i32 },
     #[error("migration {version} ({name}): {}", describe(source))]
     Migration {
         version: i32,
@@ -29,6 +36,14 @@ pub enum TokenError {
         #[source]
         source: tokio_postgres::Error,
     },
+}
+
+fn schema_hint(found: &i32) -> &'static str {
+    if *found == 0 {
+        " (no warren_migrations table: the schema is missing)"
+    } else {
+        ""
+    }
 }
 
 /// tokio-postgres says only "db error"; the server's message is in the source.
@@ -46,7 +61,10 @@ impl TokenError {
 
     /// Whether the database could not be reached (as opposed to a refused input).
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Self::Db { .. } | Self::Pool(_) | Self::Config(_))
+        matches!(
+            self,
+            Self::Db { .. } | Self::Pool(_) | Self::Config(_) | Self::Schema { .. }
+        )
     }
 }
 

@@ -543,3 +543,108 @@ async fn a_slow_body_meets_the_revocation_or_expiry_that_came_meanwhile() {
     let used = store.token(id).await.unwrap().used;
     assert_eq!(used, accepted, "only the sends before the notification");
 }
+
+/// A flood of well-formed random secrets: refused as unknown in a few
+/// batched queries, repeated ones from memory; a token that takes one of
+/// those secrets afterwards is accepted once the unknown TTL has passed.
+#[tokio::test]
+async fn unknown_secrets_cost_batched_queries_and_are_forgotten_after_their_ttl() {
+    let (pg, store) = database().await;
+    let clock = ManualClock::new(Utc::now());
+    let gate = gate(&pg, Arc::new(clock.clone())).await;
+    let secrets: Vec<String> = (0..1000)
+        .map(|_| {
+            let secret = warren_tokens::secret::Secret::generate().unwrap();
+            format!("Bearer {}", secret.as_str())
+        })
+        .collect();
+    let refused_as_unknown = |results: Vec<Result<_, warren_tokens::Refusal>>| {
+        results
+            .into_iter()
+            .filter(|r| matches!(r, Err(refusal) if refusal.reason == Reason::InvalidToken))
+            .count()
+    };
+    let before = gate.lookup_queries();
+    let flood = futures::future::join_all(secrets.iter().map(|s| gate.check(Some(s), "jobs")));
+    assert_eq!(refused_as_unknown(flood.await), 1000);
+    let queries = gate.lookup_queries() - before;
+    assert!(
+        (1..=10).contains(&queries),
+        "1000 unknown secrets cost {queries} queries"
+    );
+    // The same secrets again: answered from memory, no query.
+    for _ in 0..3 {
+        let again = futures::future::join_all(secrets.iter().map(|s| gate.check(Some(s), "jobs")));
+        assert_eq!(refused_as_unknown(again.await), 1000);
+    }
+    assert_eq!(gate.lookup_queries() - before, queries);
+
+    // A token now stored with the first of those secrets (as if it had been
+    // created after the secret was tried).
+    let (id, _) = user_token(&store, "late", Limit::Unlimited).await;
+    let hash = warren_tokens::secret::hash(secrets[0].trim_start_matches("Bearer "));
+    pg.psql(&format!(
+        "UPDATE tokens SET secret_hash = '\\x{}' WHERE id = '{id}'",
+        hex::encode(hash)
+    ))
+    .unwrap();
+    assert_eq!(
+        send(&gate, &secrets[0], "jobs").await,
+        Some(Reason::InvalidToken),
+        "within the TTL the secret is still unknown here"
+    );
+    clock.set(clock.now() + chrono::Duration::from_std(fast().unknown_ttl).unwrap());
+    assert_eq!(
+        send(&gate, &secrets[0], "jobs").await,
+        None,
+        "after the TTL the new token is found"
+    );
+    // One lookup found it (a second one if the UPDATE's notification came
+    // in between and made the gate read it again).
+    let after = gate.lookup_queries() - before;
+    assert!(
+        (queries + 1..=queries + 2).contains(&after),
+        "{after} queries after {queries}"
+    );
+    gate.close().await;
+}
+
+/// A gate started before the admin applied the migrations: not ready,
+/// every check `auth_unavailable` naming the missing schema; ready once the
+/// schema is there.
+#[tokio::test]
+async fn a_gate_before_the_migrations_waits_for_the_schema() {
+    let pg = PgNode::start()
+        .await
+        .expect("a private PostgreSQL (Debian's postgresql package) must start");
+    let gate = Gate::start(&pg.url(), Arc::new(SystemClock), fast()).unwrap();
+    let malformed_free = warren_tokens::secret::Secret::generate().unwrap();
+    let auth = format!("Bearer {}", malformed_free.as_str());
+    eventually(
+        "the schema named in the refusal",
+        Duration::from_secs(10),
+        || async {
+            match gate.check(Some(&auth), "jobs").await {
+                Err(refusal) => {
+                    assert_eq!(refusal.reason, Reason::AuthUnavailable);
+                    assert!(!gate.is_ready());
+                    refusal.detail.contains("warren_migrations")
+                }
+                Ok(_) => panic!("a check passed without a schema"),
+            }
+        },
+    )
+    .await;
+    let store = Store::new(
+        warren_tokens::pool(&pg.url(), 2).unwrap(),
+        Arc::new(SystemClock),
+    );
+    store.migrate().await.unwrap();
+    assert!(
+        gate.wait_ready(Duration::from_secs(15)).await,
+        "the gate never saw the schema"
+    );
+    let (_, auth) = user_token(&store, "first", Limit::MaxUses(5)).await;
+    assert_eq!(send(&gate, &auth, "jobs").await, None);
+    gate.close().await;
+}

@@ -1,0 +1,278 @@
+//! `POST /send` and `POST /send/{queue}`: one job per request, in steps.
+//!
+//! 1. the queue is one this sender serves (else 404 `unknown_queue`);
+//! 2. the token is good for it ([`Auth::check`](crate::auth::Auth::check),
+//!    before the body is read);
+//! 3. the body arrives in time and within the size limit, and validates
+//!    ([`crate::validation`]);
+//! 4. load shedding: the broker is not blocking us and fewer than
+//!    `max_in_flight` publishes wait for a confirm;
+//! 5. one use of the token is reserved;
+//! 6. the envelope is published and confirmed; then the use is spent, the
+//!    `message.accepted` audit event emitted and `202 {"id", "queue"}` sent.
+//!
+//! Each step returns a [`SendError`] when it declines; [`AppState::respond`]
+//! counts the outcome and turns it into the response. Every request runs in
+//! one `send` span (method, path, queue) that its log lines inherit.
+
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value};
+use tokio::sync::SemaphorePermit;
+use warren_broker::{AuditEvent, Envelope};
+use warren_tokens::Refusal;
+
+use crate::auth;
+use crate::error::SendError;
+use crate::metrics::{PublishErrorLabels, ResponseLabels};
+use crate::validation::{JobRequest, Rejection, parse_job};
+use crate::{AppInner, AppState};
+
+pub(crate) async fn send_default(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let inner = &state.inner;
+    let result = send(&state, &uri, &inner.queues[0], &headers, body).await;
+    state.respond(result)
+}
+
+pub(crate) async fn send_to_queue(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = send(&state, &uri, &queue, &headers, body).await;
+    state.respond(result)
+}
+
+/// Steps 1 to 6 of the module documentation, in the request's span: every
+/// log line of the request carries its method, path and queue.
+#[tracing::instrument(
+    name = "send",
+    skip_all,
+    fields(method = "POST", path = %uri.path(), queue = %queue)
+)]
+async fn send(
+    state: &AppState,
+    uri: &Uri,
+    queue: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Accepted, SendError> {
+    let inner = &state.inner;
+    if !inner.queues.iter().any(|known| known == queue) {
+        return Err(inner.unknown_queue(queue));
+    }
+    let admission = inner
+        .auth
+        .check(headers, queue)
+        .await
+        .map_err(|refusal| inner.token_error(refusal))?;
+    let job = inner.read_job(headers, body).await?;
+    let _in_flight = inner.admit_publish()?;
+    // Taken after validation and load shedding: a bad body or a shed
+    // request spends nothing; dropped on a failed publish.
+    let ticket = auth::reserve(admission)
+        .await
+        .map_err(|refusal| inner.token_error(refusal))?;
+    let accepted = inner.publish(queue, job).await?;
+    if let Some(ticket) = ticket {
+        ticket.commit();
+    }
+    if inner.audit_events {
+        inner.audit.emit(accepted.audit_event());
+    }
+    tracing::debug!(id = %accepted.id, "job accepted");
+    Ok(accepted)
+}
+
+impl AppState {
+    /// Counts the outcome and answers it.
+    fn respond(&self, result: Result<Accepted, SendError>) -> Response {
+        let metrics = &self.inner.metrics;
+        match result {
+            Ok(accepted) => {
+                metrics.accepted.inc();
+                accepted.into_response()
+            }
+            Err(error) => {
+                metrics
+                    .responses
+                    .get_or_create(&ResponseLabels {
+                        status: error.status().as_u16(),
+                        code: error.code(),
+                    })
+                    .inc();
+                if let Some(reason) = error.token_refusal() {
+                    metrics.record_token_refusal(reason.code());
+                }
+                error.into_response()
+            }
+        }
+    }
+}
+
+impl AppInner {
+    fn unknown_queue(&self, queue: &str) -> SendError {
+        SendError::Invalid(Rejection::new(
+            StatusCode::NOT_FOUND,
+            "unknown_queue",
+            format!(
+                "queue {queue:?} is not served here; known queues: {}",
+                self.queues.join(", ")
+            ),
+        ))
+    }
+
+    fn token_error(&self, refusal: Refusal) -> SendError {
+        SendError::Token {
+            refusal,
+            retry_after: self.retry_after_seconds,
+        }
+    }
+
+    /// Step 3: the body, read within its limits, validated.
+    async fn read_job(&self, headers: &HeaderMap, body: Body) -> Result<JobRequest, SendError> {
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let bytes = read_body(headers, body, self.max_body_bytes, self.body_timeout)
+            .await
+            .map_err(SendError::Invalid)?;
+        parse_job(content_type, &bytes, &self.dot_rule).map_err(SendError::Invalid)
+    }
+
+    /// Step 4: refuse at once what cannot be stored soon. A blocked
+    /// connection is not read by the broker, and queueing beyond the
+    /// in-flight bound only grows memory and latency.
+    fn admit_publish(&self) -> Result<SemaphorePermit<'_>, SendError> {
+        let retry_after = self.retry_after_seconds;
+        if self.publisher.is_blocked() {
+            return Err(SendError::BrokerBlocked { retry_after });
+        }
+        self.in_flight
+            .try_acquire()
+            .map_err(|_| SendError::Overloaded {
+                max_in_flight: self.max_in_flight,
+                retry_after,
+            })
+    }
+
+    /// Step 6: the envelope, published persistent and mandatory, confirmed.
+    async fn publish(&self, queue: &str, job: JobRequest) -> Result<Accepted, SendError> {
+        let envelope = Envelope::new(job.message, job.extra);
+        let id = envelope.id.to_string();
+        let properties = envelope.publish_properties("warren-sender");
+        let started = Instant::now();
+        let published = self
+            .publisher
+            .publish("", queue, &envelope.to_bytes(), properties)
+            .await;
+        match published {
+            Ok(()) => {
+                self.metrics
+                    .publish_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                Ok(Accepted {
+                    id,
+                    queue: queue.to_string(),
+                })
+            }
+            Err(error) => {
+                self.metrics
+                    .publish_errors
+                    .get_or_create(&PublishErrorLabels { kind: error.kind() })
+                    .inc();
+                tracing::warn!(%error, "publish failed");
+                Err(SendError::NotStored {
+                    error,
+                    retry_after: self.retry_after_seconds,
+                })
+            }
+        }
+    }
+}
+
+/// A job RabbitMQ confirmed: `202 {"id": ..., "queue": ...}`.
+pub(crate) struct Accepted {
+    id: String,
+    queue: String,
+}
+
+impl Accepted {
+    fn audit_event(&self) -> AuditEvent {
+        let mut fields = Map::new();
+        fields.insert("queue".into(), Value::String(self.queue.clone()));
+        AuditEvent::job("message.accepted", &self.id, fields)
+    }
+}
+
+impl IntoResponse for Accepted {
+    fn into_response(self) -> Response {
+        // The id is a UUID (nothing to escape); the queue name is escaped.
+        let queue = serde_json::to_string(&self.queue).unwrap_or_default();
+        let body = format!("{{\"id\":\"{}\",\"queue\":{queue}}}", self.id);
+        (
+            StatusCode::ACCEPTED,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response()
+    }
+}
+
+/// Reads the body up to `limit` bytes within `timeout`; larger bodies are a
+/// 413, slower ones a 408.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, Rejection> {
+    let too_large = || {
+        Rejection::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body is larger than {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(too_large());
+    }
+    let Ok(read) = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await else {
+        return Err(Rejection::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("the body did not arrive within {} ms", timeout.as_millis()),
+        ));
+    };
+    read.map_err(|err| {
+        let is_limit = std::error::Error::source(&err)
+            .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+        if is_limit {
+            too_large()
+        } else {
+            Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "unreadable_body",
+                format!("the body could not be read: {err}"),
+            )
+        }
+    })
+}
