@@ -66,14 +66,45 @@ pub fn free_port() -> Result<u16, TestkitError> {
         let port = TEST_PORTS.start + ((seed + attempt * 7_919) % span) as u16;
         // Free on loopback and on every interface (RabbitMQ listens on both).
         let free = |host: &str| std::net::TcpListener::bind((host, port)).map(drop);
-        match free("127.0.0.1").and_then(|()| free("0.0.0.0")) {
-            Ok(_) => return Ok(port),
+        match free("127.0.0.1")
+            .and_then(|()| free("0.0.0.0"))
+            .and_then(|()| reserve(port))
+        {
+            Ok(()) => return Ok(port),
             Err(err) => last_error = Some(err),
         }
     }
     Err(TestkitError::Port(last_error.unwrap_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::AddrInUse, "no free test port")
     })))
+}
+
+/// Keeps `port` to this process until it exits: an exclusive lock on a file
+/// named after the port, which every test process on the machine checks. A
+/// free port is not enough: a private broker killed by its test frees its
+/// port until it restarts, and another test must not take it meanwhile (its
+/// own node would then answer the restarted one's clients).
+fn reserve(port: u16) -> std::io::Result<()> {
+    use std::sync::Mutex;
+    static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("warren-test-ports");
+    std::fs::create_dir_all(&dir)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(port.to_string()))?;
+    file.try_lock().map_err(|err| match err {
+        std::fs::TryLockError::Error(err) => err,
+        std::fs::TryLockError::WouldBlock => std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("port {port} is reserved by another test process"),
+        ),
+    })?;
+    HELD.lock()
+        .map_err(|_| std::io::Error::other("port reservations poisoned"))?
+        .push(file);
+    Ok(())
 }
 
 /// A name no other test run uses, for queues on a shared broker.
@@ -103,6 +134,33 @@ mod tests {
             std::net::TcpListener::bind(("127.0.0.1", *port)).unwrap();
         }
         let distinct: std::collections::HashSet<_> = ports.iter().collect();
-        assert!(distinct.len() > 40, "{ports:?}");
+        assert_eq!(
+            distinct.len(),
+            ports.len(),
+            "never the same port twice: {ports:?}"
+        );
+    }
+
+    #[test]
+    fn a_handed_out_port_stays_reserved_against_other_processes() {
+        let port = free_port().unwrap();
+        let err = reserve(port).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+        // Another process (util-linux flock) cannot take the reservation either.
+        let lock = std::env::temp_dir()
+            .join("warren-test-ports")
+            .join(port.to_string());
+        let other = std::process::Command::new("flock")
+            .args(["--nonblock", "--conflict-exit-code", "7"])
+            .arg(&lock)
+            .arg("true")
+            .status()
+            .unwrap();
+        assert_eq!(
+            other.code(),
+            Some(7),
+            "the lock on {} must be held",
+            lock.display()
+        );
     }
 }
