@@ -144,30 +144,44 @@ async fn main() -> anyhow::Result<()> {
         reconcile::run(ctx, watch_namespace.clone(), stop)
     };
 
-    let result = if args.leader_election {
-        let lease = args.lease();
-        let stop = shutdown.clone();
-        run_while_leader(
-            client.clone(),
-            lease,
-            metrics.clone(),
-            async move { stop.cancelled().await },
-            run_term,
-        )
-        .await
-        .context("leader election failed")
-    } else {
-        tracing::info!("leader election disabled; this replica scales");
-        metrics.leader.set(1);
-        run_term(shutdown.clone()).await;
-        Ok(())
-    };
+    let result = scale_while_leading(&args, &client, &metrics, &shutdown, run_term).await;
 
     shutdown.cancel();
     readiness.set(false);
     server.stopped().await;
     tracing::info!("stopped");
     result
+}
+
+/// Runs `run_term` for each leadership term (or once, until shutdown,
+/// without leader election).
+async fn scale_while_leading<F, Fut>(
+    args: &Args,
+    client: &kube::Client,
+    metrics: &ControllerMetrics,
+    shutdown: &CancellationToken,
+    mut run_term: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    if !args.leader_election {
+        tracing::info!("leader election disabled; this replica scales");
+        metrics.leader.set(1);
+        run_term(shutdown.clone()).await;
+        return Ok(());
+    }
+    let stop = shutdown.clone();
+    run_while_leader(
+        client.clone(),
+        args.lease(),
+        metrics.clone(),
+        async move { stop.cancelled().await },
+        run_term,
+    )
+    .await
+    .context("leader election failed")
 }
 
 /// The queue observer and the audit sink. They outlive leadership terms:

@@ -194,8 +194,8 @@ async fn steps(
     }
     let polling = Action::requeue(spec.polling_interval());
     let target = match read_target(ctx, scaler, &key.0).await? {
-        Ok(target) => target,
-        Err(early) => {
+        TargetRead::Found(target) => target,
+        TargetRead::Missing(early) => {
             early
                 .report(ctx, scaler, key, &previous, now, memory)
                 .await?;
@@ -253,13 +253,19 @@ fn outcome(paused: bool, scaled_at: Option<DateTime<Utc>>, observed: &Observed) 
     }
 }
 
-/// The target's replicas and selector; `Err(EarlyStop)` when it does not
-/// exist.
+/// What reading the scale target found.
+enum TargetRead {
+    Found(Box<Target>),
+    /// It does not exist: `Ready=False/TargetNotFound`.
+    Missing(EarlyStop),
+}
+
+/// The target's replicas and selector.
 async fn read_target(
     ctx: &Context,
     scaler: &QueueScaler,
     namespace: &str,
-) -> Result<Result<Target, EarlyStop>, Error> {
+) -> Result<TargetRead, Error> {
     let target_ref = &scaler.spec.scale_target_ref;
     let display = format!("{} {}/{}", target_ref.kind, namespace, target_ref.name);
     let api = TargetApi::new(ctx.client.clone(), namespace, target_ref.kind);
@@ -269,17 +275,19 @@ async fn read_target(
         target_ref.name.clone(),
     );
     match ctx.target_scale(&api, &key).await {
-        Ok(scale) => Ok(Ok(Target {
+        Ok(scale) => Ok(TargetRead::Found(Box::new(Target {
             key,
             api,
             scale,
             display,
-        })),
-        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(Err(EarlyStop::new(
-            REASON_TARGET_NOT_FOUND,
-            "GetScale",
-            format!("{display} not found"),
-        ))),
+        }))),
+        Err(kube::Error::Api(status)) if status.is_not_found() => {
+            Ok(TargetRead::Missing(EarlyStop::new(
+                REASON_TARGET_NOT_FOUND,
+                "GetScale",
+                format!("{display} not found"),
+            )))
+        }
         Err(source) => Err(Error::GetScale {
             target: display,
             source,
