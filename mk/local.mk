@@ -39,7 +39,7 @@ LOCAL_ENV = KUBECONFIG=$(LOCAL_KUBECONFIG) LOCAL_STATE=$(LOCAL_STATE) LOCAL_BIN=
 # Which tests of crates/warren-e2e `make local-scenarios` runs (a nextest filter).
 LOCAL_SCENARIOS ?= -E 'binary(scenarios)'
 
-.PHONY: local-build local-go-build local-go-test local-up local-down local-test local-scenarios local-e2e
+.PHONY: local-build local-go-build local-go-test local-up local-down local-test local-scenarios local-e2e-bench local-e2e
 
 local-go-build: ## build the localcluster binary (kube-apiserver, controller-manager, scheduler, etcd, node agent)
 	@command -v $(GO) >/dev/null || { echo "local-go-build needs Go >= 1.26 on PATH" >&2; exit 1; }
@@ -73,6 +73,11 @@ local-test: ## the README flow, asserted end to end, on the cluster `make local-
 # The sender runs on this machine: local-build (make local-up) built it.
 local-scenarios: ## the end-to-end scenarios of crates/warren-e2e on the cluster `make local-up` started, one at a time
 	WARREN_E2E_CLUSTER=$(LOCAL_STATE) HELM=$(HELM) $(CARGO) nextest run -p warren-e2e --no-fail-fast --test-threads 1 $(LOCAL_SCENARIOS)
+
+# e2e-bench's reaction, end-to-end, drain and scale-in figures on the cluster (BENCH_ARGS, e.g.
+# --trials 10 --scale-ins 50); a benchmark, not part of make test.
+local-e2e-bench: ## make e2e-bench on the cluster `make local-up` started (reaction, pod Ready, first ack, drain, scale-ins)
+	WARREN_E2E_CLUSTER=$(LOCAL_STATE) HELM=$(HELM) $(CARGO) run -p warren-e2e --bin e2e-bench -- $(BENCH_ARGS)
 
 local-e2e: ## local-up, local-test, local-scenarios, local-down (part of `make test`; refuses to run beside a cluster left up)
 	@$(LOCAL_ENV) bash mk/local-cluster.sh fresh

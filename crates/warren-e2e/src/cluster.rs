@@ -87,6 +87,8 @@ pub struct PodRecord {
     pub deployment: String,
     pub ip: Option<String>,
     pub ready: bool,
+    /// When the watch first showed it Ready (wall clock of this machine).
+    pub ready_since: Option<chrono::DateTime<chrono::Utc>>,
     pub terminating: bool,
     pub deleted: bool,
     pub restart_count: i32,
@@ -457,6 +459,11 @@ impl Cluster {
         })?;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
             .map_err(|e| HarnessError::Other(format!("kill {signal} {pid} ({pod}): {e}")))
+    }
+
+    /// The pid of `pod`'s container process running `program`.
+    pub fn pod_pid(&self, pod: &str, program: &str) -> Option<i32> {
+        find_pod_process(pod, program)
     }
 
     /// `GET http://<pod IP>:<port><path>`.
@@ -926,6 +933,9 @@ fn watch_pods(
             record.deployment = deployment;
             record.ip = status.pod_ip.clone().or(record.ip.take());
             record.ready = ready && !deleted;
+            if record.ready && record.ready_since.is_none() {
+                record.ready_since = Some(chrono::Utc::now());
+            }
             record.terminating = terminating;
             record.deleted |= deleted;
             record.cost = cost;

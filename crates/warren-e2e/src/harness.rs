@@ -1068,6 +1068,37 @@ impl Harness {
         Ok((judged, violations))
     }
 
+    /// The first controller's memory: its process (fake) or its pod's
+    /// process (cluster).
+    pub fn controller_memory(&self) -> Option<crate::MemoryUsage> {
+        match &self.kube {
+            Kube::Fake { .. } => self.controllers.first().and_then(Process::memory),
+            Kube::Cluster(cluster) => {
+                let pod = self.controller_names().into_iter().next()?;
+                let pid = cluster.pod_pid(&pod, "warren-controller")?;
+                crate::process::memory_of(u32::try_from(pid).ok()?)
+            }
+        }
+    }
+
+    /// When the first worker pod became Ready at or after `since` (cluster
+    /// backend: from the pod watch; `None` on the fake).
+    pub fn first_worker_ready_since(
+        &self,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        let Kube::Cluster(cluster) = &self.kube else {
+            return None;
+        };
+        cluster
+            .pods()
+            .into_iter()
+            .filter(|p| p.deployment != CONTROLLER)
+            .filter_map(|p| p.ready_since)
+            .filter(|at| *at >= since)
+            .min()
+    }
+
     /// Holder of the leader Lease, if any.
     pub fn lease_holder(&self) -> Option<String> {
         match &self.kube {
@@ -1281,6 +1312,19 @@ impl Harness {
             .wait_value(self.patient(timeout), |v| v == n)
             .await
             .ok_or_else(|| self.timeout(format!("the Deployment to have {n} replicas"), started))
+    }
+
+    /// Waits until the Deployment's `spec.replicas` is at least `n`.
+    pub async fn wait_value_at_least(
+        &self,
+        n: i64,
+        timeout: Duration,
+    ) -> Result<ReplicaChange, HarnessError> {
+        let started = Instant::now();
+        self.recorder
+            .wait_value(self.patient(timeout), |v| v >= n)
+            .await
+            .ok_or_else(|| self.timeout(format!("the Deployment to have {n}+ replicas"), started))
     }
 
     /// Waits until a replica change at or after `since` satisfies `pred`.

@@ -19,6 +19,13 @@
 //!    (management requests counted by a proxy in front of the management
 //!    port; AMQP passive declares from the controller's metrics; API server
 //!    requests from the fake's log).
+//!
+//! With `WARREN_E2E_CLUSTER` set (`make local-e2e-bench`) parts 1–3 run on
+//! the local cluster (the chart's controller and workers as pods, replicas
+//! by the real ReplicaSet controller) and add: burst → first new worker pod
+//! Ready → first job acked, and jobs lost / interrupted / redelivered over
+//! `--scale-ins` scale-ins. Part 4 stays on the fake API server (the real
+//! apiserver's requests per scaler per tick are `make local-test`'s step 8).
 
 use std::ffi::OsString;
 use std::time::{Duration, Instant};
@@ -26,8 +33,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde_json::json;
 use warren_e2e::{
-    Binaries, CountingProxy, Harness, HarnessOptions, NAMESPACE, Process, SECRET, base_spec,
-    deployment_object, percentile, scaler_object,
+    Binaries, CountingProxy, Harness, HarnessOptions, JobKind, NAMESPACE, Process, SECRET,
+    base_spec, deployment_object, percentile, scaler_object,
 };
 use warren_fakekube::FakeApiServer;
 use warren_fakekube::resources::{DEPLOYMENTS, QUEUESCALERS, SECRETS};
@@ -39,6 +46,7 @@ struct Options {
     stats_ms: u64,
     window_secs: u64,
     fleet_only: bool,
+    scale_ins: usize,
 }
 
 fn parse_options() -> anyhow::Result<Options> {
@@ -48,6 +56,7 @@ fn parse_options() -> anyhow::Result<Options> {
         stats_ms: 5000,
         window_secs: 10,
         fleet_only: false,
+        scale_ins: 50,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -63,14 +72,16 @@ fn parse_options() -> anyhow::Result<Options> {
             "--stats-ms" => options.stats_ms = value("--stats-ms")?.parse()?,
             "--window" => options.window_secs = value("--window")?.parse()?,
             "--fleet-only" => options.fleet_only = true,
+            "--scale-ins" => options.scale_ins = value("--scale-ins")?.parse()?,
             "--quick" => {
                 options.trials = 5;
                 options.scaler_counts = vec![1, 100];
                 options.window_secs = 5;
+                options.scale_ins = 10;
             }
             "-h" | "--help" => {
                 println!(
-                    "e2e-bench [--trials N] [--scalers 1,100,1000] [--stats-ms 5000] [--window 10] [--quick] [--fleet-only]\n\
+                    "e2e-bench [--trials N] [--scalers 1,100,1000] [--stats-ms 5000] [--window 10] [--scale-ins 50] [--quick] [--fleet-only]\n\
                      Build the binaries first: cargo build --release --bins"
                 );
                 std::process::exit(0);
@@ -141,6 +152,13 @@ async fn main() -> anyhow::Result<()> {
     if !options.fleet_only {
         scaling(&options).await?;
     }
+    if warren_e2e::cluster::cluster_state_dir().is_some() {
+        println!(
+            "\n## Broker and apiserver requests per tick as scalers grow\n\nnot run on the cluster: \
+             the real apiserver's requests per scaler per tick are measured by `make local-test` (step 8)"
+        );
+        return Ok(());
+    }
 
     println!("\n## Broker requests per tick as scalers grow (one vhost, 1 s polling)\n");
     println!(
@@ -181,15 +199,19 @@ async fn scaling(options: &Options) -> anyhow::Result<()> {
 
     println!("## Reaction: burst in the queue → scale patch\n");
     println!("| from | trials | p50 | p95 | max | target |\n|---|---|---|---|---|---|");
+    let mut end_to_end = None;
     match from_zero(&h, options.trials).await {
-        Ok(values) => println!(
-            "{}",
-            latency_row(
-                "0 replicas (activation, AMQP passive declare)",
-                &values,
-                Some(Duration::from_secs(2))
-            )
-        ),
+        Ok(values) => {
+            println!(
+                "{}",
+                latency_row(
+                    "0 replicas (activation, AMQP passive declare)",
+                    &values.patch,
+                    Some(Duration::from_secs(2))
+                )
+            );
+            end_to_end = Some(values);
+        }
         Err(err) => println!("| 0 replicas | failed: {} | | | | |", one_line(&err)),
     }
     match from_one(&h, options.trials.div_ceil(4)).await {
@@ -203,12 +225,30 @@ async fn scaling(options: &Options) -> anyhow::Result<()> {
         ),
         Err(err) => println!("| 1 running replica | failed: {} | | | | |", one_line(&err)),
     }
+    if let Some(values) = end_to_end.filter(|v| !v.ready.is_empty()) {
+        println!("\n## From zero, end to end: burst → new worker pod Ready → first job acked\n");
+        println!("| step | trials | p50 | p95 | max | target |\n|---|---|---|---|---|---|");
+        println!(
+            "{}",
+            latency_row("burst → first new pod Ready", &values.ready, None)
+        );
+        println!(
+            "{}",
+            latency_row("burst → first job acked", &values.acked, None)
+        );
+    }
     println!();
+    if h.on_cluster() {
+        match scale_in_churn(&h, options.scale_ins).await {
+            Ok(table) => println!("{table}"),
+            Err(err) => println!("## Scale-ins under load\n\nfailed: {}\n", one_line(&err)),
+        }
+    }
     match drain(&h).await {
         Ok(table) => println!("{table}"),
         Err(err) => println!("## Drain and safety\n\nfailed: {}\n", one_line(&err)),
     }
-    match h.controllers.first().and_then(Process::memory) {
+    match h.controller_memory() {
         Some(rss) => println!(
             "## Controller memory\n\n| while | RSS | peak RSS |\n|---|---|---|\n| scaling one target (after the runs above) | {} | {} |",
             mib(rss.rss_kib),
@@ -230,10 +270,22 @@ fn one_line(err: &anyhow::Error) -> String {
         .to_string()
 }
 
+/// Per trial from zero: burst → scale patch; on a cluster also burst →
+/// first new pod Ready and burst → first job acked.
+#[derive(Default)]
+struct FromZero {
+    patch: Vec<Duration>,
+    ready: Vec<Duration>,
+    acked: Vec<Duration>,
+}
+
 /// From zero: 10 instant jobs; the target wakes (AMQP passive declare),
 /// drains, and returns to 0 before the next trial.
-async fn from_zero(h: &Harness, trials: usize) -> anyhow::Result<Vec<Duration>> {
-    let mut values = Vec::new();
+async fn from_zero(h: &Harness, trials: usize) -> anyhow::Result<FromZero> {
+    let mut values = FromZero::default();
+    let since = |at: chrono::DateTime<chrono::Utc>, from: chrono::DateTime<chrono::Utc>| {
+        Duration::from_millis(u64::try_from((at - from).num_milliseconds()).unwrap_or(0))
+    };
     for i in 0..trials {
         tokio::time::sleep(jitter(i)).await;
         let before = Instant::now();
@@ -243,14 +295,88 @@ async fn from_zero(h: &Harness, trials: usize) -> anyhow::Result<Vec<Duration>> 
                 c.from == Some(0) && c.to > 0
             })
             .await?;
-        values.push(change.at.saturating_duration_since(burst.first_confirm));
+        values
+            .patch
+            .push(change.at.saturating_duration_since(burst.first_confirm));
         h.wait_jobs_done(&burst.ids, Duration::from_secs(30))
             .await?;
+        if let Some(ready) = h.first_worker_ready_since(burst.first_confirm_wall) {
+            values.ready.push(since(ready, burst.first_confirm_wall));
+        }
+        let first_ack = h
+            .job_log()
+            .events
+            .iter()
+            .filter(|e| e.kind == JobKind::Done && burst.ids.contains(&e.id))
+            .filter_map(|e| e.at)
+            .min();
+        if h.on_cluster()
+            && let Some(acked) = first_ack
+        {
+            values.acked.push(since(acked, burst.first_confirm_wall));
+        }
         h.wait_replicas(0, Duration::from_secs(30)).await?;
         h.wait_pods_ready(0, Duration::from_secs(30)).await?;
-        eprintln!("from zero, trial {}: {}", i + 1, ms(values[i]));
+        eprintln!("from zero, trial {}: {}", i + 1, ms(values.patch[i]));
     }
     Ok(values)
+}
+
+/// Scale-ins while jobs run (cluster): each round queues 8 jobs of 1.5 s,
+/// waits for at least 2 replicas, lowers maxReplicas to 1 (a scale-in that
+/// the ReplicaSet controller carries out on busy and idle pods), then raises
+/// it back to 4; after `rounds` scale-ins, the accounting of every job.
+async fn scale_in_churn(h: &Harness, rounds: usize) -> anyhow::Result<String> {
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..rounds {
+        let burst = h.send_burst(8, 150).await?;
+        ids.extend(burst.ids);
+        if h.recorder.current().unwrap_or(0) < 2 {
+            h.wait_value_at_least(2, Duration::from_secs(30)).await?;
+        }
+        let lowered = Instant::now();
+        h.patch_scaler_spec(json!({"maxReplicas": 1})).await?;
+        h.wait_change(lowered, Duration::from_secs(30), "the scale-in to 1", |c| {
+            c.to == 1
+        })
+        .await?;
+        h.patch_scaler_spec(json!({"maxReplicas": 4})).await?;
+        eprintln!("scale-in round {} of {rounds}", i + 1);
+    }
+    h.wait_jobs_done(&ids, Duration::from_secs(180)).await?;
+    let scale_ins = h
+        .recorder
+        .history()
+        .iter()
+        .filter(|c| c.at >= started && c.from.is_some_and(|f| f > c.to))
+        .count();
+    let report = h.report();
+    let log = h.job_log();
+    let (judged, violations) = h.scale_in_cost_violations()?;
+    let exits = h.exits();
+    let victims = exits.iter().filter(|e| e.sigterm_sent).count();
+    let killed = exits.iter().filter(|e| e.sigkill_sent).count();
+    Ok(format!(
+        "## Scale-ins while jobs run (local cluster)\n\n\
+         | measure | value |\n|---|---|\n\
+         | rounds (8 jobs × 1.5 s queued, ≥ 2 replicas, then maxReplicas 4 → 1 → 4) | {rounds} |\n\
+         | scale-ins (Deployment replica decreases) | {scale_ins} |\n\
+         | pods stopped by a scale-in (SIGTERM) / of them SIGKILLed after the grace period | {victims} / {killed} |\n\
+         | Ready victims judged by deletion cost / not the lowest cost | {judged} / {} |\n\
+         | busy pods sent SIGTERM by a scale-in | {} |\n\
+         | jobs sent / done (all phases) | {} / {} |\n\
+         | jobs interrupted (all phases) | {} |\n\
+         | jobs redelivered (all phases) | {} |\n\
+         | jobs lost (all phases) | {} |\n",
+        violations.len(),
+        log.busy_at_sigterm().len(),
+        report.sent,
+        report.done,
+        report.interrupted.len(),
+        report.redelivered.len(),
+        report.lost.len(),
+    ))
 }
 
 /// From one running replica (minReplicas 1): 20 jobs of 1 s, so the burst
