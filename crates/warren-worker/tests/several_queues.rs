@@ -93,6 +93,10 @@ async fn jobs_on_each_of_three_queues_are_all_processed_once() {
         worker.done().iter().all(|(_, redelivered)| !redelivered),
         "nothing redelivered"
     );
+    // Each job's lines are in its `job` span, which names the job and its queue.
+    let mut in_span = worker.span_of("job done");
+    in_span.sort();
+    assert_eq!(in_span, sent, "the job span carries the job's id and queue");
     assert_all_empty(&queues).await;
 }
 

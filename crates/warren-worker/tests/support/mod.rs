@@ -200,6 +200,21 @@ impl Worker {
             .collect()
     }
 
+    /// (queue, id) of the `job` span around each log line with this message,
+    /// in log order (JSON lines name their innermost span under `span`).
+    pub fn span_of(&self, message: &str) -> Vec<(String, String)> {
+        self.log_text()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|line| line["message"] == message && line["span"]["name"] == "job")
+            .map(|line| {
+                let field =
+                    |name: &str| line["span"][name].as_str().unwrap_or_default().to_string();
+                (field("queue"), field("id"))
+            })
+            .collect()
+    }
+
     /// (field, id) of each log line with this message, in log order.
     fn job_fields(&self, message: &str, field: &str) -> Vec<(String, String)> {
         self.log_text()
