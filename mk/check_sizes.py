@@ -137,11 +137,24 @@ def line_of(code: str, index: int) -> int:
     return code.count("\n", 0, index) + 1
 
 
+def attribute_end(code: str, start: int) -> int:
+    """The index just past the `]` closing the attribute `#[` at `start`."""
+    depth = 0
+    for i in range(start + 1, len(code)):
+        if code[i] == "[":
+            depth += 1
+        elif code[i] == "]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return len(code)
+
+
 def test_ranges(code: str) -> list[tuple[int, int]]:
     """Line ranges (inclusive) of the items marked `#[cfg(test)]` or `#[test]`."""
     ranges = []
     for match in TEST_ATTRIBUTE.finditer(code):
-        opened = body_start(code, match.end())
+        opened = body_start(code, attribute_end(code, match.start()))
         if opened is None:
             continue
         ranges.append((line_of(code, match.start()), line_of(code, matching_brace(code, opened))))
