@@ -190,74 +190,72 @@ async fn main() -> anyhow::Result<()> {
             }
             UserAction::List => print(store.subjects(SubjectKind::User).await?)?,
         },
-        Command::Tokens { action } => match action {
-            TokenAction::Create {
-                subject,
-                limit,
-                queues,
-                expires_at,
-                secret_only,
-            } => {
-                let subject = match (subject.application, subject.group, subject.user) {
-                    (Some(name), _, _) => SubjectRef {
-                        kind: SubjectKind::Application,
-                        name,
-                    },
-                    (_, Some(name), _) => SubjectRef {
-                        kind: SubjectKind::Group,
-                        name,
-                    },
-                    (_, _, Some(name)) => SubjectRef {
-                        kind: SubjectKind::User,
-                        name,
-                    },
-                    _ => anyhow::bail!("name the token's --application, --group or --user"),
-                };
-                let limit = match (limit.max_uses, limit.monthly) {
+        Command::Tokens { action } => tokens(&store, action).await?,
+    }
+    Ok(())
+}
+
+/// `warren-admin tokens …`.
+async fn tokens(store: &Store, action: TokenAction) -> anyhow::Result<()> {
+    match action {
+        TokenAction::Create {
+            subject,
+            limit,
+            queues,
+            expires_at,
+            secret_only,
+        } => {
+            let new = NewToken {
+                subject: subject_of(subject)?,
+                limit: match (limit.max_uses, limit.monthly) {
                     (Some(n), _) => Limit::MaxUses(n),
                     (_, Some(n)) => Limit::Monthly(n),
                     _ => Limit::Unlimited,
-                };
-                let new = NewToken {
-                    subject,
-                    limit,
-                    queues: (!queues.is_empty()).then_some(queues),
-                    expires_at,
-                };
-                let (view, secret) = store.create_token(&new).await?;
-                if secret_only {
-                    println!("{}", secret.as_str());
-                } else {
-                    let mut out = json!(view);
-                    out["token"] = json!(secret.as_str());
-                    print(out)?;
-                    eprintln!("The token is shown only this once; only its hash is stored.");
+                },
+                queues: (!queues.is_empty()).then_some(queues),
+                expires_at,
+            };
+            let (view, secret) = store.create_token(&new).await?;
+            if secret_only {
+                println!("{}", secret.as_str());
+            } else {
+                let mut out = json!(view);
+                out["token"] = json!(secret.as_str());
+                print(out)?;
+                eprintln!("The token is shown only this once; only its hash is stored.");
+            }
+        }
+        TokenAction::List => print(store.tokens().await?)?,
+        TokenAction::Show { id } => print(store.token(id).await?)?,
+        TokenAction::Revoke { id } => {
+            store.revoke(id).await?;
+            eprintln!("token {id} revoked");
+        }
+        TokenAction::Denials { id, reason } => {
+            let reason = match reason {
+                Some(code) => {
+                    Some(Reason::parse(&code).with_context(|| format!("unknown reason {code:?}"))?)
                 }
-            }
-            TokenAction::List => print(store.tokens().await?)?,
-            TokenAction::Show { id } => print(store.token(id).await?)?,
-            TokenAction::Revoke { id } => {
-                store.revoke(id).await?;
-                eprintln!("token {id} revoked");
-            }
-            TokenAction::Denials { id, reason } => {
-                let reason = match reason {
-                    Some(code) => Some(
-                        Reason::parse(&code).with_context(|| format!("unknown reason {code:?}"))?,
-                    ),
-                    None => None,
-                };
-                print(
-                    store
-                        .denials(&DenialFilter {
-                            token_id: Some(id),
-                            reason,
-                            limit: 1000,
-                        })
-                        .await?,
-                )?;
-            }
-        },
+                None => None,
+            };
+            let filter = DenialFilter {
+                token_id: Some(id),
+                reason,
+                limit: 1000,
+            };
+            print(store.denials(&filter).await?)?;
+        }
     }
     Ok(())
+}
+
+/// The one subject named by `--application`, `--group` or `--user`.
+fn subject_of(subject: SubjectArg) -> anyhow::Result<SubjectRef> {
+    let (kind, name) = match (subject.application, subject.group, subject.user) {
+        (Some(name), _, _) => (SubjectKind::Application, name),
+        (_, Some(name), _) => (SubjectKind::Group, name),
+        (_, _, Some(name)) => (SubjectKind::User, name),
+        _ => anyhow::bail!("name the token's --application, --group or --user"),
+    };
+    Ok(SubjectRef { kind, name })
 }

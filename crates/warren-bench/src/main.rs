@@ -4,7 +4,12 @@
 //! 1. The ceiling: a raw lapin publisher with pipelined confirms.
 //! 2. `warren-sender` under a concurrent HTTP load (202 only after confirm),
 //!    with audit events batched (the default), one audit message per job
-//!    (`WARREN_AUDIT_BATCH=1`, as before batching) and audit events off.
+//!    (`WARREN_AUDIT_BATCH=1`, as before batching) and audit events off, at
+//!    `--ceiling-concurrency` connections (256), and batched at `--concurrency`
+//!    (64). Beside them the raw publisher held to as many publishes in flight
+//!    as those loads have connections: the most any sender could reach with
+//!    that many clients (a confirm takes milliseconds on a quorum queue, so 64
+//!    clients cannot fill the broker on a busy machine).
 //! 3. The seed's design: Flask + pika, one connection per request.
 //! 4. `warren-worker` jobs/s with zero-work jobs at prefetch 1 (and 10).
 //! 5. Tokens (with a private PostgreSQL): the sender with `WARREN_AUTH=required`
@@ -58,6 +63,12 @@ struct Args {
     /// Concurrent HTTP connections.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Concurrent HTTP connections for the sender rows of the ceiling
+    /// section: enough for the broker to reach its ceiling (the raw
+    /// publisher held to as many publishes in flight is printed beside it;
+    /// at `--concurrency` it cannot get near the ceiling on a busy machine).
+    #[arg(long, default_value_t = 256)]
+    ceiling_concurrency: usize,
     /// wrk binary for the HTTP load (a separate, efficient process); without
     /// it an in-process reqwest load generator shares the CPU with the sender.
     #[arg(long, env = "WARREN_BENCH_WRK")]
@@ -144,37 +155,37 @@ async fn main() -> anyhow::Result<()> {
     // batches: the sender before batching, for comparison).
     let runs = if args.only.contains(&Section::Ceiling) {
         vec![
-            (QueueType::Quorum, true, false),
-            (QueueType::Quorum, true, true),
-            (QueueType::Quorum, false, false),
-            (QueueType::Classic, true, false),
+            (QueueType::Quorum, true, false, args.ceiling_concurrency),
+            (QueueType::Quorum, true, true, args.ceiling_concurrency),
+            (QueueType::Quorum, false, false, args.ceiling_concurrency),
+            (QueueType::Quorum, true, false, args.concurrency),
+            (QueueType::Classic, true, false, args.ceiling_concurrency),
         ]
     } else {
         Vec::new()
     };
-    for (queue_type, audit, unbatched) in runs {
+    for (queue_type, audit, unbatched, connections) in runs {
         let kind = queue_type.as_str();
-        if audit && !unbatched {
+        let first_of_kind = connections == args.ceiling_concurrency;
+        if audit && !unbatched && first_of_kind {
             eprintln!("raw lapin publisher, {kind} queue...");
             let raw = raw_publisher(&url, queue_type, &body, duration, RAW_WINDOW).await?;
             rows.push((format!("raw lapin, pipelined confirms ({kind})"), raw));
         }
-        if queue_type == QueueType::Quorum && audit && !unbatched {
+        if queue_type == QueueType::Quorum && audit && !unbatched && first_of_kind {
             // The same publisher held to as many publishes in flight as the
-            // HTTP load has connections: what the broker alone allows at
+            // HTTP loads have connections: what the broker alone allows at
             // that concurrency (the sender's own cost is the rest).
-            eprintln!(
-                "raw lapin publisher, {kind} queue, {} in flight...",
-                args.concurrency
-            );
-            let window = args.concurrency.div_ceil(RAW_CHANNELS).max(1);
-            let raw = raw_publisher(&url, queue_type, &body, duration, window).await?;
-            rows.push((
-                format!("raw lapin, {} in flight ({kind})", window * RAW_CHANNELS),
-                raw,
-            ));
+            for concurrency in [args.ceiling_concurrency, args.concurrency] {
+                eprintln!("raw lapin publisher, {kind} queue, {concurrency} in flight...");
+                let window = concurrency.div_ceil(RAW_CHANNELS).max(1);
+                let raw = raw_publisher(&url, queue_type, &body, duration, window).await?;
+                rows.push((raw_at(concurrency, kind), raw));
+            }
         }
-        eprintln!("warren-sender, {kind} queue, audit events {audit}, unbatched {unbatched}...");
+        eprintln!(
+            "warren-sender, {kind} queue, audit events {audit}, unbatched {unbatched}, {connections} connections..."
+        );
         let queue = unique_name("bench-sender");
         let port = free_port()?;
         let mut sender = spawn(
@@ -188,11 +199,11 @@ async fn main() -> anyhow::Result<()> {
                 .env("WARREN_LOG", "warn"),
         )?;
         wait_http(&format!("http://127.0.0.1:{port}/readyz")).await?;
-        let result = load(
+        let result = load_at(
             &args,
             &format!("http://127.0.0.1:{port}/send"),
-            202,
             duration,
+            connections,
         )
         .await?;
         let _ = sender.kill().await;
@@ -200,7 +211,9 @@ async fn main() -> anyhow::Result<()> {
         if stored as usize != result.ok {
             eprintln!("warning: {} accepted but {stored} in the queue", result.ok);
         }
-        let name = if unbatched {
+        let name = if !first_of_kind {
+            format!("warren-sender ({kind}, {connections} connections)")
+        } else if unbatched {
             format!("warren-sender ({kind}, one audit message per job)")
         } else if audit {
             format!("warren-sender ({kind})")
@@ -261,14 +274,15 @@ async fn main() -> anyhow::Result<()> {
 
     println!();
     println!(
-        "## warren pipeline benchmark ({} s per run, {} HTTP connections from {}, one private RabbitMQ node)",
+        "## warren pipeline benchmark ({} s per run, {} HTTP connections from {} ({} for the ceiling rows), one private RabbitMQ node)",
         args.seconds,
         args.concurrency,
         if args.wrk.is_some() {
             "wrk"
         } else {
             "an in-process reqwest client"
-        }
+        },
+        args.ceiling_concurrency
     );
     println!();
     println!("| publisher | accepted/s | p50 ms | p99 ms | errors |");
@@ -299,20 +313,36 @@ async fn main() -> anyhow::Result<()> {
             rate("raw lapin, pipelined confirms (quorum)")
         )
     );
-    let at_concurrency = format!(
-        "raw lapin, {} in flight (quorum)",
-        args.concurrency.div_ceil(RAW_CHANNELS).max(1) * RAW_CHANNELS
+    let raw_ceiling = rate("raw lapin, pipelined confirms (quorum)");
+    let at_ceiling_concurrency = rate(&raw_at(args.ceiling_concurrency, "quorum"));
+    let at_concurrency = rate(&raw_at(args.concurrency, "quorum"));
+    println!(
+        "| raw lapin with {} in flight / raw ceiling (quorum): the most a sender with {} connections could reach here | {:.2} | |",
+        args.ceiling_concurrency,
+        args.ceiling_concurrency,
+        ratio(at_ceiling_concurrency, raw_ceiling)
     );
     println!(
-        "| raw lapin at the HTTP load's concurrency / raw ceiling (quorum): the most any sender could reach here | {:.2} | |",
+        "| warren-sender / raw lapin with as many in flight (quorum, {} connections): the sender's own cost | {:.2} | |",
+        args.ceiling_concurrency,
+        ratio(rate("warren-sender (quorum)"), at_ceiling_concurrency)
+    );
+    println!(
+        "| warren-sender, {} connections / raw ceiling (quorum) | {:.2} | |",
+        args.concurrency,
         ratio(
-            rate(&at_concurrency),
-            rate("raw lapin, pipelined confirms (quorum)")
+            rate(&format!(
+                "warren-sender (quorum, {} connections)",
+                args.concurrency
+            )),
+            raw_ceiling
         )
     );
     println!(
-        "| warren-sender / raw lapin at the same concurrency (quorum): the sender's own cost | {:.2} | |",
-        ratio(rate("warren-sender (quorum)"), rate(&at_concurrency))
+        "| raw lapin with {} in flight / raw ceiling (quorum): the most a sender with {} connections could reach here | {:.2} | |",
+        args.concurrency,
+        args.concurrency,
+        ratio(at_concurrency, raw_ceiling)
     );
     println!(
         "| warren-sender, one audit message per job (before batching) / raw ceiling (quorum) | {:.2} | >= 0.5 |",
@@ -507,6 +537,27 @@ async fn load(
     duration: Duration,
 ) -> anyhow::Result<LoadResult> {
     load_with(args, url, expect, duration, None).await
+}
+
+/// [`load`] of 202s with `connections` connections instead of `--concurrency`.
+async fn load_at(
+    args: &Args,
+    url: &str,
+    duration: Duration,
+    connections: usize,
+) -> anyhow::Result<LoadResult> {
+    match &args.wrk {
+        Some(wrk) => wrk_load(wrk, url, connections, duration, None).await,
+        None => Ok(http_load(url, 202, connections, duration, None).await),
+    }
+}
+
+/// The row name of the raw publisher held to `concurrency` publishes in flight.
+fn raw_at(concurrency: usize, kind: &str) -> String {
+    format!(
+        "raw lapin, {} in flight ({kind})",
+        concurrency.div_ceil(RAW_CHANNELS).max(1) * RAW_CHANNELS
+    )
 }
 
 /// [`load`] with an `Authorization: Bearer` token on every request.

@@ -209,10 +209,12 @@ struct Pending {
 impl Pending {
     /// Adds `event`; returns its routing key when its batch is now full.
     fn add(&mut self, event: AuditEvent, max_events: usize) -> Option<String> {
-        let (_, events) = self
-            .batches
-            .entry(event.routing_key.clone())
-            .or_insert_with(|| (Instant::now(), Vec::new()));
+        // The key is cloned only for a new batch, not for every event.
+        if !self.batches.contains_key(&event.routing_key) {
+            self.batches
+                .insert(event.routing_key.clone(), (Instant::now(), Vec::new()));
+        }
+        let (_, events) = self.batches.get_mut(&event.routing_key)?;
         events.push(event.body);
         (events.len() >= max_events).then_some(event.routing_key)
     }
@@ -248,6 +250,11 @@ impl Pending {
     }
 }
 
+/// A batching sink gathers events this long between wake-ups, so a busy
+/// sender or worker wakes the publishing task a few hundred times a second
+/// instead of once per event (events wait in the channel meanwhile).
+const GATHER: Duration = Duration::from_millis(5);
+
 async fn publish_loop(
     mut rx: mpsc::Receiver<Command>,
     batching: Batching,
@@ -256,6 +263,11 @@ async fn publish_loop(
 ) {
     let channel = || slot.current();
     let max_events = batching.max_events.max(1);
+    let gather = if max_events > 1 {
+        GATHER.min(batching.linger)
+    } else {
+        Duration::ZERO
+    };
     let mut pending = Pending::default();
     loop {
         let due = pending.next_due(batching.linger);
@@ -268,21 +280,31 @@ async fn publish_loop(
                 continue;
             }
         };
-        match command {
-            None => break,
-            Some(Command::Event(event)) => {
-                if let Some(key) = pending.add(event, max_events)
-                    && let Some(events) = pending.take(&key)
-                {
-                    publish(channel(), &key, events, max_events, &counts).await;
+        // Everything already waiting is handled in this wake-up.
+        let mut next = command;
+        if next.is_none() {
+            break;
+        }
+        while let Some(command) = next {
+            match command {
+                Command::Event(event) => {
+                    if let Some(key) = pending.add(event, max_events)
+                        && let Some(events) = pending.take(&key)
+                    {
+                        publish(channel(), &key, events, max_events, &counts).await;
+                    }
+                }
+                Command::Flush(done) => {
+                    for (key, events) in pending.take_due(Instant::now(), batching.linger, true) {
+                        publish(channel(), &key, events, max_events, &counts).await;
+                    }
+                    let _ = done.send(());
                 }
             }
-            Some(Command::Flush(done)) => {
-                for (key, events) in pending.take_due(Instant::now(), batching.linger, true) {
-                    publish(channel(), &key, events, max_events, &counts).await;
-                }
-                let _ = done.send(());
-            }
+            next = rx.try_recv().ok();
+        }
+        if !gather.is_zero() {
+            tokio::time::sleep(gather).await;
         }
     }
     for (key, events) in pending.take_due(Instant::now(), batching.linger, true) {

@@ -168,27 +168,10 @@ pub struct RunningSender {
 pub async fn start(args: &Args, shutdown: CancellationToken) -> anyhow::Result<RunningSender> {
     use anyhow::Context as _;
     let queues = args.all_queues();
-    let mut config = PublisherConfig::new(args.broker.amqp_url.clone(), args.pod_name.clone());
-    config.channels = args.publish_channels.max(1);
-    config.confirm_timeout = Duration::from_millis(args.confirm_timeout_ms.max(1));
     // The broker connection outlives the HTTP server's drain, so the last
     // jobs and their batched audit events still reach the broker.
     let broker_stop = CancellationToken::new();
-    let audit = AuditSink::spawn_batched(
-        10_000,
-        Batching {
-            max_events: usize::from(args.audit_batch),
-            linger: Duration::from_millis(args.audit_linger_ms),
-        },
-    );
-    let publisher = Publisher::start_with_audit(
-        config,
-        Topology::new(queues.clone(), args.broker.queue_type)
-            .with_events_log(args.broker.events_log.retention()),
-        audit.clone(),
-        broker_stop.clone(),
-    );
-
+    let (publisher, audit) = start_broker(args, &queues, broker_stop.clone());
     let auth = Auth::start(&args.auth).context("starting the token gate")?;
     let mut registry = Registry::default();
     let metrics = SenderMetrics::register(&mut registry);
@@ -245,6 +228,28 @@ pub async fn start(args: &Args, shutdown: CancellationToken) -> anyhow::Result<R
         publisher,
         server,
     })
+}
+
+/// The publisher and its audit sink (batched `message.accepted` events).
+fn start_broker(args: &Args, queues: &[String], stop: CancellationToken) -> (Publisher, AuditSink) {
+    let mut config = PublisherConfig::new(args.broker.amqp_url.clone(), args.pod_name.clone());
+    config.channels = args.publish_channels.max(1);
+    config.confirm_timeout = Duration::from_millis(args.confirm_timeout_ms.max(1));
+    let audit = AuditSink::spawn_batched(
+        10_000,
+        Batching {
+            max_events: usize::from(args.audit_batch),
+            linger: Duration::from_millis(args.audit_linger_ms),
+        },
+    );
+    let publisher = Publisher::start_with_audit(
+        config,
+        Topology::new(queues.to_vec(), args.broker.queue_type)
+            .with_events_log(args.broker.events_log.retention()),
+        audit.clone(),
+        stop,
+    );
+    (publisher, audit)
 }
 
 /// The API routes.

@@ -157,30 +157,9 @@ impl Gate {
             .await
             .map_err(TokenError::db("locking a usage row"))?;
         let (mut used, mut leased): (i64, i64) = (row.get(0), row.get(1));
-        let stale_secs = config.stale_after.as_secs_f64();
-        let stale: i64 = tx
-            .query_one(
-                "WITH gone AS (DELETE FROM token_leases
-                     WHERE token_id = $1 AND period = $2 AND renewed_at < now() - make_interval(secs => $3)
-                     RETURNING held)
-                 SELECT COALESCE(SUM(held), 0)::bigint FROM gone",
-                &[&token_id, &period, &stale_secs],
-            )
-            .await
-            .map_err(TokenError::db("reclaiming stale leases"))?
-            .get(0);
-        if stale > 0 {
-            tracing::warn!(%token_id, stale, "reclaimed stale leases (counted as spent)");
-            tx.execute(
-                "UPDATE token_usage SET used = used + $3, leased = leased - $3
-                 WHERE token_id = $1 AND period = $2",
-                &[&token_id, &period, &stale],
-            )
-            .await
-            .map_err(TokenError::db("reclaiming stale leases"))?;
-            used += stale;
-            leased -= stale;
-        }
+        let stale = reclaim_stale(&tx, token_id, period, config.stale_after).await?;
+        used += stale;
+        leased -= stale;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let remaining = u64::try_from(limit - used - leased).unwrap_or(0);
         let grant = if remaining == 0 {
@@ -393,6 +372,38 @@ impl Drop for Ticket {
             st.retired.push((self.period, 1, 0));
         }
     }
+}
+
+/// Deletes `token_id`'s leases in `period` not renewed for `stale_after` (a
+/// crashed replica's) and counts what they held as spent; returns that count.
+async fn reclaim_stale(
+    tx: &tokio_postgres::Transaction<'_>,
+    token_id: Uuid,
+    period: NaiveDate,
+    stale_after: Duration,
+) -> Result<i64, TokenError> {
+    let stale: i64 = tx
+        .query_one(
+            "WITH gone AS (DELETE FROM token_leases
+                 WHERE token_id = $1 AND period = $2 AND renewed_at < now() - make_interval(secs => $3)
+                 RETURNING held)
+             SELECT COALESCE(SUM(held), 0)::bigint FROM gone",
+            &[&token_id, &period, &stale_after.as_secs_f64()],
+        )
+        .await
+        .map_err(TokenError::db("reclaiming stale leases"))?
+        .get(0);
+    if stale > 0 {
+        tracing::warn!(%token_id, stale, "reclaimed stale leases (counted as spent)");
+        tx.execute(
+            "UPDATE token_usage SET used = used + $3, leased = leased - $3
+             WHERE token_id = $1 AND period = $2",
+            &[&token_id, &period, &stale],
+        )
+        .await
+        .map_err(TokenError::db("reclaiming stale leases"))?;
+    }
+    Ok(stale)
 }
 
 #[cfg(test)]
