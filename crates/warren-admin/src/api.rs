@@ -35,6 +35,11 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/tokens/{id}", get(show_token).delete(revoke_token))
         .route("/api/tokens/{id}/denials", get(denials))
         .route("/api/tokens/{id}/usage", get(usage))
+        // Every answer of a matched route counted once, by status, here.
+        .route_layer(axum::middleware::map_response_with_state(
+            state.clone(),
+            count_response,
+        ))
         .with_state(state)
 }
 
@@ -55,7 +60,6 @@ impl FromRequestParts<AdminState> for AdminAuth {
         match presented {
             Some(hash) if same_digest(&hash, &state.admin_token_hash) => Ok(Self),
             _ => {
-                state.metrics.count("api", StatusCode::UNAUTHORIZED);
                 let mut response = problem(
                     StatusCode::UNAUTHORIZED,
                     "admin_token_required",
@@ -71,30 +75,24 @@ impl FromRequestParts<AdminState> for AdminAuth {
     }
 }
 
+/// Counts an API answer in `warren_admin_responses` (surface `api`).
+async fn count_response(State(state): State<AdminState>, response: Response) -> Response {
+    state.metrics.count("api", response.status());
+    response
+}
+
 type ApiResult = Result<Response, AdminError>;
 
-fn respond(state: &AdminState, status: StatusCode, body: Value) -> Response {
-    state.metrics.count("api", status);
+fn respond(status: StatusCode, body: Value) -> Response {
     (status, Json(body)).into_response()
 }
 
-fn bad_json(state: &AdminState, rejection: JsonRejection) -> Response {
-    state.metrics.count("api", rejection.status());
+fn bad_json(rejection: JsonRejection) -> Response {
     problem(
         rejection.status(),
         "invalid_request",
         &rejection.body_text(),
     )
-}
-
-fn counted(state: &AdminState, result: ApiResult) -> Response {
-    match result {
-        Ok(response) => response,
-        Err(err) => {
-            state.metrics.count("api", err.status_and_code().0);
-            err.into_response()
-        }
-    }
 }
 
 #[derive(Deserialize)]
@@ -104,34 +102,22 @@ struct NameBody {
     group: Option<String>,
 }
 
-async fn create_named(
-    state: AdminState,
-    kind: SubjectKind,
-    body: Result<Json<NameBody>, JsonRejection>,
-) -> Response {
-    let body = match body {
-        Ok(Json(body)) => body,
-        Err(rejection) => return bad_json(&state, rejection),
-    };
-    let result = async {
-        let id = match kind {
-            SubjectKind::Application => state.store.create_application(&body.name).await?,
-            SubjectKind::Group => state.store.create_group(&body.name).await?,
-            SubjectKind::User => {
-                state
-                    .store
-                    .create_user(&body.name, body.group.as_deref())
-                    .await?
-            }
-        };
-        let mut out = json!({"id": id, "kind": kind, "name": body.name.trim()});
-        if kind == SubjectKind::User {
-            out["group"] = json!(body.group);
+async fn create_named(state: AdminState, kind: SubjectKind, body: NameBody) -> ApiResult {
+    let id = match kind {
+        SubjectKind::Application => state.store.create_application(&body.name).await?,
+        SubjectKind::Group => state.store.create_group(&body.name).await?,
+        SubjectKind::User => {
+            state
+                .store
+                .create_user(&body.name, body.group.as_deref())
+                .await?
         }
-        Ok(respond(&state, StatusCode::CREATED, out))
+    };
+    let mut out = json!({"id": id, "kind": kind, "name": body.name.trim()});
+    if kind == SubjectKind::User {
+        out["group"] = json!(body.group);
     }
-    .await;
-    counted(&state, result)
+    Ok(respond(StatusCode::CREATED, out))
 }
 
 /// `applications`, `groups` or `users`.
@@ -144,14 +130,12 @@ pub(crate) fn collection(name: &str) -> Option<SubjectKind> {
     }
 }
 
-/// A counted 404 with its problem code.
-fn not_found(state: &AdminState, code: &str, detail: &str) -> Response {
-    state.metrics.count("api", StatusCode::NOT_FOUND);
-    problem(StatusCode::NOT_FOUND, code, detail)
-}
-
-fn no_collection(state: &AdminState, name: &str) -> Response {
-    not_found(state, "not_found", &format!("no collection {name:?}"))
+fn no_collection(name: &str) -> Response {
+    problem(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        &format!("no collection {name:?}"),
+    )
 }
 
 async fn create_subject(
@@ -159,10 +143,13 @@ async fn create_subject(
     State(state): State<AdminState>,
     Path(name): Path<String>,
     body: Result<Json<NameBody>, JsonRejection>,
-) -> Response {
-    match collection(&name) {
-        Some(kind) => create_named(state, kind, body).await,
-        None => no_collection(&state, &name),
+) -> ApiResult {
+    let Some(kind) = collection(&name) else {
+        return Ok(no_collection(&name));
+    };
+    match body {
+        Ok(Json(body)) => create_named(state, kind, body).await,
+        Err(rejection) => Ok(bad_json(rejection)),
     }
 }
 
@@ -170,81 +157,65 @@ async fn list_subjects(
     _: AdminAuth,
     State(state): State<AdminState>,
     Path(name): Path<String>,
-) -> Response {
+) -> ApiResult {
     let Some(kind) = collection(&name) else {
-        return no_collection(&state, &name);
+        return Ok(no_collection(&name));
     };
-    let result = async {
-        let subjects = state.store.subjects(kind).await?;
-        Ok(respond(&state, StatusCode::OK, json!(subjects)))
-    }
-    .await;
-    counted(&state, result)
+    let subjects = state.store.subjects(kind).await?;
+    Ok(respond(StatusCode::OK, json!(subjects)))
 }
 
 async fn create_token(
     _: AdminAuth,
     State(state): State<AdminState>,
     body: Result<Json<NewToken>, JsonRejection>,
-) -> Response {
+) -> ApiResult {
     let new = match body {
         Ok(Json(new)) => new,
-        Err(rejection) => return bad_json(&state, rejection),
+        Err(rejection) => return Ok(bad_json(rejection)),
     };
-    let result = async {
-        let (view, secret) = state.store.create_token(&new).await?;
-        let mut out = json!(view);
-        out["token"] = json!(secret.as_str());
-        Ok(respond(&state, StatusCode::CREATED, out))
-    }
-    .await;
-    counted(&state, result)
+    let (view, secret) = state.store.create_token(&new).await?;
+    let mut out = json!(view);
+    out["token"] = json!(secret.as_str());
+    Ok(respond(StatusCode::CREATED, out))
 }
 
-async fn list_tokens(_: AdminAuth, State(state): State<AdminState>) -> Response {
-    let result = async {
-        let tokens = state.store.tokens().await?;
-        Ok(respond(&state, StatusCode::OK, json!(tokens)))
-    }
-    .await;
-    counted(&state, result)
+async fn list_tokens(_: AdminAuth, State(state): State<AdminState>) -> ApiResult {
+    let tokens = state.store.tokens().await?;
+    Ok(respond(StatusCode::OK, json!(tokens)))
 }
 
-fn not_a_token(state: &AdminState, id: &str) -> Response {
-    not_found(state, "no_such_token", &format!("{id:?} is not a token id"))
+/// The 404 for a path that does not hold a token id.
+fn not_a_token(id: &str) -> Response {
+    problem(
+        StatusCode::NOT_FOUND,
+        "no_such_token",
+        &format!("{id:?} is not a token id"),
+    )
 }
 
 async fn show_token(
     _: AdminAuth,
     State(state): State<AdminState>,
     Path(id): Path<String>,
-) -> Response {
+) -> ApiResult {
     let Ok(id) = id.parse::<Uuid>() else {
-        return not_a_token(&state, &id);
+        return Ok(not_a_token(&id));
     };
-    let result = async {
-        let view = state.store.token(id).await?;
-        Ok(respond(&state, StatusCode::OK, json!(view)))
-    }
-    .await;
-    counted(&state, result)
+    let view = state.store.token(id).await?;
+    Ok(respond(StatusCode::OK, json!(view)))
 }
 
 async fn revoke_token(
     _: AdminAuth,
     State(state): State<AdminState>,
     Path(id): Path<String>,
-) -> Response {
+) -> ApiResult {
     let Ok(id) = id.parse::<Uuid>() else {
-        return not_a_token(&state, &id);
+        return Ok(not_a_token(&id));
     };
-    let result = async {
-        state.store.revoke(id).await?;
-        state.metrics.count("api", StatusCode::NO_CONTENT);
-        Ok(StatusCode::NO_CONTENT.into_response())
-    }
-    .await;
-    counted(&state, result)
+    state.store.revoke(id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(Deserialize)]
@@ -258,31 +229,28 @@ async fn denials(
     State(state): State<AdminState>,
     Path(id): Path<String>,
     Query(query): Query<DenialQuery>,
-) -> Response {
+) -> ApiResult {
     let Ok(id) = id.parse::<Uuid>() else {
-        return not_a_token(&state, &id);
+        return Ok(not_a_token(&id));
     };
     let reason = match query.reason.as_deref().map(Reason::parse) {
         Some(None) => {
-            state.metrics.count("api", StatusCode::BAD_REQUEST);
-            return problem(StatusCode::BAD_REQUEST, "invalid_request", "unknown reason");
+            return Ok(problem(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "unknown reason",
+            ));
         }
         other => other.flatten(),
     };
-    let result = async {
-        state.store.token(id).await?;
-        let denials = state
-            .store
-            .denials(&DenialFilter {
-                token_id: Some(id),
-                reason,
-                limit: query.limit.unwrap_or(100).clamp(1, 1000),
-            })
-            .await?;
-        Ok(respond(&state, StatusCode::OK, json!(denials)))
-    }
-    .await;
-    counted(&state, result)
+    state.store.token(id).await?;
+    let filter = DenialFilter {
+        token_id: Some(id),
+        reason,
+        limit: query.limit.unwrap_or(100).clamp(1, 1000),
+    };
+    let denials = state.store.denials(&filter).await?;
+    Ok(respond(StatusCode::OK, json!(denials)))
 }
 
 #[derive(Deserialize)]
@@ -295,23 +263,21 @@ async fn usage(
     State(state): State<AdminState>,
     Path(id): Path<String>,
     Query(query): Query<UsageQuery>,
-) -> Response {
+) -> ApiResult {
     let Ok(id) = id.parse::<Uuid>() else {
-        return not_a_token(&state, &id);
+        return Ok(not_a_token(&id));
     };
-    let result = async {
-        let view = state.store.token(id).await?;
-        let days = state.store.daily_uses(id, query.days.unwrap_or(30).clamp(1, 366)).await?;
-        let days: Vec<Value> = days
-            .into_iter()
-            .map(|(day, uses)| json!({"day": day, "uses": uses}))
-            .collect();
-        Ok(respond(
-            &state,
-            StatusCode::OK,
-            json!({"used": view.used, "remaining": view.remaining, "period": view.period, "days": days}),
-        ))
-    }
-    .await;
-    counted(&state, result)
+    let view = state.store.token(id).await?;
+    let days = state
+        .store
+        .daily_uses(id, query.days.unwrap_or(30).clamp(1, 366))
+        .await?;
+    let days: Vec<Value> = days
+        .into_iter()
+        .map(|(day, uses)| json!({"day": day, "uses": uses}))
+        .collect();
+    Ok(respond(
+        StatusCode::OK,
+        json!({"used": view.used, "remaining": view.remaining, "period": view.period, "days": days}),
+    ))
 }
