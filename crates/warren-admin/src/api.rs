@@ -185,23 +185,31 @@ async fn list_tokens(_: AdminAuth, State(state): State<AdminState>) -> ApiResult
     Ok(respond(StatusCode::OK, json!(tokens)))
 }
 
-/// The 404 for a path that does not hold a token id.
-fn not_a_token(id: &str) -> Response {
-    problem(
-        StatusCode::NOT_FOUND,
-        "no_such_token",
-        &format!("{id:?} is not a token id"),
-    )
+/// The token id in the path; a path that holds none is a 404 `no_such_token`.
+struct TokenId(Uuid);
+
+impl FromRequestParts<AdminState> for TokenId {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> Result<Self, Response> {
+        let Path(id) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        id.parse().map(Self).map_err(|_| {
+            problem(
+                StatusCode::NOT_FOUND,
+                "no_such_token",
+                &format!("{id:?} is not a token id"),
+            )
+        })
+    }
 }
 
 async fn show_token(
     _: AdminAuth,
     State(state): State<AdminState>,
-    Path(id): Path<String>,
+    TokenId(id): TokenId,
 ) -> ApiResult {
-    let Ok(id) = id.parse::<Uuid>() else {
-        return Ok(not_a_token(&id));
-    };
     let view = state.store.token(id).await?;
     Ok(respond(StatusCode::OK, json!(view)))
 }
@@ -209,11 +217,8 @@ async fn show_token(
 async fn revoke_token(
     _: AdminAuth,
     State(state): State<AdminState>,
-    Path(id): Path<String>,
+    TokenId(id): TokenId,
 ) -> ApiResult {
-    let Ok(id) = id.parse::<Uuid>() else {
-        return Ok(not_a_token(&id));
-    };
     state.store.revoke(id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -227,12 +232,9 @@ struct DenialQuery {
 async fn denials(
     _: AdminAuth,
     State(state): State<AdminState>,
-    Path(id): Path<String>,
+    TokenId(id): TokenId,
     Query(query): Query<DenialQuery>,
 ) -> ApiResult {
-    let Ok(id) = id.parse::<Uuid>() else {
-        return Ok(not_a_token(&id));
-    };
     let reason = match query.reason.as_deref().map(Reason::parse) {
         Some(None) => {
             return Ok(problem(
@@ -261,12 +263,9 @@ struct UsageQuery {
 async fn usage(
     _: AdminAuth,
     State(state): State<AdminState>,
-    Path(id): Path<String>,
+    TokenId(id): TokenId,
     Query(query): Query<UsageQuery>,
 ) -> ApiResult {
-    let Ok(id) = id.parse::<Uuid>() else {
-        return Ok(not_a_token(&id));
-    };
     let view = state.store.token(id).await?;
     let days = state
         .store
