@@ -26,7 +26,7 @@ lint: ## rustfmt check, clippy with -D warnings (workspace lints in Cargo.toml),
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@$(CARGO) machete --version >/dev/null 2>&1 || { echo "make lint needs cargo-machete: cargo install --locked cargo-machete (.ci/install-tools.sh does)" >&2; exit 1; }
 	$(CARGO) machete
-	python3 mk/check_sizes.py
+	python3 mk/check_sizes.py --strict
 
 fmt: ## format the workspace
 	$(CARGO) fmt --all
