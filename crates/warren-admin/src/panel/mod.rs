@@ -91,6 +91,16 @@ fn render(state: &AdminState, status: StatusCode, markup: Markup) -> Response {
     response
 }
 
+/// A page with a form: 400 when it shows the form's error, else 200.
+fn render_form(state: &AdminState, failed: bool, markup: Markup) -> Response {
+    let status = if failed {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::OK
+    };
+    render(state, status, markup)
+}
+
 fn error_page(state: &AdminState, err: AdminError) -> Response {
     let (status, code) = err.status_and_code();
     render(

@@ -7,7 +7,7 @@ use maud::html;
 use serde::Deserialize;
 use warren_tokens::SubjectKind;
 
-use super::{PanelSession, cross_site, error_page, page, render};
+use super::{PanelSession, cross_site, error_page, page, render, render_form};
 use crate::AdminState;
 use crate::api::collection;
 
@@ -61,15 +61,7 @@ async fn subjects_page(state: &AdminState, kind: SubjectKind, error: Option<Stri
             }
         }
     };
-    render(
-        state,
-        if error.is_some() {
-            StatusCode::BAD_REQUEST
-        } else {
-            StatusCode::OK
-        },
-        page(title, active, body),
-    )
+    render_form(state, error.is_some(), page(title, active, body))
 }
 
 pub(super) async fn subjects(

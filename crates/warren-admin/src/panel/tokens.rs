@@ -13,7 +13,7 @@ use warren_tokens::store::DenialFilter;
 use warren_tokens::{Limit, NewToken, SubjectKind, SubjectRef};
 
 use super::refusals::denial_table;
-use super::{PanelSession, cross_site, error_page, page, render};
+use super::{PanelSession, cross_site, error_page, page, render, render_form};
 use crate::AdminState;
 
 fn limit_text(limit: Limit) -> String {
@@ -77,15 +77,7 @@ async fn tokens_page(state: &AdminState, prefill: Prefill, error: Option<String>
             }
         }
     };
-    render(
-        state,
-        if error.is_some() {
-            StatusCode::BAD_REQUEST
-        } else {
-            StatusCode::OK
-        },
-        page("Tokens", "tokens", body),
-    )
+    render_form(state, error.is_some(), page("Tokens", "tokens", body))
 }
 
 #[derive(Deserialize)]
