@@ -225,7 +225,7 @@ async fn scaling(options: &Options) -> anyhow::Result<()> {
         ),
         Err(err) => println!("| 1 running replica | failed: {} | | | | |", one_line(&err)),
     }
-    if let Some(values) = end_to_end.filter(|v| !v.ready.is_empty()) {
+    if let Some(values) = end_to_end.filter(|v| !v.acked.is_empty()) {
         println!("\n## From zero, end to end: burst → new worker pod Ready → first job acked\n");
         println!("| step | trials | p50 | p95 | max | target |\n|---|---|---|---|---|---|");
         println!(
@@ -300,8 +300,15 @@ async fn from_zero(h: &Harness, trials: usize) -> anyhow::Result<FromZero> {
             .push(change.at.saturating_duration_since(burst.first_confirm));
         h.wait_jobs_done(&burst.ids, Duration::from_secs(30))
             .await?;
-        if let Some(ready) = h.first_worker_ready_since(burst.first_confirm_wall) {
-            values.ready.push(since(ready, burst.first_confirm_wall));
+        // Workers consume before their first readiness probe passes, so the
+        // jobs may be done before any new pod is Ready (or the pod is gone).
+        let ready_deadline = Instant::now() + Duration::from_secs(8);
+        while h.on_cluster() && Instant::now() < ready_deadline {
+            if let Some(ready) = h.first_worker_ready_since(burst.first_confirm_wall) {
+                values.ready.push(since(ready, burst.first_confirm_wall));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let first_ack = h
             .job_log()
