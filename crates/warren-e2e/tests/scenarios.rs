@@ -398,7 +398,9 @@ async fn scale_in_while_long_jobs_run_interrupts_no_job() {
             "a scale-in victim did not exit 0 within its grace period: {exit:?}"
         );
     }
-    assert_victims_had_the_lowest_cost(&h, 3);
+    // The 4 → 2 step may come before some new pods pass their first
+    // readiness probe (not a cost decision); the 2 → 1 step's victim is Ready.
+    assert_victims_had_the_lowest_cost(&h, 1);
 }
 
 /// Scale-in when every pod is busy and a backlog waits (maxReplicas lowered
@@ -615,10 +617,14 @@ async fn editing_max_and_target_takes_effect() {
         down.at - edited
     );
     assert!(ok(h.ready_count().await) > 0, "the backlog was still there");
+    // The status of generation 3 that records the scale-down (a watch may
+    // first deliver an earlier status of the same generation).
     let status = ok(h
-        .wait_status(secs(5.0), "observedGeneration 3", |s| {
-            s.observed_generation == Some(3)
-        })
+        .wait_status(
+            secs(5.0),
+            "observedGeneration 3 with desiredReplicas 1",
+            |s| s.observed_generation == Some(3) && s.desired_replicas == Some(1),
+        )
         .await);
     assert_eq!(status.desired_replicas, Some(1), "{status:?}");
     let (highest, _) = h
