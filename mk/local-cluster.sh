@@ -53,15 +53,19 @@ up() {
   if running; then
     log "localcluster already running (pid $(cat "$LOCAL_PID")), state in $LOCAL_STATE"
   else
-    # Pods run as the chart's non-root users: give them a copy of warren's binaries
-    # they can execute (cargo's target dir may sit under a private home directory).
+    # Pods run their programs as the chart's non-root users, by path, after their volumes
+    # are mounted: cargo's target dir may sit under a private home directory, and a chart
+    # volume at /tmp (RabbitMQ's, PostgreSQL's) hides a clone under /tmp. So warren's
+    # binaries and the image entrypoints (localcluster/images) are staged in LOCAL_POD_FILES.
+    local pod_files="${LOCAL_POD_FILES:-/var/lib/warren-localcluster}"
+    install -d -m 0755 "$pod_files" "$pod_files/bin" "$pod_files/images"
+    install -m 0755 "$(dirname "${LOCAL_IMAGE_MAP:-localcluster/images.yaml}")"/images/* "$pod_files/images/"
+    export LOCALCLUSTER_DIR="$pod_files"
     if [ -n "${WARREN_BIN_DIR:-}" ]; then
-      mkdir -p "$LOCAL_STATE/bin"
       for b in "$WARREN_BIN_DIR"/warren-*; do
-        [ -f "$b" ] && [ -x "$b" ] && install -m 0755 "$b" "$LOCAL_STATE/bin/"
+        [ -f "$b" ] && [ -x "$b" ] && install -m 0755 "$b" "$pod_files/bin/"
       done
-      chmod 0755 "$LOCAL_STATE" "$LOCAL_STATE/bin"
-      WARREN_BIN_DIR="$LOCAL_STATE/bin"
+      WARREN_BIN_DIR="$pod_files/bin"
     fi
     log "starting localcluster ($("$LOCAL_BIN" version)) in the background; log: $LOCAL_LOG"
     # setsid: its own session, so a Ctrl-C in this terminal does not stop it.
