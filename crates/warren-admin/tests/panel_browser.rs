@@ -98,6 +98,22 @@ async fn wait_for(client: &Client, css: &str) -> fantoccini::elements::Element {
         .unwrap_or_else(|e| panic!("no {css}: {e}"))
 }
 
+/// The text of the element once the page has it. A click that posts a form
+/// navigates: an element found just before the new page replaces the old one
+/// goes stale, so a stale read is retried on the new page, not a failure.
+async fn text_of(client: &Client, css: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match wait_for(client, css).await.text().await {
+            Ok(text) => return text,
+            Err(err) => {
+                assert!(Instant::now() < deadline, "cannot read {css}: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 async fn send(addr: &str, secret: &str) -> (u16, String) {
     let response = reqwest::Client::new()
         .post(format!("http://{addr}/send"))
@@ -161,8 +177,11 @@ async fn panel_scenario_in_headless_chromium() {
     client.goto(&format!("{base}/users")).await.unwrap();
     fill(&client, "#user-name", "ana").await;
     click(&client, "#create-user").await;
-    let listed = wait_for(&client, "table tr:nth-child(2) td").await;
-    assert_eq!(listed.text().await.unwrap(), "ana", "the user is listed");
+    assert_eq!(
+        text_of(&client, "table tr:nth-child(2) td").await,
+        "ana",
+        "the user is listed"
+    );
 
     client.goto(&format!("{base}/tokens")).await.unwrap();
     client
@@ -182,7 +201,7 @@ async fn panel_scenario_in_headless_chromium() {
         .unwrap();
     fill(&client, "#limit-value", "3").await;
     click(&client, "#create-token").await;
-    let secret = wait_for(&client, "#secret").await.text().await.unwrap();
+    let secret = text_of(&client, "#secret").await;
     assert!(
         warren_tokens::secret::well_formed(secret.trim()),
         "{secret:?}"
@@ -224,7 +243,10 @@ async fn panel_scenario_in_headless_chromium() {
             .unwrap();
         let mut texts = Vec::new();
         for cell in reasons {
-            texts.push(cell.text().await.unwrap());
+            // A stale cell (the page still loading) counts as not shown yet.
+            if let Ok(text) = cell.text().await {
+                texts.push(text);
+            }
         }
         if texts.iter().any(|t| t == "usage_exceeded") {
             break;
@@ -237,13 +259,7 @@ async fn panel_scenario_in_headless_chromium() {
     client.goto(&format!("{base}{token_page}")).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let used = client
-            .find(Locator::Css("#used"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let used = text_of(&client, "#used").await;
         if used == "3" {
             break;
         }
@@ -251,16 +267,7 @@ async fn panel_scenario_in_headless_chromium() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         client.refresh().await.unwrap();
     }
-    assert_eq!(
-        client
-            .find(Locator::Css("#remaining"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-        "0"
-    );
+    assert_eq!(text_of(&client, "#remaining").await, "0");
     assert!(
         client.find(Locator::Css("#uses-chart rect")).await.is_ok(),
         "the uses-per-day chart"
@@ -268,7 +275,7 @@ async fn panel_scenario_in_headless_chromium() {
     screenshot(&client, "panel-usage.png").await;
     click(&client, "#revoke").await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while wait_for(&client, "#state").await.text().await.unwrap() != "revoked" {
+    while text_of(&client, "#state").await != "revoked" {
         assert!(
             Instant::now() < deadline,
             "the panel never showed the token revoked"
