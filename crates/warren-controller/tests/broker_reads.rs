@@ -128,10 +128,15 @@ async fn one_request_reads_every_queue_of_a_vhost_and_counts_follow_fill_and_dra
     }
 
     let client = ManagementClient::new(ManagementConfig::default()).unwrap();
+    // The management API can list a queue's ready count before its other
+    // counts (a loaded node fills them in on a later stats tick): wait for all.
     let snapshot = wait_for_stats(&client, &endpoint, |s| {
         queues.iter().enumerate().all(|(i, q)| {
-            s.get(q)
-                .is_some_and(|q| q.messages_ready == Some(i as u64 + 1))
+            s.get(q).is_some_and(|q| {
+                q.messages_ready == Some(i as u64 + 1)
+                    && q.messages_unacknowledged.is_some()
+                    && q.consumers.is_some()
+            })
         })
     })
     .await;
@@ -279,8 +284,11 @@ async fn unacked_counts_are_reported_per_named_connection_and_passive_declare_is
 
     // Queue view agrees: 3 ready, 2 unacked, 1 consumer.
     let queues = wait_for_stats(&client, &endpoint, |s| {
-        s.get("work")
-            .is_some_and(|q| q.messages_unacknowledged == Some(2))
+        s.get("work").is_some_and(|q| {
+            q.messages_unacknowledged == Some(2)
+                && q.messages_ready.is_some()
+                && q.consumers.is_some()
+        })
     })
     .await;
     let work = queues.get("work").unwrap();
