@@ -320,9 +320,13 @@ async fn never_scales_to_zero_with_jobs_in_flight_even_with_short_windows() {
 /// not how long the management API takes to notice a finished job.
 #[tokio::test]
 async fn scale_in_while_long_jobs_run_interrupts_no_job() {
+    // The scale-up to 4 is only the setup: it needs the unacked counts (with
+    // them unknown, a fresh queue's jobs taken by workers look like no work),
+    // so the controllers start once the management API reports the queue.
     let h = ok(Harness::start(
         HarnessOptions {
             grace_seconds: 1,
+            wait_for_queue_stats: true,
             ..HarnessOptions::default()
         }
         .scaler(|s| {
