@@ -93,6 +93,19 @@ struct Args {
     #[arg(long, env = "WARREN_STATS_MAX_AGE_MS", default_value_t = 1000)]
     stats_max_age_ms: u64,
 
+    /// RabbitMQ's `collect_statistics_interval` (ms): how old the management
+    /// API's unacked count can be. Messages that left the ready count less
+    /// than this plus WARREN_STATS_MAX_AGE_MS ago count as in flight
+    /// (a scale-down or the step to zero waits that long after the last
+    /// drop of the ready count). 0 with WARREN_STATS_MAX_AGE_MS=0 turns
+    /// this off.
+    #[arg(
+        long,
+        env = "WARREN_MANAGEMENT_STATS_INTERVAL_MS",
+        default_value_t = 5000
+    )]
+    management_stats_interval_ms: u64,
+
     /// How long credentials read from a Secret are reused, in seconds.
     #[arg(long, env = "WARREN_SECRET_TTL_SECONDS", default_value_t = 60)]
     secret_ttl_seconds: u64,
@@ -225,6 +238,10 @@ impl Args {
             status_heartbeat: Duration::from_secs(self.status_heartbeat_seconds),
             error_backoff_max: Duration::from_secs(self.max_backoff_seconds.max(1)),
             concurrency: self.reconcile_concurrency,
+            in_flight_horizon: Duration::from_millis(
+                self.management_stats_interval_ms
+                    .saturating_add(self.stats_max_age_ms),
+            ),
             ..Settings::default()
         }
     }

@@ -83,6 +83,14 @@ pub struct ObservationLabels {
     pub unacked: String,
 }
 
+/// What the in-flight guard did: `raised` (an observation's unacked count
+/// was raised: messages that just left ready counted as in flight) or
+/// `held` (a decision kept more replicas than the measured counts alone).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InFlightGuardLabels {
+    pub effect: String,
+}
+
 /// Direction of a `/scale` patch (`up`, `down`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
@@ -111,6 +119,8 @@ pub struct ControllerMetrics {
     pub amqp_opens: Family<AmqpOpenLabels, Counter>,
     /// Queue observations by the source of their counts.
     pub observations: Family<ObservationLabels, Counter>,
+    /// Reconciles the in-flight guard acted on, by effect.
+    pub in_flight_guard: Family<InFlightGuardLabels, Counter>,
     pub scale_patches: Family<DirectionLabels, Counter>,
     pub deletion_cost_patches: Counter,
     pub audit_events_dropped: Counter,
@@ -213,6 +223,7 @@ impl Default for ControllerMetrics {
             passive_declares: Family::default(),
             amqp_opens: Family::default(),
             observations: Family::default(),
+            in_flight_guard: Family::default(),
             scale_patches: Family::default(),
             deletion_cost_patches: Counter::default(),
             audit_events_dropped: Counter::default(),
@@ -311,6 +322,20 @@ impl ControllerMetrics {
             "Queue observations by where ready (passive_declare, management) and unacked (management, last_known, assumed_zero) came from",
             self.observations.clone(),
         );
+        r.register(
+            "in_flight_guard",
+            "Reconciles where messages that just left ready were counted as in flight because the management API's unacked count may predate them (effect: raised = the count was raised, held = a decision kept more replicas than the measured counts alone)",
+            self.in_flight_guard.clone(),
+        );
+    }
+
+    /// Counts one act of the in-flight guard (`raised` or `held`).
+    pub fn record_in_flight_guard(&self, effect: &'static str) {
+        self.in_flight_guard
+            .get_or_create(&InFlightGuardLabels {
+                effect: effect.to_string(),
+            })
+            .inc();
     }
 
     /// Sets the per-scaler gauges from the status a reconcile computed.

@@ -21,7 +21,7 @@ use kube::{Client, Resource};
 use serde_json::{Value, json};
 use warren_controller::audit::{ScaleAudit, ScaleRecord};
 use warren_controller::metrics::{
-    ControllerMetrics, DirectionLabels, ObservationLabels, ResultLabels,
+    ControllerMetrics, DirectionLabels, InFlightGuardLabels, ObservationLabels, ResultLabels,
 };
 use warren_controller::observe::management::ConnectionUnacked;
 use warren_controller::observe::{
@@ -114,6 +114,15 @@ fn unacked_unknown(ready: u64) -> Result<QueueRead, ObserveError> {
         ready_source: ReadySource::PassiveDeclare,
         observed_at: Utc::now(),
         queues: Vec::new(),
+    })
+}
+
+/// The usual read: ready from the passive declare (now), unacked from the
+/// management API (a sample that may be older).
+fn declared(ready: u64, unacked: u64) -> Result<QueueRead, ObserveError> {
+    Ok(QueueRead {
+        unacked: Some(unacked),
+        ..unacked_unknown(ready)?
     })
 }
 
@@ -689,6 +698,67 @@ async fn unknown_unacked_never_scales_a_running_target_to_zero_but_a_measured_ze
     .unwrap();
     assert_eq!(scales(&h.ctx, "down"), 1);
     assert_eq!(observations(&h.ctx, "management", "management"), 1);
+}
+
+fn in_flight_guard(ctx: &Context, effect: &str) -> u64 {
+    ctx.metrics
+        .in_flight_guard
+        .get_or_create(&InFlightGuardLabels {
+            effect: effect.into(),
+        })
+        .get()
+}
+
+#[tokio::test]
+async fn jobs_just_taken_hold_the_replicas_while_the_unacked_sample_may_predate_them() {
+    // Four pods, four ready jobs; then the pods take them: the passive
+    // declare sees ready 0 while the management API's sample still shows
+    // 0 unacked. On those counts alone the queue is empty (cooldown 0: to
+    // zero at once, with four jobs in hand); the in-flight guard counts the
+    // four that left ready as in flight and holds the replicas.
+    let mut h = harness(FakeObserver::with(vec![declared(4, 0), declared(0, 0)]));
+    let qs = scaler(json!({
+        "minReplicas": 0,
+        "maxReplicas": 4,
+        "messagesPerReplica": 1,
+        "behavior": {"cooldownSeconds": 0}
+    }));
+    let mut written = None;
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect_get_scale(4).await;
+        written = Some(api.expect_status_patch(&qs).await);
+    })
+    .await
+    .unwrap();
+    let qs = with_status(qs, written.unwrap());
+    run(&mut h, &qs, async |api: &mut ApiServer| {
+        api.expect_get_scale(4).await;
+        // No pod list, no scale patch: held at 4.
+        let status = api.expect_status_patch(&qs).await;
+        assert_eq!(status.desired_replicas, Some(4));
+        let ready = status.condition("Ready").unwrap();
+        assert_eq!(ready.reason, "MetricsAvailable");
+        assert!(
+            ready
+                .message
+                .contains("holding 4 replicas, not 0: 4 messages that just left ready"),
+            "{}",
+            ready.message
+        );
+        // The status shows the counts as measured.
+        let observation = status.observation.as_ref().unwrap();
+        assert_eq!((observation.ready, observation.unacked), (0, 0));
+    })
+    .await
+    .unwrap();
+    assert_eq!(scales(&h.ctx, "down"), 0);
+    assert_eq!(
+        (
+            in_flight_guard(&h.ctx, "raised"),
+            in_flight_guard(&h.ctx, "held")
+        ),
+        (1, 1)
+    );
 }
 
 #[tokio::test]

@@ -21,6 +21,10 @@ pub struct Behavior {
     pub scale_down: ScaleDownRules,
     /// Seconds the queue must be empty (no ready, no unacked messages) before
     /// scaling from one replica to zero. Only used when minReplicas is 0.
+    /// Messages that left the ready count less than the management API's
+    /// statistics interval ago count as unacked (its count may not show them
+    /// yet), so the queue is empty at the earliest that long after the last
+    /// message was taken.
     #[serde(default = "default_cooldown_seconds")]
     pub cooldown_seconds: u32,
 }

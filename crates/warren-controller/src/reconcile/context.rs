@@ -13,6 +13,7 @@ use kube::{Client, ResourceExt};
 use warren_crd::{QueueScaler, QueueScalerStatus};
 use warren_scaling::History;
 
+use super::in_flight::InFlightGuard;
 use super::target::{TargetKey, TargetStores};
 use super::unacked::UnackedMemory;
 use crate::audit::ScaleAudit;
@@ -38,6 +39,11 @@ pub struct Settings {
     /// Reconciles running at once (0: unlimited). Bounds the burst of
     /// Kubernetes API requests when many scalers come due together.
     pub concurrency: u16,
+    /// How old the management API's unacked count can be (RabbitMQ's
+    /// `collect_statistics_interval` plus the answer's sharing between
+    /// scalers): messages that left `ready` within it count as in flight
+    /// (see [`super::in_flight`]). Zero turns the guard off.
+    pub in_flight_horizon: Duration,
 }
 
 impl Default for Settings {
@@ -48,6 +54,7 @@ impl Default for Settings {
             error_backoff_min: Duration::from_secs(1),
             error_backoff_max: Duration::from_secs(300),
             concurrency: 64,
+            in_flight_horizon: Duration::from_secs(6),
         }
     }
 }
@@ -65,6 +72,8 @@ pub(crate) struct Memory {
     pub failures: u32,
     /// The last known unacked count and the reads in a row without one.
     pub unacked: UnackedMemory,
+    /// Recent drops of the ready count the unacked sample may not show yet.
+    pub in_flight: InFlightGuard,
     /// The status this controller last wrote for this object (uid): the next
     /// status is built on it, not on the watch cache's copy, which can lag
     /// the write (a busy apiserver, many scalers) — building on a stale copy
@@ -85,6 +94,7 @@ impl Memory {
             unacked: UnackedMemory::seeded(
                 status.and_then(|s| s.observation.as_ref().map(|o| o.unacked)),
             ),
+            in_flight: InFlightGuard::default(),
             written_status: None,
         }
     }

@@ -19,6 +19,9 @@
 //!    increments the scaler's consecutive failures (seeded from and
 //!    mirrored to `status.consecutiveFailures`). An unknown unacked count
 //!    follows the rule of [`unacked`].
+//!    The management API's unacked count lags the passive declare's ready
+//!    count: messages that just left `ready` count as in flight until a
+//!    management sample can show them ([`in_flight`]).
 //! 4. **decide** ([`decide`]): [`warren_scaling::decide`] with the scaler's
 //!    history, and the guard of [`unacked`]: with the unacked count unknown,
 //!    a running target is never scaled to zero.
@@ -45,6 +48,7 @@
 mod apply;
 mod context;
 mod decide;
+pub mod in_flight;
 mod observe;
 mod run;
 pub mod status;
@@ -209,7 +213,13 @@ async fn steps(
         queue: spec.queue.clone(),
     };
     let observed = observe::observe(ctx, &broker_target, spec.paused, current, memory).await;
-    let decision = decide::decide(spec, &observed, current, &mut memory.history, now);
+    let decide::Decided {
+        decision,
+        held_from,
+    } = decide::decide(spec, &observed, current, &mut memory.history, now);
+    if held_from.is_some() {
+        ctx.metrics.record_in_flight_guard("held");
+    }
     report_observation(ctx, scaler, key, &observed, &decision).await;
     let plan = Plan {
         scaler,
@@ -234,6 +244,10 @@ async fn steps(
         scaled_at,
         queue: &spec.queue.summary(),
         unacked_unknown: observed.unacked_unknown.is_some(),
+        in_flight_held: held_from.map(|replicas| status::InFlightHeld {
+            counted: observed.in_flight_raised,
+            measured_replicas: replicas,
+        }),
     };
     let next = status::after_tick(&previous, &tick);
     status::write(ctx, key, &previous, next, now, memory).await?;
@@ -389,6 +403,7 @@ mod tests {
             failures: u32::from(error),
             unacked_unknown: None,
             read_from: None,
+            in_flight_raised: 0,
         }
     }
 

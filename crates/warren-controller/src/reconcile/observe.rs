@@ -1,7 +1,10 @@
 //! Step 1 of a reconcile: observe the queue. The read itself is the
 //! [`QueueObserver`](crate::observe::QueueObserver)'s; this step folds its
 //! result into the scaler's memory (failures in a row, the unacked count,
-//! see [`super::unacked`]) and into the decision's input.
+//! see [`super::unacked`]; recent drops of the ready count, see
+//! [`super::in_flight`]) and into the decision's input.
+
+use std::time::Duration;
 
 use warren_crd::Observation;
 use warren_scaling::DecisionInput;
@@ -14,9 +17,14 @@ use crate::observe::{BrokerTarget, ObserveError, QueueRead, ReadySource};
 /// What the observe step hands to the decision and the status.
 #[derive(Debug, Clone)]
 pub struct Observed {
+    /// What the decision uses: the observation with the unacked count
+    /// raised by the in-flight guard ([`super::in_flight`]).
     pub input: DecisionInput,
-    /// This tick's observation (`None` when paused or the read failed).
+    /// This tick's observation as measured (`None` when paused or the read
+    /// failed): the status shows it.
     pub observation: Option<Observation>,
+    /// Messages the in-flight guard added to the measured unacked count.
+    pub in_flight_raised: u64,
     /// Why the read failed, if it did.
     pub error: Option<ObserveError>,
     /// Failed reads in a row before this one.
@@ -46,9 +54,11 @@ pub(super) async fn observe(
             failures: memory.failures,
             unacked_unknown: None,
             read_from: None,
+            in_flight_raised: 0,
         };
     }
-    let observed = absorb(ctx.observer.observe(target).await, current, memory);
+    let read = ctx.observer.observe(target).await;
+    let observed = absorb(read, current, memory, ctx.settings.in_flight_horizon);
     if let Some((ready, unacked)) = observed.read_from {
         let labels = ObservationLabels {
             ready: ready.label().to_string(),
@@ -56,15 +66,20 @@ pub(super) async fn observe(
         };
         ctx.metrics.observations.get_or_create(&labels).inc();
     }
+    if observed.in_flight_raised > 0 {
+        ctx.metrics.record_in_flight_guard("raised");
+    }
     observed
 }
 
-/// Folds one read into `memory`: a good read resets the failures and
-/// updates the unacked count, a failed one counts one more failure.
+/// Folds one read into `memory`: a good read resets the failures, updates
+/// the unacked count and goes through the in-flight guard (`horizon`: how
+/// old the management sample can be); a failed one counts one more failure.
 pub(super) fn absorb(
     read: Result<QueueRead, ObserveError>,
     current: i32,
     memory: &mut Memory,
+    horizon: Duration,
 ) -> Observed {
     let previous_failures = memory.failures;
     match read {
@@ -79,9 +94,21 @@ pub(super) fn absorb(
                 );
             }
             memory.failures = 0;
+            let guarded =
+                memory
+                    .in_flight
+                    .observe(&absorbed.observation, read.ready_source, horizon);
+            if guarded.raised_by > 0 {
+                tracing::debug!(
+                    measured_unacked = absorbed.observation.unacked,
+                    counted_unacked = guarded.observation.unacked,
+                    "counting messages that left ready as in flight (the unacked sample may predate it)"
+                );
+            }
             Observed {
-                input: DecisionInput::observed(current, absorbed.observation.clone()),
+                input: DecisionInput::observed(current, guarded.observation),
                 observation: Some(absorbed.observation),
+                in_flight_raised: guarded.raised_by,
                 error: None,
                 previous_failures,
                 failures: 0,
@@ -105,6 +132,7 @@ pub(super) fn absorb(
                 failures,
                 unacked_unknown: None,
                 read_from: None,
+                in_flight_raised: 0,
             }
         }
     }

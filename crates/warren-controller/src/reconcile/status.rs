@@ -53,6 +53,18 @@ pub struct TickOutcome<'a> {
     /// The read had no unacked count (the management API failed): the
     /// observation carries the last known one.
     pub unacked_unknown: bool,
+    /// The in-flight guard held replicas this tick (see
+    /// [`super::in_flight`]).
+    pub in_flight_held: Option<InFlightHeld>,
+}
+
+/// How the in-flight guard changed a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InFlightHeld {
+    /// Messages counted in flight on top of the management API's count.
+    pub counted: u64,
+    /// The replicas the measured counts alone would have given.
+    pub measured_replicas: i32,
 }
 
 fn condition(
@@ -140,7 +152,13 @@ fn ready_condition(tick: &TickOutcome<'_>) -> Condition {
         (None, false) => (
             true,
             "MetricsAvailable",
-            format!("reading queue {:?}", tick.queue),
+            match tick.in_flight_held {
+                Some(held) => format!(
+                    "reading queue {:?}; holding {} replicas, not {}: {} messages that just left ready count as in flight until the management API's unacked count can show them",
+                    tick.queue, tick.decision.replicas, held.measured_replicas, held.counted
+                ),
+                None => format!("reading queue {:?}", tick.queue),
+            },
         ),
     };
     tick.condition(condition_type::READY, status, reason, message)
@@ -337,7 +355,36 @@ mod tests {
             scaled_at: None,
             queue: "jobs",
             unacked_unknown: false,
+            in_flight_held: None,
         }
+    }
+
+    #[test]
+    fn the_ready_message_says_when_the_in_flight_guard_held_replicas() {
+        let now = DateTime::<Utc>::UNIX_EPOCH + TimeDelta::days(20000);
+        let d = decision(4, Reason::QueueEmpty);
+        let mut held = tick(&d, now, Some(observation(0, now)), None);
+        held.in_flight_held = Some(InFlightHeld {
+            counted: 40,
+            measured_replicas: 0,
+        });
+        let status = after_tick(&QueueScalerStatus::default(), &held);
+        let ready = status.condition("Ready").unwrap();
+        assert_eq!(ready.reason, "MetricsAvailable");
+        assert!(
+            ready
+                .message
+                .contains("holding 4 replicas, not 0: 40 messages"),
+            "{}",
+            ready.message
+        );
+        // The status keeps the measured observation.
+        assert_eq!(status.observation.as_ref().unwrap().unacked, 0);
+        let plain = after_tick(&status, &tick(&d, now, Some(observation(0, now)), None));
+        assert_eq!(
+            plain.condition("Ready").unwrap().message,
+            "reading queue \"jobs\""
+        );
     }
 
     #[test]
