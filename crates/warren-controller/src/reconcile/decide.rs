@@ -277,4 +277,30 @@ mod tests {
         // never more than a total already seen.
         assert_eq!(guarded, vec![2, 2, 6, 8, 8]);
     }
+
+    #[test]
+    fn jobs_taken_while_the_unacked_count_is_unknown_stay_counted_until_it_is_known() {
+        // A fresh queue the management API has no counts for yet (11 s on a
+        // loaded CI node): 4 jobs, workers take 3; the 4th alone must not
+        // size the pool, however long the count stays unknown.
+        let spec = spec_of(serde_json::json!({
+            "maxReplicas": 4,
+            "messagesPerReplica": 1,
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": 0}}
+        }));
+        let t0 = Utc::now();
+        let mut memory = Memory::default();
+        let mut at = |second: i64, ready: u64, unacked: Option<u64>| {
+            let now = t0 + TimeDelta::seconds(second);
+            let observed = absorb(Ok(read(ready, unacked, now)), 3, &mut memory, HORIZON);
+            decide(&spec, &observed, 3, &mut memory.history, now)
+        };
+        assert_eq!(at(0, 4, None).decision.replicas, 4);
+        assert_eq!(at(1, 1, None).decision.replicas, 4);
+        let later = at(11, 1, None);
+        assert_eq!((later.decision.replicas, later.held_from), (4, Some(1)));
+        // Counts known at last (3 in hand): they stand.
+        assert_eq!(at(12, 1, Some(3)).decision.replicas, 4);
+        assert_eq!(at(13, 1, Some(0)).held_from, None);
+    }
 }

@@ -26,6 +26,10 @@
 //!   once no drop is younger than the horizon, the measurement stands
 //!   (a measured 0 after a quiet horizon scales to zero at once).
 //!
+//! While a read has no unacked count at all (unknown: the management API
+//! failed or has no counts for the queue yet), no sample can show the drops:
+//! they are kept until a read with a count, and only then age out.
+//!
 //! The cost: a scale-down (or the step to zero) waits at most one horizon
 //! after the last drop of the ready count. The status keeps the measured
 //! counts; the guard shows in the `in_flight_guard` metric and, when it
@@ -40,6 +44,10 @@ use warren_crd::Observation;
 
 use crate::observe::ReadySource;
 
+/// Drops remembered per queue at most; beyond, the two oldest are merged
+/// (kept as long as the younger one: never forgotten earlier).
+const MAX_DROPS: usize = 256;
+
 /// One queue's memory: the last ready count, the total the last decision
 /// saw, and the drops of the ready count younger than the horizon.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -51,23 +59,36 @@ pub struct QueueLag {
 
 impl QueueLag {
     /// The unacked count to decide on for a read of `ready` and `unacked`
-    /// (measured) at `now`: `unacked` raised by what the measurement may miss
-    /// (see the module documentation). Remembers the read.
+    /// at `now`: `unacked` raised by what the measurement may miss (see the
+    /// module documentation). Remembers the read. `horizon`: how old the
+    /// unacked sample can be; `None` when this read had no sample at all
+    /// (unacked unknown, `unacked` is the last known count): then no drop
+    /// is old enough to be shown by it, every drop is kept.
     pub fn guarded_unacked(
         &mut self,
         ready: u64,
         unacked: u64,
         now: DateTime<Utc>,
-        horizon: Duration,
+        horizon: Option<Duration>,
     ) -> u64 {
         if let Some(drop) = self.ready.and_then(|previous| previous.checked_sub(ready))
             && drop > 0
         {
+            if self.drops.len() >= MAX_DROPS
+                && let Some((_, oldest)) = self.drops.pop_front()
+                && let Some((_, next)) = self.drops.front_mut()
+            {
+                *next = next.saturating_add(oldest);
+            }
             self.drops.push_back((now, drop));
         }
         self.ready = Some(ready);
-        let cutoff = now - TimeDelta::from_std(horizon).unwrap_or(TimeDelta::MAX);
-        while self.drops.front().is_some_and(|(at, _)| *at <= cutoff) {
+        let cutoff = horizon
+            .and_then(|h| TimeDelta::from_std(h).ok())
+            .and_then(|h| now.checked_sub_signed(h));
+        while let Some(cutoff) = cutoff
+            && self.drops.front().is_some_and(|(at, _)| *at <= cutoff)
+        {
             self.drops.pop_front();
         }
         let recent = self
@@ -104,18 +125,23 @@ pub struct Guarded {
 
 impl InFlightGuard {
     /// [`Self::apply`] when the ready count came from the passive declare
-    /// (`ready_source`); when it came from the management API too, ready and
-    /// unacked are one sample, consistent with each other: the observation
-    /// stands and the guard starts over.
+    /// (`ready_source`), with every drop kept while the read had no unacked
+    /// count (`unacked_known` false: no sample can have shown them). When the
+    /// ready count came from the management API too, ready and unacked are
+    /// one sample, consistent with each other; with a zero `horizon` the
+    /// guard is off: then the observation stands and the guard starts over.
     pub fn observe(
         &mut self,
         observation: &Observation,
         ready_source: ReadySource,
+        unacked_known: bool,
         horizon: Duration,
     ) -> Guarded {
         match ready_source {
-            ReadySource::PassiveDeclare => self.apply(observation, horizon),
-            ReadySource::Management => {
+            ReadySource::PassiveDeclare if !horizon.is_zero() => {
+                self.apply(observation, unacked_known.then_some(horizon))
+            }
+            _ => {
                 *self = Self::default();
                 Guarded {
                     observation: observation.clone(),
@@ -127,8 +153,9 @@ impl InFlightGuard {
 
     /// `observation` (measured at `observation.observed_at`) with each
     /// queue's unacked count raised by what a management sample up to
-    /// `horizon` old may miss. Forgets queues the observation no longer has.
-    pub fn apply(&mut self, observation: &Observation, horizon: Duration) -> Guarded {
+    /// `horizon` old (`None`: no sample) may miss. Forgets queues the
+    /// observation no longer has.
+    pub fn apply(&mut self, observation: &Observation, horizon: Option<Duration>) -> Guarded {
         let now = observation.observed_at;
         let mut guarded = observation.clone();
         let mut raised_by = 0u64;
@@ -160,7 +187,7 @@ mod tests {
     use super::*;
     use warren_crd::QueueObservation;
 
-    const HORIZON: Duration = Duration::from_secs(6);
+    const HORIZON: Option<Duration> = Some(Duration::from_secs(6));
 
     fn at(start: DateTime<Utc>, millis: i64) -> DateTime<Utc> {
         start + TimeDelta::milliseconds(millis)
@@ -216,8 +243,11 @@ mod tests {
         // Ready rising or unchanged is no drop.
         assert_eq!(lag.guarded_unacked(3, 0, at(t0, 500), HORIZON), 0);
         assert_eq!(lag.guarded_unacked(3, 1, at(t0, 900), HORIZON), 1);
-        // A zero horizon turns the guard off.
-        assert_eq!(lag.guarded_unacked(0, 0, at(t0, 1000), Duration::ZERO), 0);
+        // A zero horizon: no drop is younger.
+        assert_eq!(
+            lag.guarded_unacked(0, 0, at(t0, 1000), Some(Duration::ZERO)),
+            0
+        );
     }
 
     #[test]
@@ -258,37 +288,51 @@ mod tests {
     fn counts_from_one_management_sample_stand_and_the_guard_starts_over() {
         let t0 = Utc::now();
         let observe = |ready, ms| Observation::new(ready, 0, 1, None, None, at(t0, ms));
-        let mut guard = InFlightGuard::default();
+        let horizon = Duration::from_secs(6);
         let declared = ReadySource::PassiveDeclare;
-        assert_eq!(
-            guard.observe(&observe(9, 0), declared, HORIZON).raised_by,
-            0
-        );
+        let read = |guard: &mut InFlightGuard, ready, ms, source| {
+            guard.observe(&observe(ready, ms), source, true, horizon)
+        };
+        let mut guard = InFlightGuard::default();
+        assert_eq!(read(&mut guard, 9, 0, declared).raised_by, 0);
         // Ready and unacked from the same sample: consistent, nothing added.
-        let sampled = guard.observe(&observe(0, 1000), ReadySource::Management, HORIZON);
+        let sampled = read(&mut guard, 0, 1000, ReadySource::Management);
         assert_eq!((sampled.raised_by, sampled.observation.unacked), (0, 0));
         assert_eq!(guard, InFlightGuard::default());
         // Back to the declare: no earlier ready to compare with.
-        assert_eq!(
-            guard
-                .observe(&observe(0, 2000), declared, HORIZON)
-                .raised_by,
-            0
-        );
-        assert_eq!(
-            guard
-                .observe(&observe(0, 3000), declared, HORIZON)
-                .raised_by,
-            0
-        );
+        assert_eq!(read(&mut guard, 0, 2000, declared).raised_by, 0);
+        assert_eq!(read(&mut guard, 0, 3000, declared).raised_by, 0);
         // A drop seen by the declare is guarded again.
         let mut guard = InFlightGuard::default();
-        guard.observe(&observe(9, 0), declared, HORIZON);
-        assert_eq!(
-            guard
-                .observe(&observe(0, 1000), declared, HORIZON)
-                .raised_by,
-            9
-        );
+        read(&mut guard, 9, 0, declared);
+        assert_eq!(read(&mut guard, 0, 1000, declared).raised_by, 9);
+        // A zero horizon turns the guard off.
+        let mut off = InFlightGuard::default();
+        off.observe(&observe(9, 0), declared, true, Duration::ZERO);
+        let zero = off.observe(&observe(0, 1000), declared, true, Duration::ZERO);
+        assert_eq!(zero.raised_by, 0);
+    }
+
+    #[test]
+    fn without_an_unacked_sample_the_drops_are_kept_until_one_arrives() {
+        // The management API has no counts for the queue yet (unknown,
+        // assumed 0): workers take 3 of 4 jobs. No sample can show them,
+        // however long it takes; the first measured count after a horizon
+        // stands.
+        let t0 = Utc::now();
+        let mut lag = QueueLag::default();
+        assert_eq!(lag.guarded_unacked(4, 0, t0, None), 0);
+        assert_eq!(lag.guarded_unacked(1, 0, at(t0, 1000), None), 3);
+        assert_eq!(lag.guarded_unacked(1, 0, at(t0, 11_000), None), 3);
+        assert_eq!(lag.guarded_unacked(1, 3, at(t0, 12_000), HORIZON), 3);
+        assert_eq!(lag.guarded_unacked(1, 2, at(t0, 12_500), HORIZON), 2);
+        // Drops beyond the cap are merged, never dropped.
+        let mut lag = QueueLag::default();
+        lag.guarded_unacked(1000, 0, t0, None);
+        for n in 1..=300 {
+            lag.guarded_unacked(1000 - n, 0, at(t0, n as i64), None);
+        }
+        assert_eq!(lag.drops.len(), MAX_DROPS);
+        assert_eq!(lag.guarded_unacked(700, 0, at(t0, 400), None), 300);
     }
 }

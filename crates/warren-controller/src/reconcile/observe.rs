@@ -94,10 +94,12 @@ pub(super) fn absorb(
                 );
             }
             memory.failures = 0;
-            let guarded =
-                memory
-                    .in_flight
-                    .observe(&absorbed.observation, read.ready_source, horizon);
+            let guarded = memory.in_flight.observe(
+                &absorbed.observation,
+                read.ready_source,
+                read.unacked.is_some(),
+                horizon,
+            );
             if guarded.raised_by > 0 {
                 tracing::debug!(
                     measured_unacked = absorbed.observation.unacked,
