@@ -20,7 +20,8 @@ protocol, QueueLength mode) and under a QueueScaler, with the same min/max/targe
 Settings (environment): COMPARE_MODE (defaults|1s), HPA_SYNC_SECONDS (the cluster's HPA sync
 period), KEDA_VERSION, KEDA_BIN_DIR, COMPARE_OUT, COMPARE_REPS (3), BURST_JOBS (40), BURST_DOTS (3),
 STREAM_JOBS (20), STREAM_DOTS (30; the sender takes at most 5 dots, or exactly 30 or 40), IDLE_SECONDS (60),
-COMPARE_SCALERS ("keda warren"); plus those of mk/local_e2e.py.
+COMPARE_SCALERS ("keda warren"), COMPARE_PHASE (stratified|random: the bursts' phase in the scalers'
+polling periods); plus those of mk/local_e2e.py.
 """
 import base64
 import concurrent.futures
@@ -54,6 +55,7 @@ STREAM_JOBS = int(os.environ.get("STREAM_JOBS", "20"))
 STREAM_DOTS = int(os.environ.get("STREAM_DOTS", "30"))
 IDLE_SECONDS = int(os.environ.get("IDLE_SECONDS", "60"))
 SCALERS = os.environ.get("COMPARE_SCALERS", "keda warren").split()  # a subset, to debug one side
+PHASE = os.environ.get("COMPARE_PHASE", "stratified")  # or random: when in the loop's period a burst comes
 MAX_REPLICAS, PER_REPLICA = 10, 5
 SCALE_DOWN_WINDOW = 30  # both scalers, stream scenario only (the defaults, 300 s, would take 5 min)
 NS, RELEASE, STATE = e2e.NS, e2e.RELEASE, e2e.STATE
@@ -209,11 +211,11 @@ def arm(scaler, min_replicas, scale_down_window=None):
             so = kjson("get", "scaledobject", WORKER)
             ok = any(c["type"] == "Ready" and c["status"] == "True" for c in so.get("status", {}).get("conditions", []))
             return ok and k("get", "hpa", f"keda-hpa-{WORKER}", check=False).returncode == 0
-        wait("ScaledObject Ready and its HPA created", ready, timeout=120)
+        wait("ScaledObject Ready and its HPA created", ready, timeout=120, every=0.2)
     else:
         def observed():
             return kjson("get", "queuescaler", WORKER).get("status", {}).get("observedGeneration")
-        wait("QueueScaler observed", observed, timeout=120)
+        wait("QueueScaler observed", observed, timeout=120, every=0.2)
 
 
 # ---------------------------------------------------------------- observations
@@ -365,9 +367,17 @@ def ideal_drain(n, dots):
 def burst(scaler, start_replicas, rep, sender, broker, audit, watch):
     settle(start_replicas)
     arm(scaler, start_replicas)
-    # a random phase against both scalers' loops (KEDA's operator loop, the HPA sync, warren's tick)
-    period = max(KEDA_POLL, HPA_SYNC) if scaler == "keda" else WARREN_POLL
-    time.sleep(random.uniform(0, period))
+    # The burst's phase against the loop that makes the first scale decision: from zero KEDA's
+    # operator loop (pollingInterval: activation 0 -> 1), from one the HPA controller's sync,
+    # warren's tick. Each starts when its object is armed (the ScaledObject Ready, its HPA created,
+    # the QueueScaler observed): rep i of REPS waits (i + 0.5) / REPS of that period after arming
+    # (stratified phases), so the reps sample the same points of the period in every run. With a
+    # random phase (COMPARE_PHASE=random) KEDA's p50 from zero was 6.8 s in one run, 21.1 s in the next.
+    if scaler == "keda":
+        period = KEDA_POLL if start_replicas == 0 else HPA_SYNC
+    else:
+        period = WARREN_POLL
+    time.sleep(random.uniform(0, period) if PHASE == "random" else (rep + 0.5) / REPS * period)
     before = {p["metadata"]["name"] for p in worker_pods()}
     acks0 = broker.acks()
     run_id = f"cmp-{scaler}-{start_replicas}-{rep}-{int(time.time())}"
@@ -480,7 +490,7 @@ def run():
     watch = ReplicaWatch()
     result = {"mode": MODE, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "keda_version": KEDA_VERSION, "hpa_sync": HPA_SYNC, "keda_poll": KEDA_POLL,
-              "warren_poll": WARREN_POLL, "reps": REPS,
+              "warren_poll": WARREN_POLL, "reps": REPS, "phase": PHASE,
               "k8s": json.loads(k("version", "-o", "json").stdout)["serverVersion"]["gitVersion"],
               "rabbitmq": broker.get("/api/overview").get("rabbitmq_version"),
               "burst": [BURST_JOBS, BURST_DOTS], "stream": [STREAM_JOBS, STREAM_DOTS]}
@@ -527,7 +537,7 @@ def table():
         base = r["idle_baseline"]
         print(f"mode {r['mode']} ({r['date']}): KEDA {r['keda_version']} (pollingInterval {r['keda_poll']}s, HPA sync "
               f"{r['hpa_sync']:g}s) vs QueueScaler (pollingIntervalSeconds {r['warren_poll']}); "
-              f"{r['reps']} reps; burst {r['burst'][0]} jobs x {r['burst'][1]}s; min/max 0|1/{MAX_REPLICAS}, "
+              f"{r['reps']} reps ({r.get('phase', 'random')} phases); burst {r['burst'][0]} jobs x {r['burst'][1]}s; min/max 0|1/{MAX_REPLICAS}, "
               f"{PER_REPLICA} msgs/replica; Kubernetes {r['k8s']}, RabbitMQ {r['rabbitmq']}")
         print(f"{'':52} {'KEDA':>10} {'warren':>10} {'KEDA/warren':>12}")
         rows = []
