@@ -494,24 +494,28 @@ def run():
               "k8s": json.loads(k("version", "-o", "json").stdout)["serverVersion"]["gitVersion"],
               "rabbitmq": broker.get("/api/overview").get("rabbitmq_version"),
               "burst": [BURST_JOBS, BURST_DOTS], "stream": [STREAM_JOBS, STREAM_DOTS]}
+    os.makedirs(OUT, exist_ok=True)
+
+    def save():  # after each scaler: a run stopped half-way keeps the side it finished
+        with open(os.path.join(OUT, f"{MODE}.json"), "w") as f:
+            json.dump(result, f, indent=1)
     try:
         settle(1)
         result["idle_baseline"] = measure_idle("baseline (no scaler)")
         for scaler in SCALERS:
-            s = result[scaler] = {}
+            s = {}
             arm(scaler, 1)
             s["idle"] = measure_idle(scaler)
             s["from_zero"] = [burst(scaler, 0, i, sender, broker, audit, watch) for i in range(REPS)]
             s["from_one"] = [burst(scaler, 1, i, sender, broker, audit, watch) for i in range(REPS)]
             s["scale_in"] = stream_then_quiet(scaler, sender, broker)
             delete_scalers()
+            result[scaler] = s
+            save()
     finally:
         watch.close()
         sender.close()
         broker.pf.close()
-    os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, f"{MODE}.json"), "w") as f:
-        json.dump(result, f, indent=1)
     log(f"results in {OUT}/{MODE}.json")
 
 
