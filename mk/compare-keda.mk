@@ -5,6 +5,8 @@
 #                       table for every mode in COMPARE_OUT (mk/compare_keda.py; a mode run earlier,
 #                       e.g. COMPARE_MODES=1s after COMPARE_MODES=defaults, stays in the table with its
 #                       date). A benchmark: not part of `make test`.
+#   make compare-keda-repeat A=<mode>.json B=<mode>.json   two runs of one mode side by side:
+#                       each row of both, B/A, `!` outside +-20 %; then each rep against its run's median
 # The local cluster is one per machine: on a shared machine wrap it in the cluster lock, e.g.
 #   flock /work/agents/cluster.lock make compare-keda
 
@@ -18,7 +20,7 @@ COMPARE_OUT ?= $(CURDIR)/.local/compare-keda
 COMPARE_ENV = $(LOCAL_ENV) KEDA_BIN_DIR=$(KEDA_BIN_DIR) KEDA_VERSION=$(KEDA_VERSION) COMPARE_OUT=$(COMPARE_OUT) \
 	HELM_ARGS='-f compare/keda/chart-values.yaml'
 
-.PHONY: keda-build compare-keda
+.PHONY: keda-build compare-keda compare-keda-repeat
 
 keda-build: ## build KEDA (the version compare/keda/go.mod pins: operator, metrics apiserver) from its Go module into KEDA_BIN_DIR
 	@command -v $(GO) >/dev/null || { echo "keda-build needs Go >= 1.26 on PATH" >&2; exit 1; }
@@ -40,3 +42,7 @@ compare-keda: local-build keda-build ## KEDA vs QueueScaler on the local cluster
 	  $(COMPARE_ENV) bash mk/local-cluster.sh down; \
 	  [ $$rc = 0 ] || exit $$rc; \
 	done; $(COMPARE_ENV) python3 mk/compare_keda.py table
+
+compare-keda-repeat: ## two results of one mode (A=, B= JSON files of make compare-keda) side by side: B/A per row, ! outside +-20 %
+	@[ -n "$(A)" ] && [ -n "$(B)" ] || { echo "usage: make compare-keda-repeat A=run-a/defaults.json B=run-b/defaults.json" >&2; exit 2; }
+	@$(COMPARE_ENV) python3 mk/compare_keda.py compare $(A) $(B)

@@ -526,57 +526,139 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))]
 
 
+def f1(v):
+    return "-" if v is None else (str(v) if isinstance(v, int) else f"{v:.1f}")
+
+
+def header(r):
+    return (f"mode {r['mode']} ({r['date']}): KEDA {r['keda_version']} (pollingInterval {r['keda_poll']}s, HPA sync "
+            f"{r['hpa_sync']:g}s) vs QueueScaler (pollingIntervalSeconds {r['warren_poll']}); "
+            f"{r['reps']} reps ({r.get('phase', 'random')} phases); burst {r['burst'][0]} jobs x {r['burst'][1]}s; "
+            f"min/max 0|1/{MAX_REPLICAS}, {PER_REPLICA} msgs/replica; Kubernetes {r['k8s']}, RabbitMQ {r['rabbitmq']}")
+
+
+def footer(r):
+    return (f"scale-in: stream of {r['stream'][0]} jobs x {r['stream'][1]}s, scale-down window "
+            f"{SCALE_DOWN_WINDOW}s for both; peak KEDA {r['keda']['scale_in']['peak']}, "
+            f"warren {r['warren']['scale_in']['peak']} pods; apiserver baseline "
+            f"{r['idle_baseline']['apiserver_per_min']:.1f}/min")
+
+
+def rows(r):
+    """The table's rows of one mode's results: (label, KEDA, warren)."""
+    base = r["idle_baseline"]
+    out = []
+    for start in ("from_zero", "from_one"):
+        label = "zero" if start == "from_zero" else "one"
+        for key, what in (("reaction", "burst -> first scale write"),
+                          ("first_new_ack", "burst -> first ack, new pod")):
+            for q in (50, 95):
+                out.append((f"from {label}: {what} p{q} (s)", pct([x[key] for x in r["keda"][start]], q),
+                            pct([x[key] for x in r["warren"][start]], q)))
+        out.append((f"from {label}: drain / ideal p50 (ideal {r['keda'][start][0]['ideal']}s)",
+                    pct([x["drain"] / x["ideal"] for x in r["keda"][start]], 50),
+                    pct([x["drain"] / x["ideal"] for x in r["warren"][start]], 50)))
+    for key, what in (("stopped_busy", "scale-in: pods stopped holding a job"),
+                      ("redelivered", "scale-in: jobs redelivered"), ("dead", "scale-in: jobs dead-lettered")):
+        out.append((what, r["keda"]["scale_in"][key], r["warren"]["scale_in"][key]))
+    for key, what in (("broker_http_per_min", "idle: broker HTTP requests / min"),
+                      ("broker_amqp_per_min", "idle: broker AMQP frames / min"),
+                      ("apiserver_per_min", "idle: apiserver requests / min (- baseline)")):
+        b = base[key] if key == "apiserver_per_min" else 0
+        out.append((what, r["keda"]["idle"][key] - b, r["warren"]["idle"][key] - b))
+    per_poll = {s: (r[s]["idle"]["broker_http_per_min"] + r[s]["idle"]["broker_amqp_per_min"]) * r[f"{s}_poll"] / 60
+                for s in ("keda", "warren")}
+    out.append((f"idle: broker requests per poll ({r['keda_poll']}s / {r['warren_poll']}s)",
+                per_poll["keda"], per_poll["warren"]))
+    return out
+
+
+def ratio(a, b):
+    num = isinstance(a, (int, float)) and isinstance(b, (int, float))
+    return a / b if num and b else None
+
+
+def complete(path):
+    r = json.load(open(path))
+    if not all(x in r for x in ("keda", "warren")):
+        print(f"{path}: a run of {[x for x in ('keda', 'warren') if x in r]} only, not tabled")
+        return None
+    return r
+
+
 def table():
     files = sorted(glob.glob(os.path.join(OUT, "*.json")))
     if not files:
         print(f"no results in {OUT}", file=sys.stderr)
         sys.exit(1)
-    f1 = lambda v: "-" if v is None else (str(v) if isinstance(v, int) else f"{v:.1f}")  # noqa: E731
     print(SEP)
     for path in files:
-        r = json.load(open(path))
-        if not all(x in r for x in ("keda", "warren")):
-            print(f"{path}: a run of {[x for x in ('keda', 'warren') if x in r]} only (COMPARE_SCALERS), not tabled")
+        r = complete(path)
+        if r is None:
             continue
-        base = r["idle_baseline"]
-        print(f"mode {r['mode']} ({r['date']}): KEDA {r['keda_version']} (pollingInterval {r['keda_poll']}s, HPA sync "
-              f"{r['hpa_sync']:g}s) vs QueueScaler (pollingIntervalSeconds {r['warren_poll']}); "
-              f"{r['reps']} reps ({r.get('phase', 'random')} phases); burst {r['burst'][0]} jobs x {r['burst'][1]}s; min/max 0|1/{MAX_REPLICAS}, "
-              f"{PER_REPLICA} msgs/replica; Kubernetes {r['k8s']}, RabbitMQ {r['rabbitmq']}")
+        print(header(r))
         print(f"{'':52} {'KEDA':>10} {'warren':>10} {'KEDA/warren':>12}")
-        rows = []
-        for start in ("from_zero", "from_one"):
-            label = "zero" if start == "from_zero" else "one"
-            for key, what in (("reaction", "burst -> first scale write"),
-                              ("first_new_ack", "burst -> first ack, new pod")):
-                for q in (50, 95):
-                    kv = pct([x[key] for x in r["keda"][start]], q)
-                    wv = pct([x[key] for x in r["warren"][start]], q)
-                    rows.append((f"from {label}: {what} p{q} (s)", kv, wv))
-            kd = pct([x["drain"] / x["ideal"] for x in r["keda"][start]], 50)
-            wd = pct([x["drain"] / x["ideal"] for x in r["warren"][start]], 50)
-            rows.append((f"from {label}: drain / ideal p50 (ideal {r['keda'][start][0]['ideal']}s)", kd, wd))
-        for key, what in (("stopped_busy", "scale-in: pods stopped holding a job"),
-                          ("redelivered", "scale-in: jobs redelivered"), ("dead", "scale-in: jobs dead-lettered")):
-            rows.append((what, r["keda"]["scale_in"][key], r["warren"]["scale_in"][key]))
-        for key, what in (("broker_http_per_min", "idle: broker HTTP requests / min"),
-                          ("broker_amqp_per_min", "idle: broker AMQP frames / min"),
-                          ("apiserver_per_min", "idle: apiserver requests / min (- baseline)")):
-            b = base[key] if key == "apiserver_per_min" else 0
-            rows.append((what, r["keda"]["idle"][key] - b, r["warren"]["idle"][key] - b))
-        polls = f"idle: broker requests per poll ({r['keda_poll']}s / {r['warren_poll']}s)"
-        rows.append((polls, (r["keda"]["idle"]["broker_http_per_min"] + r["keda"]["idle"]["broker_amqp_per_min"])
-                     * r["keda_poll"] / 60,
-                     (r["warren"]["idle"]["broker_http_per_min"] + r["warren"]["idle"]["broker_amqp_per_min"])
-                     * r["warren_poll"] / 60))
-        for what, kv, wv in rows:
-            ratio = f"{kv / wv:.2f}" if isinstance(kv, (int, float)) and isinstance(wv, (int, float)) and wv else "-"
-            print(f"{what:52} {f1(kv):>10} {f1(wv):>10} {ratio:>12}")
-        print(f"scale-in: stream of {r['stream'][0]} jobs x {r['stream'][1]}s, scale-down window "
-              f"{SCALE_DOWN_WINDOW}s for both; peak KEDA {r['keda']['scale_in']['peak']}, "
-              f"warren {r['warren']['scale_in']['peak']} pods; apiserver baseline {base['apiserver_per_min']:.1f}/min")
+        for what, kv, wv in rows(r):
+            q = ratio(kv, wv)
+            print(f"{what:52} {f1(kv):>10} {f1(wv):>10} {'-' if q is None else f'{q:.2f}':>12}")
+        print(footer(r))
         print(SEP)
 
 
+TOLERANCE = 0.20  # the issue's bar: a run repeats within +-20 %
+
+
+def off(a, b):
+    """'' when b repeats a within TOLERANCE (0 and 0 repeat), else '!'."""
+    if a is None or b is None:
+        return "" if a == b else "!"
+    if a == b:
+        return ""
+    return "" if a and abs(b / a - 1) <= TOLERANCE else "!"
+
+
+def compare(path_a, path_b):
+    """Run A and run B of one mode side by side: each row of both, B/A, '!' outside +-20 %;
+    then rep to rep within each run: every rep of a burst figure against that run's median."""
+    a, b = complete(path_a), complete(path_b)
+    if a is None or b is None:
+        sys.exit(1)
+    if a["mode"] != b["mode"]:
+        fail(f"{path_a} is mode {a['mode']}, {path_b} mode {b['mode']}")
+    print(SEP)
+    print(f"A: {path_a}\n   {header(a)}\nB: {path_b}\n   {header(b)}")
+    print(f"{'':52} {'KEDA A':>8} {'KEDA B':>8} {'B/A':>6}  {'warren A':>8} {'warren B':>8} {'B/A':>6}")
+    flagged = 0
+    for (what, ka, wa), (what_b, kb, wb) in zip(rows(a), rows(b)):
+        if what != what_b:  # the ideal drain or the poll periods differ: not the same row
+            fail(f"rows differ: {what!r} vs {what_b!r}")
+        cells = []
+        for x, y in ((ka, kb), (wa, wb)):
+            q = ratio(y, x)
+            flag = off(x, y)
+            flagged += bool(flag)
+            cells.append(f"{f1(x):>8} {f1(y):>8} {('-' if q is None else f'{q:.2f}') + flag:>6}")
+        print(f"{what:52} {cells[0]}  {cells[1]}")
+    print(f"{flagged} figures outside +-{TOLERANCE:.0%} (!) between A and B")
+    print("rep to rep (each rep's figure / the run's median; ! outside +-20 %):")
+    for name, r in (("A", a), ("B", b)):
+        for scaler in ("keda", "warren"):
+            for start in ("from_zero", "from_one"):
+                for key in ("reaction", "first_new_ack", "drain"):
+                    xs = [x[key] for x in r[scaler][start]]
+                    med = statistics.median([x for x in xs if x is not None] or [0])
+                    cells = " ".join(f"{f1(x)}{'' if med and x is not None and abs(x / med - 1) <= TOLERANCE else '!'}"
+                                     for x in xs)
+                    print(f"  {name} {scaler:6} {start:9} {key:13} median {f1(med):>5}: {cells}")
+    print(SEP)
+
+
 if __name__ == "__main__":
-    {"run": run, "table": table}[sys.argv[1] if len(sys.argv) > 1 else "run"]()
+    cmd = sys.argv[1] if len(sys.argv) > 1 else "run"
+    if cmd == "compare" and len(sys.argv) == 4:
+        compare(sys.argv[2], sys.argv[3])
+    elif cmd in ("run", "table"):
+        {"run": run, "table": table}[cmd]()
+    else:
+        print("usage: compare_keda.py run | table | compare A.json B.json", file=sys.stderr)
+        sys.exit(2)
