@@ -253,9 +253,23 @@ def access_log_requests():
 
 
 def apiserver_requests():
+    """apiserver_request_total by verb and resource (group/resource/subresource)."""
     text = k("get", "--raw", "/metrics").stdout
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("apiserver_request_total{"))
+    out = {}
+    for line in text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels, value = line.rsplit(" ", 1)
+        lab = dict(kv.split("=", 1) for kv in labels[len("apiserver_request_total{"):-1].split(",") if "=" in kv)
+        lab = {key: v.strip('"') for key, v in lab.items()}
+        res = "/".join(x for x in (lab.get("group"), lab.get("resource"), lab.get("subresource")) if x)
+        key = f"{lab.get('verb', '?')} {res or '-'}"
+        out[key] = out.get(key, 0) + float(value)
+    return out
+
+
+def delta_by_key(after, before, minutes):
+    return {key: (v - before.get(key, 0)) / minutes for key, v in after.items() if v - before.get(key, 0) > 0}
 
 
 def measure_idle(label):
@@ -272,10 +286,13 @@ def measure_idle(label):
     finally:
         b.pf.close()
     # the exec + /metrics calls of the two snapshots are the same in every window (the baseline too)
+    by_key = delta_by_key(api1, api0, minutes)
     r = {"broker_http_per_min": (http1 - http0) / minutes, "broker_amqp_per_min": (amqp1 - amqp0) / minutes,
-         "apiserver_per_min": (api1 - api0) / minutes}
+         "apiserver_per_min": sum(by_key.values()), "apiserver_by_request": by_key}
     log(f"idle {label}: broker HTTP {r['broker_http_per_min']:.1f}/min, "
         f"AMQP frames {r['broker_amqp_per_min']:.1f}/min, apiserver {r['apiserver_per_min']:.1f}/min")
+    top = sorted(by_key.items(), key=lambda kv: -kv[1])[:12]
+    log("  apiserver requests/min by verb and resource: " + ", ".join(f"{key} {v:.1f}" for key, v in top))
     return r
 
 
