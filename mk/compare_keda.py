@@ -513,22 +513,24 @@ def run():
               "burst": [BURST_JOBS, BURST_DOTS], "stream": [STREAM_JOBS, STREAM_DOTS]}
     os.makedirs(OUT, exist_ok=True)
 
-    def save():  # after each scaler: a run stopped half-way keeps the side it finished
+    def save():  # after each workload: a run stopped half-way keeps what it measured
         with open(os.path.join(OUT, f"{MODE}.json"), "w") as f:
             json.dump(result, f, indent=1)
     try:
         settle(1)
         result["idle_baseline"] = measure_idle("baseline (no scaler)")
         for scaler in SCALERS:
-            s = {}
+            s = result[scaler] = {}
             arm(scaler, 1)
             s["idle"] = measure_idle(scaler)
-            s["from_zero"] = [burst(scaler, 0, i, sender, broker, audit, watch) for i in range(REPS)]
-            s["from_one"] = [burst(scaler, 1, i, sender, broker, audit, watch) for i in range(REPS)]
-            s["scale_in"] = stream_then_quiet(scaler, sender, broker)
-            delete_scalers()
-            result[scaler] = s
             save()
+            s["from_zero"] = [burst(scaler, 0, i, sender, broker, audit, watch) for i in range(REPS)]
+            save()
+            s["from_one"] = [burst(scaler, 1, i, sender, broker, audit, watch) for i in range(REPS)]
+            save()
+            s["scale_in"] = stream_then_quiet(scaler, sender, broker)
+            save()
+            delete_scalers()
     finally:
         watch.close()
         sender.close()
@@ -555,38 +557,45 @@ def header(r):
 
 
 def footer(r):
+    peak = {s: r.get(s, {}).get("scale_in", {}).get("peak", "-") for s in ("keda", "warren")}
+    missing = [f"{s} {w}" for s in ("keda", "warren") for w in ("idle", "from_zero", "from_one", "scale_in")
+               if w not in r.get(s, {})]
     return (f"scale-in: stream of {r['stream'][0]} jobs x {r['stream'][1]}s, scale-down window "
-            f"{SCALE_DOWN_WINDOW}s for both; peak KEDA {r['keda']['scale_in']['peak']}, "
-            f"warren {r['warren']['scale_in']['peak']} pods; apiserver baseline "
-            f"{r['idle_baseline']['apiserver_per_min']:.1f}/min")
+            f"{SCALE_DOWN_WINDOW}s for both; peak KEDA {peak['keda']}, warren {peak['warren']} pods; "
+            f"apiserver baseline {r['idle_baseline']['apiserver_per_min']:.1f}/min"
+            + (f"\nNOT MEASURED (the run stopped first): {', '.join(missing)}" if missing else ""))
 
 
 def rows(r):
-    """The table's rows of one mode's results: (label, KEDA, warren)."""
+    """The table's rows of one mode's results: (label, KEDA, warren); None where a run stopped
+    before that workload."""
     base = r["idle_baseline"]
+    side = ("keda", "warren")
+
+    def each(workload, f):
+        return tuple(f(r[s][workload]) if workload in r.get(s, {}) else None for s in side)
     out = []
+    ideal = ideal_drain(*r["burst"])
     for start in ("from_zero", "from_one"):
         label = "zero" if start == "from_zero" else "one"
         for key, what in (("reaction", "burst -> first scale write"),
                           ("first_new_ack", "burst -> first ack, new pod")):
             for q in (50, 95):
-                out.append((f"from {label}: {what} p{q} (s)", pct([x[key] for x in r["keda"][start]], q),
-                            pct([x[key] for x in r["warren"][start]], q)))
-        out.append((f"from {label}: drain / ideal p50 (ideal {r['keda'][start][0]['ideal']}s)",
-                    pct([x["drain"] / x["ideal"] for x in r["keda"][start]], 50),
-                    pct([x["drain"] / x["ideal"] for x in r["warren"][start]], 50)))
+                out.append((f"from {label}: {what} p{q} (s)", *each(start, lambda xs: pct([x[key] for x in xs], q))))
+        out.append((f"from {label}: drain / ideal p50 (ideal {ideal}s)",
+                    *each(start, lambda xs: pct([x["drain"] / x["ideal"] for x in xs], 50))))
     for key, what in (("stopped_busy", "scale-in: pods stopped holding a job"),
                       ("redelivered", "scale-in: jobs redelivered"), ("dead", "scale-in: jobs dead-lettered")):
-        out.append((what, r["keda"]["scale_in"][key], r["warren"]["scale_in"][key]))
+        out.append((what, *each("scale_in", lambda x: x[key])))
     for key, what in (("broker_http_per_min", "idle: broker HTTP requests / min"),
                       ("broker_amqp_per_min", "idle: broker AMQP frames / min"),
                       ("apiserver_per_min", "idle: apiserver requests / min (- baseline)")):
         b = base[key] if key == "apiserver_per_min" else 0
-        out.append((what, r["keda"]["idle"][key] - b, r["warren"]["idle"][key] - b))
-    per_poll = {s: (r[s]["idle"]["broker_http_per_min"] + r[s]["idle"]["broker_amqp_per_min"]) * r[f"{s}_poll"] / 60
-                for s in ("keda", "warren")}
+        out.append((what, *each("idle", lambda x: x[key] - b)))
+    polls = {"keda": r["keda_poll"], "warren": r["warren_poll"]}
     out.append((f"idle: broker requests per poll ({r['keda_poll']}s / {r['warren_poll']}s)",
-                per_poll["keda"], per_poll["warren"]))
+                *[(r[s]["idle"]["broker_http_per_min"] + r[s]["idle"]["broker_amqp_per_min"]) * polls[s] / 60
+                  if "idle" in r.get(s, {}) else None for s in side]))
     return out
 
 
@@ -596,9 +605,10 @@ def ratio(a, b):
 
 
 def complete(path):
+    """The results in `path`, None (said) when the run stopped before its baseline."""
     r = json.load(open(path))
-    if not all(x in r for x in ("keda", "warren")):
-        print(f"{path}: a run of {[x for x in ('keda', 'warren') if x in r]} only, not tabled")
+    if "idle_baseline" not in r:
+        print(f"{path}: the run stopped before measuring anything, not tabled")
         return None
     return r
 
@@ -626,9 +636,9 @@ TOLERANCE = 0.20  # the issue's bar: a run repeats within +-20 %
 
 
 def off(a, b):
-    """'' when b repeats a within TOLERANCE (0 and 0 repeat), else '!'."""
+    """'' when b repeats a within TOLERANCE (0 and 0 repeat), '?' when one is missing, else '!'."""
     if a is None or b is None:
-        return "" if a == b else "!"
+        return "" if a == b else "?"
     if a == b:
         return ""
     return "" if a and abs(b / a - 1) <= TOLERANCE else "!"
@@ -645,7 +655,7 @@ def compare(path_a, path_b):
     print(SEP)
     print(f"A: {path_a}\n   {header(a)}\nB: {path_b}\n   {header(b)}")
     print(f"{'':52} {'KEDA A':>8} {'KEDA B':>8} {'B/A':>6}  {'warren A':>8} {'warren B':>8} {'B/A':>6}")
-    flagged = 0
+    flagged = unmeasured = 0
     for (what, ka, wa), (what_b, kb, wb) in zip(rows(a), rows(b)):
         if what != what_b:  # the ideal drain or the poll periods differ: not the same row
             fail(f"rows differ: {what!r} vs {what_b!r}")
@@ -653,15 +663,19 @@ def compare(path_a, path_b):
         for x, y in ((ka, kb), (wa, wb)):
             q = ratio(y, x)
             flag = off(x, y)
-            flagged += bool(flag)
+            flagged += flag == "!"
+            unmeasured += flag == "?"
             cells.append(f"{f1(x):>8} {f1(y):>8} {('-' if q is None else f'{q:.2f}') + flag:>6}")
         print(f"{what:52} {cells[0]}  {cells[1]}")
-    print(f"{flagged} figures outside +-{TOLERANCE:.0%} (!) between A and B")
+    print(f"{flagged} figures outside +-{TOLERANCE:.0%} (!) between A and B"
+          + (f"; {unmeasured} measured in one run only (?)" if unmeasured else ""))
     print("rep to rep (each rep's figure / the run's median; ! outside +-20 %):")
     for name, r in (("A", a), ("B", b)):
         for scaler in ("keda", "warren"):
             for start in ("from_zero", "from_one"):
                 for key in ("reaction", "first_new_ack", "drain"):
+                    if start not in r.get(scaler, {}):
+                        continue
                     xs = [x[key] for x in r[scaler][start]]
                     med = statistics.median([x for x in xs if x is not None] or [0])
                     cells = " ".join(f"{f1(x)}{'' if med and x is not None and abs(x / med - 1) <= TOLERANCE else '!'}"
