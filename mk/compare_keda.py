@@ -557,7 +557,7 @@ def f1(v):
 
 def header(r):
     return (f"mode {r['mode']} ({r['date']}): KEDA {r['keda_version']} (pollingInterval {r['keda_poll']}s, HPA sync "
-            f"{r['hpa_sync']:g}s) vs QueueScaler (pollingIntervalSeconds {r['warren_poll']}); "
+            f"{r['hpa_sync']:g}s) vs QueueScaler (pollingIntervalSeconds {r['warren_poll']});\n  "
             f"{r['reps']} reps ({r.get('phase', 'random')} phases); burst {r['burst'][0]} jobs x {r['burst'][1]}s; "
             f"min/max 0|1/{MAX_REPLICAS}, {PER_REPLICA} msgs/replica; Kubernetes {r['k8s']}, RabbitMQ {r['rabbitmq']}")
 
