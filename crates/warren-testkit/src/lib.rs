@@ -1,17 +1,27 @@
 //! Test support for warren: private RabbitMQ nodes, private PostgreSQL
-//! clusters ([`PgNode`]), private Prometheus servers and free ports.
+//! clusters ([`PgNode`]), private Prometheus servers, private Kubernetes
+//! control planes (`ControlPlane`, feature `control-plane`) and free ports.
 //!
 //! Tests that kill or restart a broker, or need the management API, start
 //! their own [`RabbitNode`] and never touch the machine's shared broker.
-//! A node lives in a temporary directory and is killed and removed on drop.
+//! A node lives in a temporary directory and is killed and removed on drop;
+//! a test process killed before it can drop one takes its servers with it
+//! ([`tied_command`]).
 
 pub mod amqp;
+#[cfg(feature = "control-plane")]
+mod controlplane;
 pub mod hostile;
 mod postgres;
 mod prometheus;
 mod rabbit;
 
 pub use amqp::{EventTap, ready_count};
+#[cfg(feature = "control-plane")]
+pub use controlplane::{
+    CONTROL_PLANE_PORTS, CONTROLLER_RESOURCES, ControlPlane, LOCALCLUSTER_BIN_ENV,
+    apiserver_requests, controller_requests_between, localcluster_bin,
+};
 pub use postgres::PgNode;
 pub use prometheus::{PROMETHEUS_BIN, PrometheusServer};
 pub use rabbit::{RabbitNode, RabbitOptions, TestkitError};
@@ -48,28 +58,12 @@ const TEST_PORTS: std::ops::Range<u16> = 24_000..32_700;
 
 /// A TCP port on 127.0.0.1 that was free a moment ago, from [`TEST_PORTS`].
 pub fn free_port() -> Result<u16, TestkitError> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static CALLS: AtomicU64 = AtomicU64::new(0);
     let span = u64::from(TEST_PORTS.end - TEST_PORTS.start);
-    // Different processes start from different places (pid, time), then walk
-    // with a step coprime to the span.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let seed = u64::from(std::process::id())
-        .wrapping_mul(2_654_435_761)
-        .wrapping_add(u64::from(nanos))
-        .wrapping_add(CALLS.fetch_add(1, Ordering::Relaxed).wrapping_mul(7_919));
+    let seed = search_start();
     let mut last_error = None;
     for attempt in 0..span.min(512) {
         let port = TEST_PORTS.start + ((seed + attempt * 7_919) % span) as u16;
-        // Free on loopback and on every interface (RabbitMQ listens on both).
-        let free = |host: &str| std::net::TcpListener::bind((host, port)).map(drop);
-        match free("127.0.0.1")
-            .and_then(|()| free("0.0.0.0"))
-            .and_then(|()| reserve(port))
-        {
+        match reserve(port) {
             Ok(()) => return Ok(port),
             Err(err) => last_error = Some(err),
         }
@@ -77,6 +71,21 @@ pub fn free_port() -> Result<u16, TestkitError> {
     Err(TestkitError::Port(last_error.unwrap_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::AddrInUse, "no free test port")
     })))
+}
+
+/// Where a search for free ports starts: different processes (pid, time) and
+/// calls start from different places, then walk with a step coprime to the span.
+pub(crate) fn search_start() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    u64::from(std::process::id())
+        .wrapping_mul(2_654_435_761)
+        .wrapping_add(u64::from(nanos))
+        .wrapping_add(CALLS.fetch_add(1, Ordering::Relaxed).wrapping_mul(7_919))
 }
 
 /// Keeps `port` to this process until it exits: an exclusive lock on a file
@@ -87,6 +96,20 @@ pub fn free_port() -> Result<u16, TestkitError> {
 fn reserve(port: u16) -> std::io::Result<()> {
     use std::sync::Mutex;
     static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    let lock = claim(port)?;
+    HELD.lock()
+        .map_err(|_| std::io::Error::other("port reservations poisoned"))?
+        .push(lock);
+    Ok(())
+}
+
+/// Takes `port` if it is free on loopback and on every interface (RabbitMQ
+/// listens on both) and no other test process holds its reservation; it stays
+/// reserved while the returned lock file is open (see [`reserve`]).
+pub(crate) fn claim(port: u16) -> std::io::Result<std::fs::File> {
+    let free = |host: &str| std::net::TcpListener::bind((host, port)).map(drop);
+    free("127.0.0.1")?;
+    free("0.0.0.0")?;
     let dir = std::env::temp_dir().join("warren-test-ports");
     std::fs::create_dir_all(&dir)?;
     let file = std::fs::OpenOptions::new()
@@ -101,10 +124,64 @@ fn reserve(port: u16) -> std::io::Result<()> {
             format!("port {port} is reserved by another test process"),
         ),
     })?;
-    HELD.lock()
-        .map_err(|_| std::io::Error::other("port reservations poisoned"))?
-        .push(file);
-    Ok(())
+    Ok(file)
+}
+
+/// A command that runs `program` so that it dies with the thread that spawns
+/// it (`setpriv --pdeathsig`: `signal`, e.g. `KILL` or `TERM`, when that
+/// thread or the whole test process ends — even by SIGKILL, when no `Drop`
+/// runs) and inherits no file descriptor but stdin, stdout and stderr (a test
+/// run under `flock LOCK make test` must not leave a server holding the
+/// lock's descriptor). Add the arguments, environment and stdio as usual.
+///
+/// The signal follows the *thread*: spawn from a thread that outlives the
+/// server (a test's own thread, a runtime's worker or `block_on` thread), not
+/// from a short-lived helper thread or `spawn_blocking`.
+pub fn tied_command(program: impl AsRef<std::ffi::OsStr>, signal: &str) -> std::process::Command {
+    // bash closes what it inherited above fd 2 (std opens its own descriptors
+    // close-on-exec; the ones a shell or flock passed down are not), then
+    // setpriv sets the parent-death signal and execs the program: one pid.
+    const TIED: &str = r#"sig=$1; shift
+for fd in /proc/$$/fd/*; do
+  n=${fd##*/}
+  if [ "$n" -gt 2 ]; then eval "exec $n>&-"; fi
+done
+exec setpriv --pdeathsig "$sig" -- "$@""#;
+    let mut command = std::process::Command::new("bash");
+    command
+        .args(["-c", TIED, "tied", signal])
+        .arg(program.as_ref());
+    command
+}
+
+/// CPU seconds used so far by process `pid` ("self" for this process): the
+/// sum of its threads' run time from `/proc/<pid>/task/*/schedstat`
+/// (nanoseconds), else utime + stime of `/proc/<pid>/stat` (clock ticks).
+/// `None` when the process is gone.
+pub fn cpu_seconds(pid: &str) -> Option<f64> {
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        let runs: Vec<u64> = tasks
+            .flatten()
+            .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+            .filter_map(|stat| stat.split_whitespace().next()?.parse().ok())
+            .collect();
+        if !runs.is_empty() {
+            return Some(runs.iter().sum::<u64>() as f64 / 1e9);
+        }
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // After "pid (comm)": state is field 3, utime 14, stime 15.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    let ticks_per_second = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0);
+    Some((utime + stime) / ticks_per_second)
 }
 
 /// A name no other test run uses, for queues on a shared broker.
@@ -139,6 +216,25 @@ mod tests {
             ports.len(),
             "never the same port twice: {ports:?}"
         );
+    }
+
+    #[test]
+    fn cpu_seconds_grow_with_work_and_are_none_for_a_gone_process() {
+        let before = cpu_seconds("self").unwrap();
+        // Spin until 50 ms of CPU time show (a loaded machine gives us a fraction
+        // of a core), for at most 20 s of wall time.
+        let mut x = 0u64;
+        let started = std::time::Instant::now();
+        let mut after = before;
+        while after < before + 0.05 && started.elapsed() < std::time::Duration::from_secs(20) {
+            for _ in 0..100_000 {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            }
+            after = cpu_seconds(&std::process::id().to_string()).unwrap();
+        }
+        std::hint::black_box(x);
+        assert!(after >= before + 0.05, "{before} -> {after}");
+        assert_eq!(cpu_seconds("999999999"), None);
     }
 
     #[test]

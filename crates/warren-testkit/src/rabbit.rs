@@ -50,6 +50,8 @@ pub enum TestkitError {
         #[source]
         source: std::io::Error,
     },
+    #[error("private control plane: {0}")]
+    ControlPlane(String),
     #[error("cannot signal RabbitMQ node {node}: {reason}")]
     Signal { node: String, reason: String },
 }
@@ -226,8 +228,12 @@ impl RabbitNode {
     }
 
     fn command(&self, program: &str) -> Command {
+        self.configure(Command::new(Path::new(RABBIT_BIN).join(program)))
+    }
+
+    /// The node's environment, directory and user on `cmd`.
+    fn configure(&self, mut cmd: Command) -> Command {
         let base = self.base();
-        let mut cmd = Command::new(Path::new(RABBIT_BIN).join(program));
         cmd.env("RABBITMQ_NODENAME", &self.node)
             .env("RABBITMQ_NODE_PORT", self.amqp_port.to_string())
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
@@ -255,8 +261,13 @@ impl RabbitNode {
     pub async fn start_again(&mut self) -> Result<(), TestkitError> {
         let log_path = self.base().join("server.log");
         let (log, log_err) = crate::log_file(&log_path)?;
+        // TERM: the wrapper script traps it and stops the Erlang VM it started
+        // (a SIGKILLed wrapper would leave the VM running).
         let child = self
-            .command("rabbitmq-server")
+            .configure(crate::tied_command(
+                Path::new(RABBIT_BIN).join("rabbitmq-server"),
+                "TERM",
+            ))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
