@@ -35,9 +35,11 @@ test-unit: ## the pure Rust tests: no RabbitMQ, PostgreSQL, cluster or browser n
 	@$(CARGO) nextest --version >/dev/null 2>&1 || $(CARGO) install --locked cargo-nextest
 	$(CARGO) nextest run --workspace --profile unit --no-fail-fast
 
-rust-test: ## the Rust test suite, end-to-end scenarios included (needs RabbitMQ on 127.0.0.1:5672 and rabbitmq-server installed)
+# local-go-build: the tests that start a private Kubernetes control plane
+# (warren_testkit::ControlPlane, nextest group `control-plane`) run localcluster.
+rust-test: local-go-build ## the Rust test suite, end-to-end scenarios included (needs RabbitMQ on 127.0.0.1:5672, rabbitmq-server installed, and Go to build localcluster)
 	$(CARGO) build --bins --workspace
-	$(TEST_CMD)
+	LOCALCLUSTER_BIN=$(LOCAL_BIN) $(TEST_CMD)
 
 crds: ## regenerate the QueueScaler CRD from the Rust types
 	$(CARGO) run -q -p warren-crd --bin crdgen > manifests/crds.yaml
@@ -88,21 +90,21 @@ fuzz: ## fuzz request validation and envelope decoding, FUZZ_SECONDS per target 
 	if [ -n "$$failed" ]; then echo "make fuzz: crash or error in:$$failed (inputs under crates/warren-sender/fuzz/artifacts/)"; exit 1; fi; \
 	echo "make fuzz: no crash in $(FUZZ_TARGETS) ($(FUZZ_SECONDS) s each)"
 
-bench-controller: ## controller: broker requests per tick, CPU, RSS, burst->scale with 1/100/1000 QueueScalers
+bench-controller: local-go-build ## controller: broker and apiserver requests per tick, CPU, RSS, burst->scale with 1/100/1000 QueueScalers (a private control plane)
 	$(CARGO) build --release -p warren-controller --bins --examples
-	$(CARGO_TARGET_DIR)/release/examples/tick_bench $(BENCH_ARGS)
+	LOCALCLUSTER_BIN=$(LOCAL_BIN) $(CARGO_TARGET_DIR)/release/examples/tick_bench $(BENCH_ARGS)
 
 bench-scaling: ## decisions per second of the pure scaling function
 	$(CARGO) run --release -q -p warren-scaling --example decide_bench
 
-e2e: ## end-to-end scenarios: real binaries, a private RabbitMQ, the fake Kubernetes API server
+e2e: local-go-build ## end-to-end scenarios: real binaries, a private RabbitMQ, the fake Kubernetes API server (observability: a private control plane)
 	$(CARGO) build --bins -p warren-controller -p warren-worker -p warren-sender
-	$(CARGO) nextest run -p warren-e2e --no-fail-fast
+	LOCALCLUSTER_BIN=$(LOCAL_BIN) $(CARGO) nextest run -p warren-e2e --no-fail-fast
 
 dashboard-snapshot: ## draw the overview dashboard's main panels from a real Prometheus watching a short load (PNG for the README)
 	$(CARGO) build --bins -p warren-controller -p warren-worker -p warren-sender -p warren-e2e
 	$(CARGO_TARGET_DIR)/debug/dashboard-snapshot $(SNAPSHOT_ARGS)
 
-e2e-bench: ## reaction latency, drain time, interrupted jobs, controller RSS, broker requests per tick
+e2e-bench: local-go-build ## reaction latency, drain time, interrupted jobs, controller CPU/RSS, broker and apiserver requests per tick (1/100/1000 scalers on a private control plane)
 	$(CARGO) build --release --bins -p warren-controller -p warren-worker -p warren-sender -p warren-e2e
-	$(CARGO_TARGET_DIR)/release/e2e-bench $(BENCH_ARGS)
+	LOCALCLUSTER_BIN=$(LOCAL_BIN) $(CARGO_TARGET_DIR)/release/e2e-bench $(BENCH_ARGS)

@@ -15,10 +15,12 @@
 //!    per tick (`ManagementClient::requests_sent`), passive declares and
 //!    AMQP connections, tick latency, and this process's CPU time per tick
 //!    and RSS.
-//! B. The `warren-controller` binary against the fake Kubernetes API server
-//!    (KUBECONFIG) with N QueueScalers and N Deployments at 1 replica:
-//!    reconciles per second, broker requests per tick (from its /metrics),
-//!    Kubernetes API requests per tick, the controller's CPU time per tick
+//! B. The `warren-controller` binary against a real kube-apiserver — a
+//!    private control plane (`warren_testkit::ControlPlane`, localcluster
+//!    built by `make local-build`), through KUBECONFIG — with N QueueScalers
+//!    and N Deployments at 1 replica: reconciles per second, broker requests
+//!    per tick (from its /metrics), Kubernetes API requests per tick (the
+//!    apiserver's own `apiserver_request_total`), the controller's CPU time per tick
 //!    and RSS (from /proc/<pid>), and the time from a burst landing in a
 //!    queue to the scale patch over `--bursts` bursts (p50 / p95 / max),
 //!    each published at a different phase of the polling tick.
@@ -32,22 +34,27 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use kube::api::{ListParams, PostParams};
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueuePurgeOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use serde_json::{Value, json};
+use serde_json::json;
 use warren_controller::observe::credentials::CredentialsCache;
 use warren_controller::observe::management::{
     Credentials, ManagementClient, ManagementConfig, ManagementEndpoint, QueueStatsHub,
 };
 use warren_controller::observe::peek::QueuePeeker;
 use warren_controller::observe::{BrokerObserver, BrokerTarget, QueueObserver};
+use warren_crd::QueueScaler;
 use warren_crd::{BrokerRef, CredentialsSecretRef, QueueRef};
-use warren_fakekube::FakeApiServer;
-use warren_fakekube::resources::{DEPLOYMENTS, QUEUESCALERS, SECRETS};
-use warren_testkit::{RabbitNode, RabbitOptions};
+use warren_testkit::{
+    ControlPlane, RabbitNode, RabbitOptions, controller_requests_between, cpu_seconds,
+};
 
 #[derive(Debug, Parser)]
 #[command(about = "Controller cost per tick with 1, 100, 1000 QueueScalers")]
@@ -158,7 +165,7 @@ async fn main() -> anyhow::Result<()> {
 
     if let Some(bin) = controller_bin {
         println!(
-            "\n== B. warren-controller binary against the fake API server (pollingIntervalSeconds=1) =="
+            "\n== B. warren-controller binary against a private kube-apiserver (pollingIntervalSeconds=1) =="
         );
         println!(
             "{:>8} {:>10} {:>13} {:>13} {:>11} {:>11} {:>12} {:>11} {:>8} {:>26} {:>13}",
@@ -217,6 +224,9 @@ async fn main() -> anyhow::Result<()> {
         "peeks/tick: AMQP passive declares per tick (one frame pair each, on one long-lived channel); amqp conns: AMQP connections opened (B: from the controller's /metrics, n/a for builds without it)."
     );
     println!(
+        "k8s req/tick: the controller's requests per tick as the apiserver's apiserver_request_total counts them (QueueScalers and their status, /scale, GET/LIST of Deployments, Events, Secrets, Pods; watches not counted)."
+    );
+    println!(
         "burst->scale: 50 messages published (confirmed) until the Deployment's replicas change, p50/p95/max (nearest rank) over the bursts; mgmt shows: median time until the management API reports them (statistics lag)."
     );
     Ok(())
@@ -273,16 +283,39 @@ async fn connect(node: &RabbitNode, vhost: &str) -> anyhow::Result<(Connection, 
     Ok((connection, channel))
 }
 
-fn put_secret(server: &FakeApiServer) -> anyhow::Result<()> {
-    server
-        .put_object(
-            &SECRETS,
-            json!({"apiVersion": "v1", "kind": "Secret",
-                   "metadata": {"name": "warren-rabbitmq", "namespace": "default"},
-                   "data": {"username": "Z3Vlc3Q=", "password": "Z3Vlc3Q="}}),
-        )
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(())
+/// A private control plane holding the broker credentials' Secret.
+async fn control_plane() -> anyhow::Result<(ControlPlane, kube::Client)> {
+    eprintln!("starting a private Kubernetes control plane...");
+    let plane = ControlPlane::start()
+        .await
+        .context("cannot start a private control plane (make local-build builds localcluster)")?;
+    let client = plane.client().await?;
+    let secret: Secret = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "warren-rabbitmq", "namespace": "default"},
+               "data": {"username": "Z3Vlc3Q=", "password": "Z3Vlc3Q="}}))?;
+    Api::<Secret>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &secret)
+        .await?;
+    Ok((plane, client))
+}
+
+/// Polls Deployment `name` until its `spec.replicas` satisfies `pred`.
+async fn wait_replicas(
+    api: &Api<Deployment>,
+    name: &str,
+    timeout: Duration,
+    pred: impl Fn(i32) -> bool,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(d) = api.get(name).await
+            && d.spec.and_then(|s| s.replicas).is_some_and(&pred)
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
 }
 
 fn broker(node: &RabbitNode) -> BrokerRef {
@@ -325,9 +358,7 @@ async fn part_a(
     ticks: u32,
     tick: Duration,
 ) -> anyhow::Result<RowA> {
-    let server = FakeApiServer::start().await?;
-    put_secret(&server)?;
-    let client = server.client().await?;
+    let (_plane, client) = control_plane().await?;
     let management = ManagementClient::new(ManagementConfig::default())?;
     let hub = Arc::new(QueueStatsHub::new(management, tick.mul_f64(0.9)));
     let source = Arc::new(BrokerObserver::new(
@@ -359,7 +390,7 @@ async fn part_a(
 
     let requests_before = hub.client().requests_sent();
     let peeks_before = source.peeker().declares_sent();
-    let cpu_before = cpu_seconds("self")?;
+    let cpu_before = cpu_seconds("self").context("reading this process' CPU time")?;
     let mut latencies = Vec::new();
     for _ in 0..ticks {
         let started = Instant::now();
@@ -371,7 +402,7 @@ async fn part_a(
         latencies.push(took.as_secs_f64() * 1000.0);
         tokio::time::sleep(tick.saturating_sub(took)).await;
     }
-    let cpu = cpu_seconds("self")? - cpu_before;
+    let cpu = cpu_seconds("self").context("reading this process' CPU time")? - cpu_before;
     let requests = hub.client().requests_sent() - requests_before;
     let peeks = source.peeker().declares_sent() - peeks_before;
     latencies.sort_by(f64::total_cmp);
@@ -420,40 +451,45 @@ async fn part_b(
     window: Duration,
     bursts: u32,
 ) -> anyhow::Result<RowB> {
-    let server = FakeApiServer::start().await?;
-    put_secret(&server)?;
+    let (plane, client) = control_plane().await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let scalers: Api<QueueScaler> = Api::namespaced(client.clone(), "default");
     let broker = serde_json::to_value(broker(node))?;
-    for i in 0..n {
-        let name = format!("w-{i:05}");
-        server
-            .put_object(
-                &DEPLOYMENTS,
+    eprintln!("creating {n} Deployments and {n} QueueScalers...");
+    ControlPlane::create_all(
+        &client,
+        (0..n)
+            .map(|i| {
+                let name = format!("w-{i:05}");
                 json!({"apiVersion": "apps/v1", "kind": "Deployment",
                        "metadata": {"name": name, "namespace": "default"},
                        "spec": {"replicas": 1,
                                 "selector": {"matchLabels": {"app": name}},
                                 "template": {"metadata": {"labels": {"app": name}},
-                                             "spec": {"containers": [{"name": "w", "image": "worker"}]}}}}),
-            )
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        server
-            .put_object(
-                &QUEUESCALERS,
+                                             "spec": {"containers": [{"name": "w", "image": "worker"}]}}}})
+            })
+            .collect(),
+    )
+    .await?;
+    ControlPlane::create_all(
+        &client,
+        (0..n)
+            .map(|i| {
                 json!({"apiVersion": "warren.dev/v1alpha1", "kind": "QueueScaler",
                        "metadata": {"name": format!("qs-{i:05}"), "namespace": "default"},
-                       "spec": {"scaleTargetRef": {"name": name},
+                       "spec": {"scaleTargetRef": {"name": format!("w-{i:05}")},
                                 "queue": {"name": queue(i), "vhost": vhost},
                                 "broker": broker,
                                 "minReplicas": 1, "maxReplicas": 20, "messagesPerReplica": 5,
                                 "pollingIntervalSeconds": 1,
                                 // Back to 1 replica right after each burst is purged.
-                                "behavior": {"scaleDown": {"stabilizationWindowSeconds": 0}}}}),
-            )
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
+                                "behavior": {"scaleDown": {"stabilizationWindowSeconds": 0}}}})
+            })
+            .collect(),
+    )
+    .await?;
     let dir = tempfile::tempdir()?;
-    let kubeconfig = dir.path().join("kubeconfig");
-    server.write_kubeconfig(&kubeconfig)?;
+    let kubeconfig = plane.kubeconfig();
     let log = std::fs::File::create(dir.path().join("controller.log"))?;
     let port = warren_testkit::free_port()?;
     let addr = format!("127.0.0.1:{port}");
@@ -473,10 +509,16 @@ async fn part_b(
     // Startup: every scaler has a status.
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let done = server
-            .list_objects(&QUEUESCALERS, Some("default"))
+        let done = scalers
+            .list(&ListParams::default())
+            .await?
+            .items
             .iter()
-            .filter(|s| s.pointer("/status/desiredReplicas").is_some())
+            .filter(|s| {
+                s.status
+                    .as_ref()
+                    .is_some_and(|s| s.desired_replicas.is_some())
+            })
             .count();
         if done == n {
             break;
@@ -491,14 +533,17 @@ async fn part_b(
 
     let http = reqwest::Client::new();
     let before = scrape(&http, &addr).await?;
-    let cpu_before = cpu_seconds(&pid)?;
-    server.clear_requests();
+    let apiserver_before = plane.metrics(&client).await?;
+    let cpu_before = cpu_seconds(&pid).context("reading the controller's CPU time")?;
     let window_started = Instant::now();
     tokio::time::sleep(window).await;
     let after = scrape(&http, &addr).await?;
-    let k8s_requests = server.requests().len() as f64;
+    let apiserver_after = plane.metrics(&client).await?;
+    let k8s_requests = controller_requests_between(&apiserver_before, &apiserver_after)
+        .values()
+        .fold(0.0, |sum, v| sum + v);
     let elapsed = window_started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(&pid)? - cpu_before;
+    let cpu = cpu_seconds(&pid).context("reading the controller's CPU time")? - cpu_before;
     let rss = rss_mib(&pid)?;
 
     let delta = |name: &str, label: Option<&str>| {
@@ -549,16 +594,7 @@ async fn part_b(
     for burst in 0..bursts {
         // Start from 1 replica and an empty queue, as the management API
         // sees it too (else the lag probe would see the last burst).
-        let reset = server
-            .wait_for_object(
-                &DEPLOYMENTS,
-                "default",
-                "w-00000",
-                Duration::from_secs(60),
-                |d: &Value| d.pointer("/spec/replicas").and_then(Value::as_i64) == Some(1),
-            )
-            .await;
-        if reset.is_none() {
+        if !wait_replicas(&deployments, "w-00000", Duration::from_secs(60), |r| r == 1).await {
             bail!("w-00000 never went back to 1 replica after burst {burst}");
         }
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -613,20 +649,7 @@ async fn part_b(
                 .await?
                 .await?;
         }
-        let scaled = server
-            .wait_for_object(
-                &DEPLOYMENTS,
-                "default",
-                "w-00000",
-                Duration::from_secs(60),
-                |d: &Value| {
-                    d.pointer("/spec/replicas")
-                        .and_then(Value::as_i64)
-                        .is_some_and(|r| r > 1)
-                },
-            )
-            .await;
-        if scaled.is_none() {
+        if !wait_replicas(&deployments, "w-00000", Duration::from_secs(60), |r| r > 1).await {
             bail!("burst {burst} never scaled w-00000");
         }
         burst_to_scale_s.push(burst_started.elapsed().as_secs_f64());
@@ -675,50 +698,6 @@ fn sum_metric(text: &str, name: &str, label: Option<&str>) -> f64 {
         .filter(|line| label.is_none_or(|l| line.contains(l)))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-/// CPU seconds used by `pid` ("self" for this process): the sum of its
-/// threads' run time from `/proc/<pid>/task/*/schedstat` (nanoseconds),
-/// falling back to utime + stime of `/proc/<pid>/stat` (clock ticks).
-fn cpu_seconds(pid: &str) -> anyhow::Result<f64> {
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        let mut ns = 0u64;
-        let mut any = false;
-        for task in tasks.flatten() {
-            if let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat"))
-                && let Some(run) = stat
-                    .split_whitespace()
-                    .next()
-                    .and_then(|v| v.parse::<u64>().ok())
-            {
-                ns += run;
-                any = true;
-            }
-        }
-        if any {
-            return Ok(ns as f64 / 1e9);
-        }
-    }
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .context("malformed /proc/<pid>/stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After "pid (comm)": state is field 3, utime 14, stime 15.
-    let utime: f64 = fields.get(11).context("no utime")?.parse()?;
-    let stime: f64 = fields.get(12).context("no stime")?.parse()?;
-    Ok((utime + stime) / clock_ticks())
-}
-
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 /// Resident set size of `pid` in MiB.

@@ -1,5 +1,7 @@
 //! The broker readers against a private RabbitMQ node with the management
 //! plugin (a short statistics interval unless a test needs lagging stats).
+//! The observer's tests read the broker credentials from a Secret served by
+//! a real kube-apiserver (a private control plane, `make local-build`).
 
 // A test: a failed unwrap/expect/panic is a failed test. The workspace denies them in
 // product code, and clippy.toml allows them only inside #[test] fns, not in helpers.
@@ -10,6 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use kube::api::PostParams;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueuePurgeOptions,
@@ -27,9 +32,7 @@ use warren_controller::observe::peek::{PeekError, QueuePeeker};
 use warren_controller::observe::{BrokerObserver, BrokerTarget, QueueObserver, ReadySource};
 use warren_controller::reconcile::unacked;
 use warren_crd::{BrokerRef, CredentialsSecretRef, QueueRef};
-use warren_fakekube::FakeApiServer;
-use warren_fakekube::resources::SECRETS;
-use warren_testkit::{RabbitNode, RabbitOptions, unique_name};
+use warren_testkit::{ControlPlane, RabbitNode, RabbitOptions, unique_name};
 
 async fn node() -> RabbitNode {
     RabbitNode::start(RabbitOptions {
@@ -357,23 +360,27 @@ async fn wrong_password_unknown_vhost_and_refused_port_are_clear_errors() {
     assert_eq!(err.metric_label(), "connect", "{err:?}");
 }
 
-/// Credentials from a Secret served by the fake API server, as the
+/// Credentials from a Secret served by a private control plane, as the
 /// controller reads them.
-async fn credentials_cache() -> (FakeApiServer, Arc<CredentialsCache>) {
-    let server = FakeApiServer::start().await.unwrap();
-    server
-        .put_object(
-            &SECRETS,
-            json!({"apiVersion": "v1", "kind": "Secret",
-                   "metadata": {"name": "warren-rabbitmq", "namespace": "default"},
-                   "data": {"username": "Z3Vlc3Q=", "password": "Z3Vlc3Q="}}),
-        )
+async fn credentials_cache() -> (ControlPlane, Arc<CredentialsCache>) {
+    let plane = ControlPlane::start()
+        .await
+        .expect("a private control plane must start (make local-build builds localcluster)");
+    let client = plane.client().await.unwrap();
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "warren-rabbitmq", "namespace": "default"},
+        "data": {"username": "Z3Vlc3Q=", "password": "Z3Vlc3Q="}}))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &secret)
+        .await
         .unwrap();
-    let client = server.client().await.unwrap();
-    (
-        server,
-        Arc::new(CredentialsCache::new(client, Duration::from_secs(600))),
-    )
+    (plane, cache_of(client))
+}
+
+fn cache_of(client: kube::Client) -> Arc<CredentialsCache> {
+    Arc::new(CredentialsCache::new(client, Duration::from_secs(600)))
 }
 
 fn target(management_url: String, amqp_port: u16, queue: &str) -> BrokerTarget {
@@ -727,7 +734,7 @@ async fn a_scaler_on_a_missing_queue_gets_queue_not_found_without_a_declare_per_
 #[tokio::test]
 async fn a_scaler_over_names_and_a_pattern_reads_every_matching_queue_with_one_listing() {
     let node = node().await;
-    let (_server, credentials) = credentials_cache().await;
+    let (plane, credentials) = credentials_cache().await;
     let management = ManagementClient::new(ManagementConfig::default()).unwrap();
     let hub = Arc::new(QueueStatsHub::new(management, Duration::from_secs(30)));
     let peeker = Arc::new(QueuePeeker::new(Duration::from_secs(5)));
@@ -794,7 +801,7 @@ async fn a_scaler_over_names_and_a_pattern_reads_every_matching_queue_with_one_l
         ManagementClient::new(ManagementConfig::default()).unwrap(),
         Duration::from_millis(100),
     ));
-    let (_server2, credentials2) = credentials_cache().await;
+    let credentials2 = cache_of(plane.client().await.unwrap());
     let fresh = BrokerObserver::new(credentials2, fresh_hub, peeker.clone());
     wait_for_stats(&probe, &endpoint, |s| s.get(&late).is_some()).await;
     let read = fresh.observe(&target).await.unwrap();

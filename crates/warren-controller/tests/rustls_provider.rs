@@ -19,7 +19,7 @@ use warren_controller::observe::management::{
     Credentials, ManagementClient, ManagementConfig, ManagementEndpoint, StatsError,
 };
 use warren_crd::QueueScaler;
-use warren_fakekube::FakeApiServer;
+use warren_testkit::ControlPlane;
 
 #[tokio::test]
 async fn kube_reqwest_and_lapin_clients_coexist_in_one_process() {
@@ -31,12 +31,14 @@ async fn kube_reqwest_and_lapin_clients_coexist_in_one_process() {
     );
 
     // kube::Client from a kubeconfig file (as KUBECONFIG=... would), pointing
-    // at 127.0.0.1, and a real request through it.
-    let server = FakeApiServer::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("kubeconfig");
-    server.write_kubeconfig(&path).unwrap();
-    let kubeconfig = Kubeconfig::read_from(&path).unwrap();
+    // at a real kube-apiserver on 127.0.0.1 over TLS (client certificate), and
+    // a real request through it. The control plane is started without a client
+    // in this process (`start_bare`), so this one is the first.
+    let plane = ControlPlane::start_bare()
+        .await
+        .expect("a private control plane must start (make local-build builds localcluster)");
+    assert!(rustls::crypto::CryptoProvider::get_default().is_none());
+    let kubeconfig = Kubeconfig::read_from(plane.kubeconfig()).unwrap();
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .unwrap();
@@ -44,9 +46,10 @@ async fn kube_reqwest_and_lapin_clients_coexist_in_one_process() {
         config
             .cluster_url
             .to_string()
-            .starts_with("http://127.0.0.1:")
+            .starts_with("https://127.0.0.1:")
     );
     let client = kube::Client::try_from(config).expect("kube::Client builds its rustls config");
+    plane.install_crds(&client).await.unwrap();
     let scalers: Api<QueueScaler> = Api::namespaced(client.clone(), "default");
     assert!(
         scalers

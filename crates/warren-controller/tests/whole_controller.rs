@@ -1,11 +1,16 @@
 //! The whole controller — kube runtime `Controller`, real management API and
-//! AMQP readers, real audit publisher — against the fake Kubernetes API server
-//! and a private RabbitMQ node with the management plugin.
+//! AMQP readers, real audit publisher — against a real kube-apiserver (a
+//! private control plane, `warren_testkit::ControlPlane`: the QueueScaler CRD
+//! and its validation, the Deployment and ReplicaSet controllers creating Pod
+//! objects that nothing runs) and a private RabbitMQ node with the management
+//! plugin.
 //!
 //! - in process: scale-up on backlog, busy-aware scale-in (deletion costs
 //!   from real named connections), pause, scale to zero and activation from
 //!   zero through the passive declare;
 //! - the binary: KUBECONFIG, leader Lease, ops endpoints, SIGTERM.
+//!
+//! Needs the localcluster binary (`make local-build`).
 
 // A test: a failed unwrap/expect/panic is a failed test. The workspace denies them in
 // product code, and clippy.toml allows them only inside #[test] fns, not in helpers.
@@ -16,6 +21,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::events::v1::Event;
+use kube::Api;
+use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueuePurgeOptions,
@@ -35,9 +46,7 @@ use warren_controller::observe::management::{
 };
 use warren_controller::observe::peek::QueuePeeker;
 use warren_controller::reconcile::{self, Context, Settings};
-use warren_fakekube::FakeApiServer;
-use warren_fakekube::resources::{DEPLOYMENTS, LEASES, PODS, QUEUESCALERS, SECRETS};
-use warren_testkit::{RabbitNode, RabbitOptions, unique_name};
+use warren_testkit::{ControlPlane, RabbitNode, RabbitOptions, unique_name};
 
 const STEP: Duration = Duration::from_secs(30);
 const COST: &str = "controller.kubernetes.io/pod-deletion-cost";
@@ -56,28 +65,122 @@ fn init() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// The kinds the tests read and write, as JSON through the real apiserver.
+#[derive(Clone, Copy)]
+enum Kind {
+    Secret,
+    Deployment,
+    Pod,
+    Lease,
+    Scaler,
+}
+
+fn resource(kind: Kind) -> ApiResource {
+    match kind {
+        Kind::Secret => ApiResource::erase::<Secret>(&()),
+        Kind::Deployment => ApiResource::erase::<Deployment>(&()),
+        Kind::Pod => ApiResource::erase::<Pod>(&()),
+        Kind::Lease => ApiResource::erase::<Lease>(&()),
+        Kind::Scaler => ApiResource::erase::<warren_crd::QueueScaler>(&()),
+    }
+}
+
+/// A private control plane and an admin client for it.
+struct Kube {
+    plane: ControlPlane,
+    client: kube::Client,
+}
+
+impl Kube {
+    async fn start() -> Self {
+        let plane = ControlPlane::start()
+            .await
+            .expect("a private control plane must start (make local-build builds localcluster)");
+        let client = plane.client().await.unwrap();
+        Self { plane, client }
+    }
+
+    fn api(&self, kind: Kind) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), "default", &resource(kind))
+    }
+
+    async fn put(&self, kind: Kind, object: Value) {
+        let object: DynamicObject = serde_json::from_value(object).unwrap();
+        self.api(kind)
+            .create(&PostParams::default(), &object)
+            .await
+            .unwrap();
+    }
+
+    async fn get(&self, kind: Kind, name: &str) -> Option<Value> {
+        let object = self.api(kind).get_opt(name).await.unwrap()?;
+        Some(serde_json::to_value(object).unwrap())
+    }
+
+    async fn patch(&self, kind: Kind, name: &str, patch: Value) {
+        self.api(kind)
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+
+    /// Polls `name` until `pred` holds (the object), or `timeout` passes (None).
+    async fn wait_for(
+        &self,
+        kind: Kind,
+        name: &str,
+        timeout: Duration,
+        mut pred: impl FnMut(&Value) -> bool,
+    ) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(object) = self.get(kind, name).await
+                && pred(&object)
+            {
+                return Some(object);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The notes of the `Scaled` Events (events.k8s.io/v1) in `default`.
+    async fn scaled_notes(&self) -> Vec<String> {
+        let events: Api<Event> = Api::namespaced(self.client.clone(), "default");
+        events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("Scaled"))
+            .filter_map(|e| e.note)
+            .collect()
+    }
+}
+
 /// Secret, Deployment `worker` (label app=worker) and a QueueScaler `jobs`
 /// on `queue`, in namespace `default`.
-fn seed(server: &FakeApiServer, node: &RabbitNode, queue: &str, replicas: i32, extra: Value) {
-    server
-        .put_object(
-            &SECRETS,
-            json!({"apiVersion": "v1", "kind": "Secret",
-                   "metadata": {"name": "warren-rabbitmq", "namespace": "default"},
-                   "data": {"username": "Z3Vlc3Q=", "password": "Z3Vlc3Q="}}),
-        )
-        .unwrap();
-    server
-        .put_object(
-            &DEPLOYMENTS,
-            json!({"apiVersion": "apps/v1", "kind": "Deployment",
-                   "metadata": {"name": "worker", "namespace": "default"},
-                   "spec": {"replicas": replicas,
-                            "selector": {"matchLabels": {"app": "worker"}},
-                            "template": {"metadata": {"labels": {"app": "worker"}},
-                                         "spec": {"containers": [{"name": "w", "image": "worker"}]}}}}),
-        )
-        .unwrap();
+async fn seed(kube: &Kube, node: &RabbitNode, queue: &str, replicas: i32, extra: Value) {
+    kube.put(
+        Kind::Secret,
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "warren-rabbitmq", "namespace": "default"},
+               "data": {"username": "Z3Vlc3Q=", "password": "Z3Vlc3Q="}}),
+    )
+    .await;
+    kube.put(
+        Kind::Deployment,
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+               "metadata": {"name": "worker", "namespace": "default"},
+               "spec": {"replicas": replicas,
+                        "selector": {"matchLabels": {"app": "worker"}},
+                        "template": {"metadata": {"labels": {"app": "worker"}},
+                                     "spec": {"containers": [{"name": "w", "image": "worker"}]}}}}),
+    )
+    .await;
     let mut spec = json!({
         "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "worker"},
         "queue": {"name": queue, "vhost": "/"},
@@ -97,14 +200,13 @@ fn seed(server: &FakeApiServer, node: &RabbitNode, queue: &str, replicas: i32, e
             spec.insert(k.clone(), v.clone());
         }
     }
-    server
-        .put_object(
-            &QUEUESCALERS,
-            json!({"apiVersion": "warren.dev/v1alpha1", "kind": "QueueScaler",
-                   "metadata": {"name": "jobs", "namespace": "default"},
-                   "spec": spec}),
-        )
-        .unwrap();
+    kube.put(
+        Kind::Scaler,
+        json!({"apiVersion": "warren.dev/v1alpha1", "kind": "QueueScaler",
+               "metadata": {"name": "jobs", "namespace": "default"},
+               "spec": spec}),
+    )
+    .await;
 }
 
 async fn channel(node: &RabbitNode, name: &str) -> (Connection, Channel) {
@@ -158,39 +260,33 @@ async fn publish(channel: &Channel, queue: &str, count: usize) {
     }
 }
 
-fn replicas(server: &FakeApiServer) -> i64 {
-    server
-        .get_object(&DEPLOYMENTS, "default", "worker")
+async fn replicas(kube: &Kube) -> i64 {
+    kube.get(Kind::Deployment, "worker")
+        .await
         .and_then(|d| d.pointer("/spec/replicas").and_then(Value::as_i64))
         .unwrap_or(-1)
 }
 
-async fn wait_for_replicas(server: &FakeApiServer, want: i64) {
-    let found = server
-        .wait_for_object(&DEPLOYMENTS, "default", "worker", STEP, |d| {
+async fn wait_for_replicas(kube: &Kube, want: i64) {
+    let found = kube
+        .wait_for(Kind::Deployment, "worker", STEP, |d| {
             d.pointer("/spec/replicas").and_then(Value::as_i64) == Some(want)
         })
         .await;
     assert!(
         found.is_some(),
         "replicas never became {want} (now {}); scaler: {:#}",
-        replicas(server),
-        server
-            .get_object(&QUEUESCALERS, "default", "jobs")
-            .unwrap_or_default()
+        replicas(kube).await,
+        kube.get(Kind::Scaler, "jobs").await.unwrap_or_default()
     );
 }
 
-async fn wait_for_scaler(server: &FakeApiServer, what: &str, pred: impl FnMut(&Value) -> bool) {
-    let found = server
-        .wait_for_object(&QUEUESCALERS, "default", "jobs", STEP, pred)
-        .await;
+async fn wait_for_scaler(kube: &Kube, what: &str, pred: impl FnMut(&Value) -> bool) {
+    let found = kube.wait_for(Kind::Scaler, "jobs", STEP, pred).await;
     assert!(
         found.is_some(),
         "the scaler never showed {what}: {:#}",
-        server
-            .get_object(&QUEUESCALERS, "default", "jobs")
-            .unwrap_or_default()
+        kube.get(Kind::Scaler, "jobs").await.unwrap_or_default()
     );
 }
 
@@ -206,15 +302,6 @@ fn condition(scaler: &Value, type_: &str) -> Option<(String, String)> {
                 c["reason"].as_str().unwrap_or_default().to_string(),
             )
         })
-}
-
-fn scaled_notes(server: &FakeApiServer) -> Vec<String> {
-    server
-        .events()
-        .into_iter()
-        .filter(|e| e["reason"] == "Scaled")
-        .filter_map(|e| e["note"].as_str().map(String::from))
-        .collect()
 }
 
 fn context(client: kube::Client, metrics: &ControllerMetrics) -> Arc<Context> {
@@ -242,26 +329,28 @@ fn context(client: kube::Client, metrics: &ControllerMetrics) -> Arc<Context> {
 }
 
 #[tokio::test]
-async fn scales_up_on_backlog_in_busy_aware_to_zero_and_back_against_fake_cluster() {
+async fn scales_up_on_backlog_in_busy_aware_to_zero_and_back_against_a_real_apiserver() {
     init();
     let node = rabbit().await;
-    let server = FakeApiServer::start().await.unwrap();
+    let server = Kube::start().await;
     let queue = unique_name("qs-e2e");
     let (admin_conn, admin) = channel(&node, "test-admin").await;
     declare(&admin_conn, &admin, &queue).await;
-    seed(&server, &node, &queue, 1, json!({}));
+    seed(&server, &node, &queue, 1, json!({})).await;
+    // Pods of the Deployment's selector besides the ReplicaSet's own (which
+    // also match, and are never connected to the broker).
     for pod in ["worker-a", "worker-b", "worker-c"] {
         server
-            .put_object(
-                &PODS,
+            .put(
+                Kind::Pod,
                 json!({"apiVersion": "v1", "kind": "Pod",
                        "metadata": {"name": pod, "namespace": "default", "labels": {"app": "worker"}},
                        "spec": {"containers": [{"name": "w", "image": "worker"}]}}),
             )
-            .unwrap();
+            .await;
     }
 
-    let client = server.client().await.unwrap();
+    let client = server.client.clone();
     let metrics = ControllerMetrics::default();
     let ctx = context(client.clone(), &metrics);
     let stop = CancellationToken::new();
@@ -275,11 +364,11 @@ async fn scales_up_on_backlog_in_busy_aware_to_zero_and_back_against_fake_cluste
             && condition(s, "Ready") == Some(("True".into(), "MetricsAvailable".into()))
     })
     .await;
-    let scaler = server.get_object(&QUEUESCALERS, "default", "jobs").unwrap();
+    let scaler = server.get(Kind::Scaler, "jobs").await.unwrap();
     assert_eq!(scaler["status"]["observation"]["ready"], 12);
     assert_eq!(scaler["status"]["observedGeneration"], 1);
     assert_eq!(scaler["status"]["lastDecision"]["reason"], "Backlog");
-    let notes = scaled_notes(&server);
+    let notes = server.scaled_notes().await;
     assert!(
         notes.iter().any(|n| n.starts_with("from 1 to 3: ")),
         "{notes:?}"
@@ -300,13 +389,8 @@ async fn scales_up_on_backlog_in_busy_aware_to_zero_and_back_against_fake_cluste
 
     // 2. Pause, then set up one busy and one idle worker connection.
     server
-        .patch_object(
-            &QUEUESCALERS,
-            "default",
-            "jobs",
-            &json!({"spec": {"paused": true}}),
-        )
-        .unwrap();
+        .patch(Kind::Scaler, "jobs", json!({"spec": {"paused": true}}))
+        .await;
     wait_for_scaler(&server, "Paused", |s| {
         condition(s, "Paused").is_some_and(|c| c.0 == "True")
     })
@@ -370,42 +454,46 @@ async fn scales_up_on_backlog_in_busy_aware_to_zero_and_back_against_fake_cluste
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(replicas(&server), 3, "paused: nothing moved");
+    assert_eq!(replicas(&server).await, 3, "paused: nothing moved");
 
     // 3. Unpause: one unacked message needs one replica; 3 -> 1, with the
     // busy pod expensive, the idle one cheap, the unconnected one cheapest.
     server
-        .patch_object(
-            &QUEUESCALERS,
-            "default",
-            "jobs",
-            &json!({"spec": {"paused": false}}),
-        )
-        .unwrap();
+        .patch(Kind::Scaler, "jobs", json!({"spec": {"paused": false}}))
+        .await;
     wait_for_replicas(&server, 1).await;
-    let cost = |pod: &str| {
-        server.get_object(&PODS, "default", pod).and_then(|p| {
-            p["metadata"]["annotations"][COST]
+    let mut costs = Vec::new();
+    for pod in ["worker-a", "worker-b", "worker-c"] {
+        let found = server.get(Kind::Pod, pod).await.unwrap();
+        costs.push(
+            found["metadata"]["annotations"][COST]
                 .as_str()
-                .map(String::from)
-        })
+                .map(String::from),
+        );
+    }
+    assert_eq!(
+        costs,
+        [Some("1001".into()), Some("0".into()), Some("-1000".into())]
+    );
+    // The annotations were written before the scale patch (the apiserver's
+    // audit log, in the order it answered; the controller is kubernetes-admin).
+    let audit = server.plane.audit_events();
+    let by_admin_patching = |e: &&Value, resource: &str| {
+        e["verb"] == "patch"
+            && e["user"]["username"] == "kubernetes-admin"
+            && e["objectRef"]["namespace"] == "default"
+            && e["objectRef"]["resource"] == resource
     };
-    assert_eq!(cost("worker-a").as_deref(), Some("1001"));
-    assert_eq!(cost("worker-b").as_deref(), Some("0"));
-    assert_eq!(cost("worker-c").as_deref(), Some("-1000"));
-    // The annotations were written before the scale patch.
-    let requests = server.requests();
-    let last_pod_patch = requests
+    let last_pod_patch = audit
         .iter()
-        .rposition(|r| {
-            r.method == "PATCH" && r.path.starts_with("/api/v1/namespaces/default/pods/")
-        })
+        .rposition(|e| by_admin_patching(&e, "pods"))
         .expect("pod patches");
-    let scale_in = requests
+    let scale_in = audit
         .iter()
-        .rposition(|r| {
-            r.method == "PATCH"
-                && r.path == "/apis/apps/v1/namespaces/default/deployments/worker/scale"
+        .rposition(|e| {
+            by_admin_patching(&e, "deployments")
+                && e["objectRef"]["subresource"] == "scale"
+                && e["objectRef"]["name"] == "worker"
         })
         .expect("scale patch");
     assert!(last_pod_patch < scale_in);
@@ -415,13 +503,8 @@ async fn scales_up_on_backlog_in_busy_aware_to_zero_and_back_against_fake_cluste
     busy.close(200, "done".into()).await.unwrap();
     idle.close(200, "done".into()).await.unwrap();
     server
-        .patch_object(
-            &QUEUESCALERS,
-            "default",
-            "jobs",
-            &json!({"spec": {"minReplicas": 0}}),
-        )
-        .unwrap();
+        .patch(Kind::Scaler, "jobs", json!({"spec": {"minReplicas": 0}}))
+        .await;
     wait_for_replicas(&server, 0).await;
     wait_for_scaler(&server, "Active=False", |s| {
         condition(s, "Active") == Some(("False".into(), "ScaledToZero".into()))
@@ -448,7 +531,7 @@ async fn scales_up_on_backlog_in_busy_aware_to_zero_and_back_against_fake_cluste
     ];
     let deadline = Instant::now() + STEP;
     let notes = loop {
-        let notes = scaled_notes(&server);
+        let notes = server.scaled_notes().await;
         let all = expected
             .iter()
             .all(|e| notes.iter().any(|n| n.starts_with(e)));
@@ -500,16 +583,15 @@ async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
 async fn the_binary_runs_against_a_kubeconfig_holds_the_lease_scales_and_stops_on_sigterm() {
     init();
     let node = rabbit().await;
-    let server = FakeApiServer::start().await.unwrap();
+    let server = Kube::start().await;
     let queue = unique_name("qs-bin");
     let (admin_conn, admin) = channel(&node, "test-admin").await;
     declare(&admin_conn, &admin, &queue).await;
-    seed(&server, &node, &queue, 1, json!({}));
+    seed(&server, &node, &queue, 1, json!({})).await;
     publish(&admin, &queue, 12).await;
 
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    server.write_kubeconfig(&kubeconfig).unwrap();
+    let kubeconfig = server.plane.kubeconfig();
     let port = warren_testkit::free_port().unwrap();
     let addr = format!("127.0.0.1:{port}");
     let log_path = dir.path().join("controller.log");
@@ -553,7 +635,8 @@ async fn the_binary_runs_against_a_kubeconfig_holds_the_lease_scales_and_stops_o
     // The leader scales.
     wait_for_replicas(&server, 3).await;
     let lease = server
-        .get_object(&LEASES, "default", "warren-controller")
+        .get(Kind::Lease, "warren-controller")
+        .await
         .expect("a Lease");
     assert_eq!(lease["spec"]["holderIdentity"], "controller-0");
     // The counters are bumped when the reconcile ends, after the patch.
@@ -599,7 +682,8 @@ async fn the_binary_runs_against_a_kubeconfig_holds_the_lease_scales_and_stops_o
     let stderr = std::fs::read_to_string(&log_path).unwrap_or_default();
     assert!(status.success(), "exit {status:?}; log:\n{stderr}");
     let lease = server
-        .get_object(&LEASES, "default", "warren-controller")
+        .get(Kind::Lease, "warren-controller")
+        .await
         .expect("a Lease");
     assert!(
         lease["spec"]["holderIdentity"].is_null()
