@@ -69,7 +69,7 @@ pub enum HarnessError {
         #[source]
         source: std::io::Error,
     },
-    #[error("RabbitMQ node: {0}")]
+    #[error("test service (RabbitMQ node, control plane, Prometheus): {0}")]
     Rabbit(#[from] warren_testkit::TestkitError),
     #[error("fake API server: {0}")]
     FakeKube(#[from] warren_fakekube::FakeKubeError),

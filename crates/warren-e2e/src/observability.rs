@@ -1,17 +1,21 @@
-//! A real Prometheus watching a real run: [`observed_load`] starts a
-//! [`Harness`] (sender, autoscaled workers, controller, a private RabbitMQ
-//! with its Prometheus plugin), a private Debian Prometheus scraping all of
-//! them every second with the chart's alert rules loaded, and drives a short
-//! load. Targets are labelled as the chart's PodMonitors label them
+//! A real Prometheus watching a real run: [`observed_load`] starts the
+//! sender, [`WORKERS`] workers and the controller as processes, a private
+//! RabbitMQ with its Prometheus plugin, a private Kubernetes control plane
+//! (`warren_testkit::ControlPlane`: the controller's real kube-apiserver,
+//! holding the QueueScalers and their Deployments; nothing runs pods there, so
+//! the workers are a fixed set), and a private Debian Prometheus scraping all
+//! of them every second with the chart's alert rules loaded, and drives a
+//! short load. Targets are labelled as the chart's PodMonitors label them
 //! (`warren_component`, `namespace`, `pod`), so the chart's dashboards and
 //! alerts run unchanged.
 //!
 //! The load exercises every series the dashboards and alerts read: jobs of
-//! one to three dots (backlog, scale-up and scale-in), a few refused bodies
+//! one to three dots (backlog and scale-up decisions), a few refused bodies
 //! (400s), one undecodable message (dead-lettered), and a second
 //! QueueScaler reading a queue that does not exist (errors, fallback, not
 //! Ready).
 
+use std::ffi::OsString;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lapin::options::BasicPublishOptions;
@@ -19,9 +23,12 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::json;
 use warren_dashboards::prometheus::PrometheusApi;
 use warren_dashboards::rules::RuleFile;
-use warren_testkit::PrometheusServer;
+use warren_testkit::{ControlPlane, PrometheusServer, RabbitNode, RabbitOptions};
 
-use crate::{Harness, HarnessError, HarnessOptions, NAMESPACE, deployment_object, job};
+use crate::{
+    Binaries, DEPLOYMENT, HarnessError, HarnessOptions, NAMESPACE, Process, SCALER, SECRET,
+    base_spec, deployment_object, job, scaler_object,
+};
 
 /// The second, broken QueueScaler (its queue does not exist).
 pub const BROKEN_SCALER: &str = "warren-broken";
@@ -30,6 +37,9 @@ pub const SCRAPE_INTERVAL: &str = "1s";
 /// What `$__rate_interval` stands for with a 1 s scrape (Grafana would use
 /// at least four scrape intervals).
 pub const RATE_INTERVAL: &str = "10s";
+/// Worker processes of the run (a fixed set: the private control plane runs
+/// no pods; the QueueScaler still decides and patches its Deployment).
+pub const WORKERS: usize = 3;
 
 /// How long and how hard [`observed_load`] loads the system.
 #[derive(Debug, Clone)]
@@ -56,10 +66,23 @@ impl Default for LoadOptions {
 pub struct ObservedRun {
     pub prometheus: PrometheusServer,
     pub api: PrometheusApi,
-    pub harness: Harness,
+    /// The work queue.
+    pub queue: String,
     /// Unix seconds when the load started and when the run ended.
     pub start: f64,
     pub end: f64,
+    _processes: Processes,
+}
+
+/// What the load runs on; on drop the processes stop before the broker and
+/// the control plane.
+struct Processes {
+    sender: Process,
+    controller: Process,
+    workers: Vec<Process>,
+    node: RabbitNode,
+    _plane: ControlPlane,
+    _dir: tempfile::TempDir,
 }
 
 fn unix_now() -> f64 {
@@ -71,14 +94,10 @@ fn unix_now() -> f64 {
 
 /// The test Prometheus' configuration: one scrape job per component,
 /// labelled as the chart's PodMonitors label their targets.
-pub fn prometheus_config(harness: &Harness) -> String {
-    let sender = harness.sender.listen_addr;
-    let controllers: Vec<String> = harness
-        .controllers
-        .iter()
-        .map(|c| format!("'{}'", c.listen_addr))
-        .collect();
-    let rabbit = harness
+fn prometheus_config(run: &Processes) -> String {
+    let sender = run.sender.listen_addr;
+    let controllers = format!("'{}'", run.controller.listen_addr);
+    let rabbit = run
         .node
         .prometheus_url()
         .trim_start_matches("http://")
@@ -115,40 +134,30 @@ scrape_configs:
       - targets: ['{rabbit}']
         labels: {{warren_component: rabbitmq-queues}}
 "#,
-        controllers = controllers.join(", ")
     )
 }
 
-/// Writes the worker pods (file_sd) as Prometheus should see them now.
-fn write_worker_targets(
-    prometheus: &PrometheusServer,
-    harness: &Harness,
-) -> Result<(), HarnessError> {
-    let pods = harness
-        .workers
-        .as_ref()
-        .map(|w| w.pods())
-        .unwrap_or_default();
-    let targets: Vec<serde_json::Value> = pods
+/// The workers as Prometheus file_sd targets, labelled like pods.
+fn worker_targets(workers: &[Process]) -> Result<String, HarnessError> {
+    let targets: Vec<serde_json::Value> = workers
         .iter()
-        .map(|p| {
+        .map(|w| {
             json!({
-                "targets": [p.listen_addr.to_string()],
-                "labels": {"warren_component": "worker", "namespace": NAMESPACE, "pod": p.name},
+                "targets": [w.listen_addr.to_string()],
+                "labels": {"warren_component": "worker", "namespace": NAMESPACE, "pod": w.name},
             })
         })
         .collect();
-    prometheus.write_file("workers.json", &serde_json::to_string(&targets)?)?;
-    Ok(())
+    Ok(serde_json::to_string(&targets)?)
 }
 
 /// Publishes a message no worker can decode, straight to the work queue.
-async fn publish_poison(harness: &Harness) -> Result<(), HarnessError> {
+async fn publish_poison(node: &RabbitNode, queue: &str) -> Result<(), HarnessError> {
     let amqp = |context: &str| {
         let context = context.to_string();
         move |source| HarnessError::Amqp { context, source }
     };
-    let connection = Connection::connect(&harness.node.amqp_url(), ConnectionProperties::default())
+    let connection = Connection::connect(&node.amqp_url(), ConnectionProperties::default())
         .await
         .map_err(amqp("connecting to publish a poison message"))?;
     let channel = connection
@@ -158,7 +167,7 @@ async fn publish_poison(harness: &Harness) -> Result<(), HarnessError> {
     channel
         .basic_publish(
             "".into(),
-            harness.queue.as_str().into(),
+            queue.into(),
             BasicPublishOptions::default(),
             b"this is not an envelope",
             BasicProperties::default().with_delivery_mode(2),
@@ -171,85 +180,205 @@ async fn publish_poison(harness: &Harness) -> Result<(), HarnessError> {
     Ok(())
 }
 
-/// POSTs bodies the sender refuses (blank message: 400).
-async fn send_refused(harness: &Harness, count: usize) -> Result<(), HarnessError> {
-    let http = crate::http_client()?;
-    for _ in 0..count {
+/// POSTs `message` to the sender `count` times at once; each must get `status`.
+async fn send(
+    http: &reqwest::Client,
+    sender: &Process,
+    message: &str,
+    count: usize,
+    status: u16,
+) -> Result<(), HarnessError> {
+    let sends = (0..count).map(|_| async {
         let response = http
-            .post(format!("{}/send", harness.sender.base_url()))
-            .json(&json!({"message": "   "}))
+            .post(format!("{}/send", sender.base_url()))
+            .json(&json!({ "message": message }))
             .send()
             .await
             .map_err(|source| HarnessError::Http {
-                context: "POST /send with a blank message".into(),
+                context: format!("POST /send {message:?}"),
                 source,
             })?;
-        if response.status().as_u16() != 400 {
+        if response.status().as_u16() != status {
             return Err(HarnessError::Other(format!(
-                "a blank message got {} instead of 400",
+                "{message:?} got {} instead of {status}",
                 response.status()
             )));
         }
+        Ok(())
+    });
+    futures::future::try_join_all(sends).await.map(drop)
+}
+
+fn vars(pairs: &[(&str, String)]) -> Vec<(OsString, OsString)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+        .collect()
+}
+
+/// The broker, the control plane with the Secret, the Deployments and the
+/// QueueScalers (the real one, and one on a queue that does not exist:
+/// errors, fallback, not Ready), the sender (it declares the topology), the
+/// workers and the controller.
+async fn start_processes(queue: &str) -> Result<Processes, HarnessError> {
+    let defaults = HarnessOptions::default();
+    let binaries = Binaries::locate()?;
+    let dir = tempfile::Builder::new()
+        .prefix("warren-observed-")
+        .tempdir()
+        .map_err(|source| HarnessError::Io {
+            context: "creating the run directory".into(),
+            source,
+        })?;
+    let logs = dir.path().join("logs");
+    let node = RabbitNode::start(RabbitOptions {
+        management: true,
+        prometheus: true,
+        stats_interval_ms: defaults.stats_interval_ms,
+        ..RabbitOptions::default()
+    })
+    .await?;
+    let plane = ControlPlane::start().await?;
+    let client = plane.client().await?;
+    let amqp = format!("amqp://127.0.0.1:{}", node.amqp_port());
+    let spec = base_spec(queue, &node.management_url(), &amqp);
+    let mut broken = spec.clone();
+    broken.scale_target_ref.name = "warren-idle".into();
+    broken.queue.name = "no-such-queue".into();
+    ControlPlane::create_all(
+        &client,
+        vec![
+            json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": SECRET, "namespace": NAMESPACE},
+                "data": {"username": "Z3Vlc3Q=", "password": "Z3Vlc3Q="},
+            }),
+            deployment_object(DEPLOYMENT, 0, defaults.grace_seconds),
+            deployment_object("warren-idle", 0, defaults.grace_seconds),
+            scaler_object(SCALER, spec)?,
+            scaler_object(BROKEN_SCALER, broken)?,
+        ],
+    )
+    .await?;
+
+    let queue_type = defaults.queue_kind.as_str().to_string();
+    let mut sender = Process::spawn(
+        &binaries.sender,
+        "warren-sender",
+        &vars(&[
+            ("AMQP_URL", node.amqp_url()),
+            ("WARREN_QUEUE", queue.to_string()),
+            ("WARREN_QUEUE_TYPE", queue_type.clone()),
+            ("WARREN_DOT_RULE_DISABLED", "true".into()),
+            ("WARREN_LOG_FORMAT", "json".into()),
+            ("POD_NAME", "warren-sender".into()),
+        ]),
+        &logs,
+    )?;
+    sender
+        .wait_http_ok("/readyz", Duration::from_secs(30))
+        .await?;
+    let mut workers = Vec::new();
+    for i in 0..WORKERS {
+        let name = format!("{DEPLOYMENT}-{i}");
+        let mut worker = Process::spawn(
+            &binaries.worker,
+            &name,
+            &vars(&[
+                ("AMQP_URL", node.amqp_url()),
+                ("WARREN_QUEUE", queue.to_string()),
+                ("WARREN_QUEUE_TYPE", queue_type.clone()),
+                (
+                    "WARREN_SECONDS_PER_DOT",
+                    defaults.seconds_per_dot.to_string(),
+                ),
+                ("WARREN_PREFETCH", "1".into()),
+                ("WARREN_LOG_FORMAT", "json".into()),
+                ("POD_NAME", name.clone()),
+            ]),
+            &logs,
+        )?;
+        worker
+            .wait_http_ok("/readyz", Duration::from_secs(30))
+            .await?;
+        workers.push(worker);
     }
-    Ok(())
+    let mut controller = Process::spawn(
+        &binaries.controller,
+        "warren-controller",
+        &vars(&[
+            ("KUBECONFIG", plane.kubeconfig().display().to_string()),
+            ("POD_NAME", "warren-controller".into()),
+            ("POD_NAMESPACE", NAMESPACE.into()),
+            ("WARREN_LEADER_ELECTION", "false".into()),
+            ("WARREN_LOG_FORMAT", "json".into()),
+            // Audit events (scaler.scaled) go to this broker.
+            ("AMQP_URL", node.amqp_url()),
+        ]),
+        &logs,
+    )?;
+    controller
+        .wait_http_ok("/healthz", Duration::from_secs(30))
+        .await?;
+    Ok(Processes {
+        sender,
+        controller,
+        workers,
+        node,
+        _plane: plane,
+        _dir: dir,
+    })
 }
 
 /// Starts everything, loads it for `options.load_seconds`, lets it settle,
 /// and returns the run with Prometheus still up for queries.
 pub async fn observed_load(options: LoadOptions) -> Result<ObservedRun, HarnessError> {
-    let harness = Harness::start(HarnessOptions {
-        rabbit_prometheus: true,
-        ..HarnessOptions::default()
-    })
-    .await?;
-
-    // A QueueScaler that cannot read its queue: errors, fallback, not Ready.
-    harness
-        .put_deployment(deployment_object("warren-idle", 0, 30))
-        .await?;
-    let mut broken = harness.default_spec();
-    broken.scale_target_ref.name = "warren-idle".into();
-    broken.queue.name = "no-such-queue".into();
-    harness.put_scaler(BROKEN_SCALER, broken).await?;
-
+    let queue = warren_testkit::unique_name("observed");
+    let run = start_processes(&queue).await?;
     let rules = std::fs::read_to_string(RuleFile::path()).map_err(|source| HarnessError::Io {
         context: format!("reading {}", RuleFile::path().display()),
         source,
     })?;
-    let config = prometheus_config(&harness);
+    let config = prometheus_config(&run);
+    let workers = worker_targets(&run.workers)?;
     let prometheus = PrometheusServer::start(
         &config,
-        &[("rules.yaml", rules.as_str()), ("workers.json", "[]")],
+        &[
+            ("rules.yaml", rules.as_str()),
+            ("workers.json", workers.as_str()),
+        ],
     )
     .await?;
     let api = PrometheusApi::new(prometheus.url())
         .map_err(|e| HarnessError::Other(format!("Prometheus client: {e}")))?;
 
+    let http = crate::http_client()?;
     let start = unix_now();
-    publish_poison(&harness).await?;
-    send_refused(&harness, 3).await?;
+    publish_poison(&run.node, &queue).await?;
+    send(&http, &run.sender, "   ", 3, 400).await?;
     let began = Instant::now();
     for second in 0..options.load_seconds {
         let messages: Vec<String> = (0..options.jobs_per_second)
             .map(|i| job(1 + (i + second as usize) % 3))
             .collect();
-        harness.send_messages(&messages).await?;
-        write_worker_targets(&prometheus, &harness)?;
+        futures::future::try_join_all(
+            messages
+                .iter()
+                .map(|message| send(&http, &run.sender, message, 1, 202)),
+        )
+        .await?;
         let next = Duration::from_secs(second + 1);
         if let Some(wait) = next.checked_sub(began.elapsed()) {
             tokio::time::sleep(wait).await;
         }
     }
-    let settle = Instant::now();
-    while settle.elapsed() < Duration::from_secs(options.settle_seconds) {
-        write_worker_targets(&prometheus, &harness)?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    tokio::time::sleep(Duration::from_secs(options.settle_seconds)).await;
     Ok(ObservedRun {
         prometheus,
         api,
-        harness,
+        queue,
         start,
         end: unix_now(),
+        _processes: run,
     })
 }

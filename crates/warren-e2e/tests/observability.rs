@@ -5,8 +5,9 @@
 //! query and annotation, and every alert expression, must run without error
 //! and return data; the overview's main panels are drawn to a PNG.
 //!
-//! Needs the binaries (`cargo build --bins`), rabbitmq-server, prometheus
-//! and fonts-dejavu-core (`.ci/run` installs them).
+//! Needs the binaries (`cargo build --bins`), rabbitmq-server, prometheus,
+//! fonts-dejavu-core (`.ci/run` installs them) and the localcluster binary
+//! (`make local-build`): the controller's apiserver is a private control plane.
 
 // A test: a failed unwrap/expect/panic is a failed test. The workspace denies them in
 // product code, and clippy.toml allows them only inside #[test] fns, not in helpers.
@@ -211,7 +212,7 @@ async fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_pro
         &mut failures,
     )
     .await;
-    let dead_queue = format!("{}.dead", run.harness.queue);
+    let dead_queue = format!("{}.dead", run.queue);
     assert_eq!(
         last_value(&dead, "queue", &dead_queue),
         Some(1.0),

@@ -15,17 +15,19 @@
 //! 2. drain time of a burst vs the ideal for the replica count, jobs
 //!    interrupted by scale-in, jobs lost;
 //! 3. controller RSS;
-//! 4. broker requests per tick with 1, 100 and 1000 QueueScalers on one vhost
-//!    (management requests counted by a proxy in front of the management
-//!    port; AMQP passive declares from the controller's metrics; API server
-//!    requests from the fake's log).
+//! 4. broker and apiserver requests per tick with 1, 100 and 1000 QueueScalers
+//!    on one vhost, the controller binary against a private kube-apiserver
+//!    (`warren_testkit::ControlPlane`; localcluster from `make local-build`):
+//!    management requests counted by a proxy in front of the management port;
+//!    AMQP passive declares from the controller's metrics; apiserver requests
+//!    from the apiserver's own `apiserver_request_total` (the kinds the
+//!    controller uses); the controller's CPU per tick and RSS.
 //!
 //! With `WARREN_E2E_CLUSTER` set (`make local-e2e-bench`) parts 1–3 run on
 //! the local cluster (the chart's controller and workers as pods, replicas
 //! by the real ReplicaSet controller) and add: burst → first new worker pod
 //! Ready → first job acked, and jobs lost / interrupted / redelivered over
-//! `--scale-ins` scale-ins. Part 4 stays on the fake API server (the real
-//! apiserver's requests per scaler per tick are `make local-test`'s step 8).
+//! `--scale-ins` scale-ins. Part 4 runs on its private control plane either way.
 
 use std::ffi::OsString;
 use std::time::{Duration, Instant};
@@ -36,9 +38,9 @@ use warren_e2e::{
     Binaries, CountingProxy, Harness, HarnessOptions, JobKind, NAMESPACE, Process, SECRET,
     base_spec, deployment_object, percentile, scaler_object,
 };
-use warren_fakekube::FakeApiServer;
-use warren_fakekube::resources::{DEPLOYMENTS, QUEUESCALERS, SECRETS};
-use warren_testkit::{RabbitNode, RabbitOptions};
+use warren_testkit::{
+    ControlPlane, RabbitNode, RabbitOptions, controller_requests_between, cpu_seconds,
+};
 
 struct Options {
     trials: usize,
@@ -152,17 +154,11 @@ async fn main() -> anyhow::Result<()> {
     if !options.fleet_only {
         scaling(&options).await?;
     }
-    if warren_e2e::cluster::cluster_state_dir().is_some() {
-        println!(
-            "\n## Broker and apiserver requests per tick as scalers grow\n\nnot run on the cluster: \
-             the real apiserver's requests per scaler per tick are measured by `make local-test` (step 8)"
-        );
-        return Ok(());
-    }
-
-    println!("\n## Broker requests per tick as scalers grow (one vhost, 1 s polling)\n");
     println!(
-        "| scalers | management HTTP / tick (proxy) | by path | AMQP passive declares / tick | all broker requests / tick (controller metrics) | API server requests / tick | controller RSS |\n|---|---|---|---|---|---|---|"
+        "\n## Broker and apiserver requests per tick as scalers grow (one vhost, 1 s polling, a private kube-apiserver)\n"
+    );
+    println!(
+        "| scalers | management HTTP / tick (proxy) | by path | AMQP passive declares / tick | all broker requests / tick (controller metrics) | apiserver requests / tick (apiserver_request_total) | per scaler per reconcile | controller CPU ms / tick | controller RSS |\n|---|---|---|---|---|---|---|---|---|"
     );
     let node = RabbitNode::start(RabbitOptions {
         management: true,
@@ -173,7 +169,7 @@ async fn main() -> anyhow::Result<()> {
     for &n in &options.scaler_counts {
         match scaler_fleet(&binaries, &node, n, options.window_secs).await {
             Ok(row) => println!("{row}"),
-            Err(err) => println!("| {n} | failed: {} | | | | | |", one_line(&err)),
+            Err(err) => println!("| {n} | failed: {} | | | | | | | |", one_line(&err)),
         }
     }
     Ok(())
@@ -466,7 +462,8 @@ async fn drain(h: &Harness) -> anyhow::Result<String> {
 }
 
 /// `n` scalers on `n` queues of one vhost, each targeting its own Deployment
-/// at zero replicas; one controller; requests counted over `window_secs`.
+/// at zero replicas, on a private control plane; one controller; requests
+/// counted over `window_secs`.
 async fn scaler_fleet(
     binaries: &Binaries,
     node: &RabbitNode,
@@ -474,21 +471,17 @@ async fn scaler_fleet(
     window_secs: u64,
 ) -> anyhow::Result<String> {
     let dir = tempfile::tempdir()?;
-    let api = FakeApiServer::start().await?;
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig)?;
-    api.put_object(
-        &SECRETS,
-        json!({
-            "apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": SECRET, "namespace": NAMESPACE},
-            "data": {"username": "Z3Vlc3Q=", "password": "Z3Vlc3Q="},
-        }),
-    )?;
+    let plane = ControlPlane::start()
+        .await
+        .context("a private control plane (make local-build builds localcluster)")?;
+    let client = plane.client().await?;
+    let kubeconfig = plane.kubeconfig();
     let proxy = CountingProxy::start(&node.management_url()).await?;
     let connection = lapin::Connection::connect(&node.amqp_url(), Default::default()).await?;
     let channel = connection.create_channel().await?;
     let prefix = warren_testkit::unique_name("fleet");
+    let mut deployments = Vec::new();
+    let mut scalers = Vec::new();
     for i in 0..n {
         let queue = format!("{prefix}-{i}");
         channel
@@ -499,15 +492,25 @@ async fn scaler_fleet(
             )
             .await?;
         let target = format!("target-{i}");
-        api.put_object(&DEPLOYMENTS, deployment_object(&target, 0, 30))?;
+        deployments.push(deployment_object(&target, 0, 30));
         let mut spec = base_spec(
             &queue,
             &proxy.url(),
             &format!("amqp://127.0.0.1:{}", node.amqp_port()),
         );
         spec.scale_target_ref.name = target;
-        api.put_object(&QUEUESCALERS, scaler_object(&format!("scaler-{i}"), spec)?)?;
+        scalers.push(scaler_object(&format!("scaler-{i}"), spec)?);
     }
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": SECRET, "namespace": NAMESPACE},
+        "data": {"username": "Z3Vlc3Q=", "password": "Z3Vlc3Q="},
+    });
+    ControlPlane::create_all(&client, vec![secret]).await?;
+    ControlPlane::create_all(&client, deployments).await?;
+    ControlPlane::create_all(&client, scalers).await?;
+    let scaler_api: kube::Api<warren_crd::QueueScaler> =
+        kube::Api::namespaced(client.clone(), NAMESPACE);
     let vars: Vec<(OsString, OsString)> = [
         ("KUBECONFIG", kubeconfig.display().to_string()),
         ("POD_NAME", format!("bench-controller-{n}")),
@@ -533,10 +536,12 @@ async fn scaler_fleet(
     // Warm-up: every scaler reconciled at least once.
     let started = Instant::now();
     loop {
-        let observed = api
-            .list_objects(&QUEUESCALERS, Some(NAMESPACE))
+        let observed = scaler_api
+            .list(&Default::default())
+            .await?
+            .items
             .iter()
-            .filter(|o| o.pointer("/status/observation").is_some())
+            .filter(|o| o.status.as_ref().is_some_and(|s| s.observation.is_some()))
             .count();
         if observed == n {
             break;
@@ -554,22 +559,22 @@ async fn scaler_fleet(
 
     proxy.reset();
     let metrics_before = controller.metrics().await?;
-    api.clear_requests();
+    let apiserver_before = plane.metrics(&client).await?;
+    let cpu_before = cpu_seconds(&controller.pid().to_string()).unwrap_or_default();
     tokio::time::sleep(Duration::from_secs(window_secs)).await;
     let metrics_after = controller.metrics().await?;
-    let recorded = api.requests();
-    let api_requests = recorded.len();
-    let mut api_kinds: Vec<(String, usize)> = Vec::new();
-    for r in &recorded {
-        let key = api_kind(&r.method, &r.path);
-        match api_kinds.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, n)) => *n += 1,
-            None => api_kinds.push((key, 1)),
-        }
-    }
-    api_kinds.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    let apiserver_after = plane.metrics(&client).await?;
+    let cpu = cpu_seconds(&controller.pid().to_string()).unwrap_or_default() - cpu_before;
+    let mut api_kinds: Vec<(String, f64)> =
+        controller_requests_between(&apiserver_before, &apiserver_after)
+            .into_iter()
+            .collect();
+    let api_requests = api_kinds.iter().fold(0.0, |sum, (_, v)| sum + v);
+    api_kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
     let counts = proxy.counts();
     let ticks = window_secs as f64;
+    let reconciles = metrics_after.sum_or_zero("warren_controller_reconciles_total", &[])
+        - metrics_before.sum_or_zero("warren_controller_reconciles_total", &[]);
 
     let name = "warren_controller_broker_requests_total";
     let delta = |label: &str| {
@@ -584,7 +589,7 @@ async fn scaler_fleet(
         .join("; ");
     let memory = controller.memory();
     let row = format!(
-        "| {n} | {:.1} | {} | {:.1} | {:.1} | {:.1} ({}) | {} (warm-up {:.1} s) |",
+        "| {n} | {:.1} | {} | {:.1} | {:.1} | {:.1} ({}) | {:.3} ({reconciles:.0} reconciles) | {:.1} | {} (warm-up {:.1} s) |",
         proxy.total() as f64 / ticks,
         if by_path.is_empty() {
             "—".into()
@@ -593,13 +598,19 @@ async fn scaler_fleet(
         },
         delta("passive_declare") / ticks,
         all_broker / ticks,
-        api_requests as f64 / ticks,
-        api_kinds
-            .iter()
-            .take(3)
-            .map(|(k, v)| format!("{k}: {:.1}", *v as f64 / ticks))
-            .collect::<Vec<_>>()
-            .join("; "),
+        api_requests / ticks,
+        if api_kinds.is_empty() {
+            "none".to_string()
+        } else {
+            api_kinds
+                .iter()
+                .take(3)
+                .map(|(k, v)| format!("{k}: {:.2}", v / ticks))
+                .collect::<Vec<_>>()
+                .join("; ")
+        },
+        api_requests / reconciles.max(1.0),
+        cpu * 1000.0 / ticks,
         memory.map(|m| mib(m.rss_kib)).unwrap_or_else(|| "?".into()),
         warm_up.as_secs_f64(),
     );
@@ -607,20 +618,4 @@ async fn scaler_fleet(
     controller.wait_exit(Duration::from_secs(10)).await;
     let _ = connection.close(200, "bench done".into()).await;
     Ok(row)
-}
-
-/// `PATCH queuescalers/status` for `/apis/warren.dev/v1alpha1/namespaces/default/queuescalers/x/status`.
-fn api_kind(method: &str, path: &str) -> String {
-    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-    let resource = match parts.iter().position(|p| *p == "namespaces") {
-        Some(i) => {
-            let plural = parts.get(i + 2).copied().unwrap_or("?");
-            match parts.get(i + 4) {
-                Some(sub) => format!("{plural}/{sub}"),
-                None => plural.to_string(),
-            }
-        }
-        None => parts.last().copied().unwrap_or("/").to_string(),
-    };
-    format!("{method} {resource}")
 }
