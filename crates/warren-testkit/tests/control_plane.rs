@@ -31,7 +31,7 @@ async fn start() -> ControlPlane {
 fn alive(pid: u32) -> bool {
     // A zombie is gone for our purposes: /proc/<pid>/stat says Z.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|stat| !stat.split(' ').nth(2).is_some_and(|state| state == "Z"))
+        .is_ok_and(|stat| stat.split(' ').nth(2).is_none_or(|state| state != "Z"))
 }
 
 fn port_locked(port: u16) -> bool {
