@@ -110,7 +110,27 @@ impl PgNode {
     }
 
     /// Starts the server (again, after [`kill`](Self::kill)) and waits until it accepts connections.
+    ///
+    /// Backends killed with their postmaster can still be exiting (attached to
+    /// the old shared memory) a moment after it: PostgreSQL then refuses to
+    /// start ("pre-existing shared memory block ... is still in use"), and the
+    /// start is tried again, for up to 10 s.
     pub async fn start_again(&mut self) -> Result<(), TestkitError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.start_once().await {
+                Err(err)
+                    if Instant::now() < deadline
+                        && err.to_string().contains("pre-existing shared memory block") =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                done => return done,
+            }
+        }
+    }
+
+    async fn start_once(&mut self) -> Result<(), TestkitError> {
         let log_path = self.dir.path().join("server.log");
         let (log, log_err) = crate::log_file(&log_path)?;
         self.own(&log_path)?;
