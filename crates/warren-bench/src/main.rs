@@ -1,15 +1,14 @@
 //! `make bench`: the message pipeline's figures, measured in one run against
 //! one private RabbitMQ node.
 //!
-//! 1. The ceiling: a raw lapin publisher with pipelined confirms.
-//! 2. `warren-sender` under a concurrent HTTP load (202 only after confirm),
-//!    with audit events batched (the default), one audit message per job
-//!    (`WARREN_AUDIT_BATCH=1`, as before batching) and audit events off, at
-//!    `--ceiling-concurrency` connections (256), and batched at `--concurrency`
-//!    (64). Beside them the raw publisher held to as many publishes in flight
-//!    as those loads have connections: the most any sender could reach with
-//!    that many clients (a confirm takes milliseconds on a quorum queue, so 64
-//!    clients cannot fill the broker on a busy machine).
+//! 1. and 2. The ceiling section ([`rounds`]): a raw lapin publisher with
+//!    pipelined confirms against `warren-sender` under a concurrent HTTP load
+//!    (202 only after confirm) at `--ceiling-concurrency` (256) and
+//!    `--concurrency` (64) connections, audit events on (batched, the
+//!    default) and off, the raw publisher held to 64 in flight (the most 64
+//!    clients allow: a quorum confirm takes milliseconds), and optionally a
+//!    baseline sender build; in short interleaved rounds, ratios taken
+//!    within a round, medians printed with their spread.
 //! 3. The seed's design: Flask + pika, one connection per request.
 //! 4. `warren-worker` jobs/s with zero-work jobs at prefetch 1 (and 10).
 //! 5. Tokens (with a private PostgreSQL): the sender with `WARREN_AUTH=required`
@@ -20,6 +19,7 @@
 //! `--only ceiling,tokens,scrape,flask,worker` picks the parts to run (default all).
 //! Prints a table and the ratios. Not a test: nothing here asserts timings.
 
+mod rounds;
 mod scrape;
 
 use std::path::PathBuf;
@@ -57,18 +57,29 @@ struct Args {
     /// The Flask + pika baseline script.
     #[arg(long, default_value = "bench/flask_sender.py")]
     flask_script: PathBuf,
-    /// Seconds each publishing measurement runs.
+    /// Seconds each publishing measurement outside the ceiling section runs.
     #[arg(long, default_value_t = 8)]
     seconds: u64,
     /// Concurrent HTTP connections.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Concurrent HTTP connections for the sender rows of the ceiling
-    /// section: enough for the broker to reach its ceiling (the raw
-    /// publisher held to as many publishes in flight is printed beside it;
-    /// at `--concurrency` it cannot get near the ceiling on a busy machine).
+    /// Concurrent HTTP connections for the bar's sender row in the ceiling
+    /// section: enough for the broker to reach its ceiling (at
+    /// `--concurrency` even the raw publisher held to that many publishes
+    /// in flight cannot, on a busy machine; both loads are printed).
     #[arg(long, default_value_t = 256)]
     ceiling_concurrency: usize,
+    /// Interleaved rounds of the ceiling section (the ratios printed are
+    /// medians over rounds, with their spread).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Seconds each contestant runs in each round of the ceiling section.
+    #[arg(long, default_value_t = 3)]
+    round_seconds: u64,
+    /// Another warren-sender build (e.g. main's) measured in the same
+    /// rounds: prints this build / that build, jobs/s and CPU per job.
+    #[arg(long, env = "WARREN_BENCH_BASELINE_SENDER_BIN")]
+    baseline_sender_bin: Option<PathBuf>,
     /// wrk binary for the HTTP load (a separate, efficient process); without
     /// it an in-process reqwest load generator shares the CPU with the sender.
     #[arg(long, env = "WARREN_BENCH_WRK")]
@@ -151,76 +162,13 @@ async fn main() -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.seconds);
 
     let mut rows: Vec<(String, LoadResult)> = Vec::new();
-    // (queue type, audit events, one audit message per job instead of
-    // batches: the sender before batching, for comparison).
-    let runs = if args.only.contains(&Section::Ceiling) {
-        vec![
-            (QueueType::Quorum, true, false, args.ceiling_concurrency),
-            (QueueType::Quorum, true, true, args.ceiling_concurrency),
-            (QueueType::Quorum, false, false, args.ceiling_concurrency),
-            (QueueType::Quorum, true, false, args.concurrency),
-            (QueueType::Classic, true, false, args.ceiling_concurrency),
-        ]
-    } else {
-        Vec::new()
-    };
-    for (queue_type, audit, unbatched, connections) in runs {
-        let kind = queue_type.as_str();
-        let first_of_kind = connections == args.ceiling_concurrency;
-        if audit && !unbatched && first_of_kind {
-            eprintln!("raw lapin publisher, {kind} queue...");
-            let raw = raw_publisher(&url, queue_type, &body, duration, RAW_WINDOW).await?;
-            rows.push((format!("raw lapin, pipelined confirms ({kind})"), raw));
+    let mut ceilings = Vec::new();
+    if args.only.contains(&Section::Ceiling) {
+        for queue_type in [QueueType::Quorum, QueueType::Classic] {
+            let rounds = rounds::Rounds::run(&args, &url, queue_type, &body).await?;
+            rows.extend(rounds.rows());
+            ceilings.push(rounds);
         }
-        if queue_type == QueueType::Quorum && audit && !unbatched && first_of_kind {
-            // The same publisher held to as many publishes in flight as the
-            // HTTP loads have connections: what the broker alone allows at
-            // that concurrency (the sender's own cost is the rest).
-            for concurrency in [args.ceiling_concurrency, args.concurrency] {
-                eprintln!("raw lapin publisher, {kind} queue, {concurrency} in flight...");
-                let window = concurrency.div_ceil(RAW_CHANNELS).max(1);
-                let raw = raw_publisher(&url, queue_type, &body, duration, window).await?;
-                rows.push((raw_at(concurrency, kind), raw));
-            }
-        }
-        eprintln!(
-            "warren-sender, {kind} queue, audit events {audit}, unbatched {unbatched}, {connections} connections..."
-        );
-        let queue = unique_name("bench-sender");
-        let port = free_port()?;
-        let mut sender = spawn(
-            Command::new(&args.sender_bin)
-                .env("AMQP_URL", &url)
-                .env("WARREN_QUEUE", &queue)
-                .env("WARREN_QUEUE_TYPE", kind)
-                .env("WARREN_LISTEN_ADDR", format!("127.0.0.1:{port}"))
-                .env("WARREN_AUDIT_EVENTS", audit.to_string())
-                .env("WARREN_AUDIT_BATCH", if unbatched { "1" } else { "100" })
-                .env("WARREN_LOG", "warn"),
-        )?;
-        wait_http(&format!("http://127.0.0.1:{port}/readyz")).await?;
-        let result = load_at(
-            &args,
-            &format!("http://127.0.0.1:{port}/send"),
-            duration,
-            connections,
-        )
-        .await?;
-        let _ = sender.kill().await;
-        let stored = ready_count(&url, &queue).await?;
-        if stored as usize != result.ok {
-            eprintln!("warning: {} accepted but {stored} in the queue", result.ok);
-        }
-        let name = if !first_of_kind {
-            format!("warren-sender ({kind}, {connections} connections)")
-        } else if unbatched {
-            format!("warren-sender ({kind}, one audit message per job)")
-        } else if audit {
-            format!("warren-sender ({kind})")
-        } else {
-            format!("warren-sender ({kind}, audit events off)")
-        };
-        rows.push((name, result));
     }
 
     let race = if args.tokens && args.only.contains(&Section::Tokens) {
@@ -274,8 +222,10 @@ async fn main() -> anyhow::Result<()> {
 
     println!();
     println!(
-        "## warren pipeline benchmark ({} s per run, {} HTTP connections from {} ({} for the ceiling rows), one private RabbitMQ node)",
+        "## warren pipeline benchmark ({} s per run; the ceiling rows: {} rounds x {} s, summed; {} HTTP connections from {} ({} for the bar's row), one private RabbitMQ node)",
         args.seconds,
+        args.rounds,
+        args.round_seconds,
         args.concurrency,
         if args.wrk.is_some() {
             "wrk"
@@ -306,79 +256,17 @@ async fn main() -> anyhow::Result<()> {
     println!();
     println!("| ratio | value | bar |");
     println!("|---|---:|---|");
-    println!(
-        "| warren-sender / raw ceiling (quorum) | {:.2} | >= 0.5 |",
-        ratio(
-            rate("warren-sender (quorum)"),
-            rate("raw lapin, pipelined confirms (quorum)")
-        )
-    );
-    let raw_ceiling = rate("raw lapin, pipelined confirms (quorum)");
-    let at_ceiling_concurrency = rate(&raw_at(args.ceiling_concurrency, "quorum"));
-    let at_concurrency = rate(&raw_at(args.concurrency, "quorum"));
-    println!(
-        "| raw lapin with {} in flight / raw ceiling (quorum): the most a sender with {} connections could reach here | {:.2} | |",
-        args.ceiling_concurrency,
-        args.ceiling_concurrency,
-        ratio(at_ceiling_concurrency, raw_ceiling)
-    );
-    println!(
-        "| warren-sender / raw lapin with as many in flight (quorum, {} connections): the sender's own cost | {:.2} | |",
-        args.ceiling_concurrency,
-        ratio(rate("warren-sender (quorum)"), at_ceiling_concurrency)
-    );
-    println!(
-        "| warren-sender, {} connections / raw ceiling (quorum) | {:.2} | |",
-        args.concurrency,
-        ratio(
-            rate(&format!(
-                "warren-sender (quorum, {} connections)",
-                args.concurrency
-            )),
-            raw_ceiling
-        )
-    );
-    println!(
-        "| raw lapin with {} in flight / raw ceiling (quorum): the most a sender with {} connections could reach here | {:.2} | |",
-        args.concurrency,
-        args.concurrency,
-        ratio(at_concurrency, raw_ceiling)
-    );
-    println!(
-        "| warren-sender, one audit message per job (before batching) / raw ceiling (quorum) | {:.2} | >= 0.5 |",
-        ratio(
-            rate("warren-sender (quorum, one audit message per job)"),
-            rate("raw lapin, pipelined confirms (quorum)")
-        )
-    );
-    println!(
-        "| warren-sender, audit events off / raw ceiling (quorum) | {:.2} | >= 0.5 |",
-        ratio(
-            rate("warren-sender (quorum, audit events off)"),
-            rate("raw lapin, pipelined confirms (quorum)")
-        )
-    );
-    println!(
-        "| warren-sender / raw ceiling (classic) | {:.2} | >= 0.5 |",
-        ratio(
-            rate("warren-sender (classic)"),
-            rate("raw lapin, pipelined confirms (classic)")
-        )
-    );
-    println!(
-        "| warren-sender (classic) / Flask + pika | {:.1}x | >= 20x |",
-        ratio(
-            rate("warren-sender (classic)"),
-            rate("Flask + pika, connection per request (classic)")
-        )
-    );
-    println!(
-        "| warren-sender (quorum) / Flask + pika | {:.1}x | >= 20x |",
-        ratio(
-            rate("warren-sender (quorum)"),
-            rate("Flask + pika, connection per request (classic)")
-        )
-    );
+    if args.only.contains(&Section::Flask) {
+        for kind in ["classic", "quorum"] {
+            println!(
+                "| warren-sender ({kind}) / Flask + pika | {:.1}x | >= 20x |",
+                ratio(
+                    rate(&format!("warren-sender ({kind})")),
+                    rate("Flask + pika, connection per request (classic)")
+                )
+            );
+        }
+    }
     if let Some((accepted, limit, used)) = race {
         println!(
             "| warren-sender, WARREN_AUTH=required, one hot monthly token / auth off (quorum) | {:.2} | >= 0.7 |",
@@ -391,6 +279,9 @@ async fn main() -> anyhow::Result<()> {
             "| two senders racing one token: accepted / limit | {accepted} / {limit} (over: {}, used in the database: {used}) | exactly the limit |",
             accepted.saturating_sub(limit)
         );
+    }
+    for rounds in &ceilings {
+        rounds.print();
     }
     if let Some((worker_p1, worker_p10)) = workers {
         println!();
@@ -445,24 +336,21 @@ async fn wait_tcp(port: u16) -> anyhow::Result<()> {
 }
 
 /// Confirm-mode channels of the raw publisher.
-const RAW_CHANNELS: usize = 4;
+pub(crate) const RAW_CHANNELS: usize = 4;
 /// Publishes each raw channel keeps in flight for the ceiling.
-const RAW_WINDOW: usize = 256;
+pub(crate) const RAW_WINDOW: usize = 256;
 
 /// The ceiling: [`RAW_CHANNELS`] confirm-mode channels, each keeping up to
-/// `window` publishes in flight, persistent + mandatory like the sender.
+/// `window` publishes in flight into `queue` (declared by the caller),
+/// persistent + mandatory like the sender.
 async fn raw_publisher(
     url: &str,
-    queue_type: QueueType,
+    queue: &str,
     body: &[u8],
     duration: Duration,
     window: usize,
 ) -> anyhow::Result<LoadResult> {
-    let queue = unique_name("bench-raw");
     let connection = Connection::connect(url, ConnectionProperties::default()).await?;
-    Topology::new(vec![queue.clone()], queue_type)
-        .declare(&connection)
-        .await?;
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = Vec::new();
@@ -471,7 +359,7 @@ async fn raw_publisher(
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        let queue = queue.clone();
+        let queue = queue.to_string();
         let body = body.to_vec();
         tasks.push(tokio::spawn(async move {
             let mut in_flight = FuturesUnordered::new();
@@ -550,14 +438,6 @@ async fn load_at(
         Some(wrk) => wrk_load(wrk, url, connections, duration, None).await,
         None => Ok(http_load(url, 202, connections, duration, None).await),
     }
-}
-
-/// The row name of the raw publisher held to `concurrency` publishes in flight.
-fn raw_at(concurrency: usize, kind: &str) -> String {
-    format!(
-        "raw lapin, {} in flight ({kind})",
-        concurrency.div_ceil(RAW_CHANNELS).max(1) * RAW_CHANNELS
-    )
 }
 
 /// [`load`] with an `Authorization: Bearer` token on every request.

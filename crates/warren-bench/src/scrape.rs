@@ -23,7 +23,7 @@ use warren_testkit::{free_port, unique_name};
 use crate::{Args, load, spawn, wait_http};
 
 /// Nanoseconds all threads of `pid` have spent on a CPU.
-fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
+pub(crate) fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
     let tasks = format!("/proc/{pid}/task");
     let mut total = 0u64;
     for entry in std::fs::read_dir(&tasks).with_context(|| format!("reading {tasks}"))? {
