@@ -24,6 +24,6 @@ pub use args::{BrokerArgs, EventsLogArgs};
 pub use audit::{AuditEvent, AuditSink, Batching, events_in};
 pub use blocked::blocked_transition;
 pub use connect::{Backoff, ConnectError, close_quietly, connect, connect_uri, redact_url};
-pub use envelope::{ENVELOPE_VERSION, Envelope, EnvelopeError};
+pub use envelope::{ENVELOPE_VERSION, Envelope, EnvelopeError, NewJob};
 pub use publisher::{PublishError, Publisher, PublisherConfig};
 pub use topology::{EventsLogRetention, EventsLogStatus, QueueType, Topology};

@@ -18,12 +18,12 @@
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value};
 use tokio::sync::SemaphorePermit;
-use warren_broker::{AuditEvent, Envelope};
+use warren_broker::{AuditEvent, NewJob};
 use warren_tokens::Refusal;
 
 use crate::auth;
@@ -32,25 +32,22 @@ use crate::metrics::{PublishErrorLabels, ResponseLabels};
 use crate::validation::{JobRequest, Rejection, parse_job};
 use crate::{AppInner, AppState};
 
-pub(crate) async fn send_default(
-    State(state): State<AppState>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+// The handlers take the request whole: extracting the `HeaderMap` and the
+// `Uri` would clone them.
+pub(crate) async fn send_default(State(state): State<AppState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
     let inner = &state.inner;
-    let result = send(&state, &uri, &inner.queues[0], &headers, body).await;
+    let result = send(&state, &parts.uri, &inner.queues[0], &parts.headers, body).await;
     state.respond(result)
 }
 
 pub(crate) async fn send_to_queue(
     State(state): State<AppState>,
     Path(queue): Path<String>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Response {
-    let result = send(&state, &uri, &queue, &headers, body).await;
+    let (parts, body) = request.into_parts();
+    let result = send(&state, &parts.uri, &queue, &parts.headers, body).await;
     state.respond(result)
 }
 
@@ -77,7 +74,8 @@ async fn send(
         .check(headers, queue)
         .await
         .map_err(|refusal| inner.token_error(refusal))?;
-    let job = inner.read_job(headers, body).await?;
+    let bytes = inner.read_job_body(headers, body).await?;
+    let job = inner.parse_job(headers, &bytes)?;
     let _in_flight = inner.admit_publish()?;
     // Taken after validation and load shedding: a bad body or a shed
     // request spends nothing; dropped on a failed publish.
@@ -140,15 +138,23 @@ impl AppInner {
         }
     }
 
-    /// Step 3: the body, read within its limits, validated.
-    async fn read_job(&self, headers: &HeaderMap, body: Body) -> Result<JobRequest, SendError> {
+    /// Step 3: the body, read within its limits...
+    async fn read_job_body(&self, headers: &HeaderMap, body: Body) -> Result<Bytes, SendError> {
+        read_body(headers, body, self.max_body_bytes, self.body_timeout)
+            .await
+            .map_err(SendError::Invalid)
+    }
+
+    /// ...and validated (the job borrows from the body).
+    fn parse_job<'a>(
+        &self,
+        headers: &HeaderMap,
+        bytes: &'a [u8],
+    ) -> Result<JobRequest<'a>, SendError> {
         let content_type = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok());
-        let bytes = read_body(headers, body, self.max_body_bytes, self.body_timeout)
-            .await
-            .map_err(SendError::Invalid)?;
-        parse_job(content_type, &bytes, &self.dot_rule).map_err(SendError::Invalid)
+        parse_job(content_type, bytes, &self.dot_rule).map_err(SendError::Invalid)
     }
 
     /// Step 4: refuse at once what cannot be stored soon. A blocked
@@ -168,15 +174,13 @@ impl AppInner {
     }
 
     /// Step 6: the envelope, published persistent and mandatory, confirmed.
-    async fn publish(&self, queue: &str, job: JobRequest) -> Result<Accepted, SendError> {
-        let envelope = Envelope::new(job.message, job.extra);
-        let id = envelope.id.to_string();
-        let properties = envelope.publish_properties("warren-sender");
+    async fn publish(&self, queue: &str, job: JobRequest<'_>) -> Result<Accepted, SendError> {
+        let job = NewJob::new(&job.message, &job.extra);
+        let id = job.id.to_string();
+        let properties = job.publish_properties("warren-sender");
+        let body = job.to_bytes();
         let started = Instant::now();
-        let published = self
-            .publisher
-            .publish("", queue, &envelope.to_bytes(), properties)
-            .await;
+        let published = self.publisher.publish("", queue, &body, properties).await;
         match published {
             Ok(()) => {
                 self.metrics

@@ -1,7 +1,11 @@
 //! What the sender accepts: pure functions from request parts to a job or a
 //! client error. No I/O here.
 
+use std::borrow::Cow;
+use std::fmt;
+
 use axum::http::StatusCode;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 /// A client error: HTTP status, a machine-readable code and a sentence.
@@ -63,10 +67,11 @@ impl DotRule {
     }
 }
 
-/// A valid job request: the message and any extra fields to carry.
+/// A valid job request: the message (borrowed from the body when it has
+/// no escapes) and any extra fields to carry.
 #[derive(Debug, Clone, PartialEq)]
-pub struct JobRequest {
-    pub message: String,
+pub struct JobRequest<'a> {
+    pub message: Cow<'a, str>,
     pub extra: Map<String, Value>,
 }
 
@@ -87,11 +92,11 @@ pub fn is_json_content_type(content_type: Option<&str>) -> bool {
 }
 
 /// Validates a request to send a job.
-pub fn parse_job(
+pub fn parse_job<'a>(
     content_type: Option<&str>,
-    body: &[u8],
+    body: &'a [u8],
     rule: &DotRule,
-) -> Result<JobRequest, Rejection> {
+) -> Result<JobRequest<'a>, Rejection> {
     if !is_json_content_type(content_type) {
         return Err(Rejection::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -109,34 +114,34 @@ pub fn parse_job(
             "the request has no body; send {\"message\": \"...\"}",
         ));
     }
-    let value: Value = serde_json::from_slice(body).map_err(|err| {
+    let read: BodyRead<'_> = serde_json::from_slice(body).map_err(|err| {
         Rejection::new(
             StatusCode::BAD_REQUEST,
             "malformed_json",
             format!("the body is not valid JSON: {err}"),
         )
     })?;
-    let Value::Object(mut object) = value else {
+    let BodyRead::Object { message, extra } = read else {
         return Err(Rejection::new(
             StatusCode::BAD_REQUEST,
             "not_an_object",
             "the body must be a JSON object such as {\"message\": \"...\"}",
         ));
     };
-    let message = match object.remove("message") {
-        None | Some(Value::Null) => {
+    let message = match message {
+        Field::Missing => {
             return Err(Rejection::new(
                 StatusCode::BAD_REQUEST,
                 "missing_message",
                 "the field \"message\" is required",
             ));
         }
-        Some(Value::String(message)) => message,
-        Some(other) => {
+        Field::Text(message) => message,
+        Field::Other(kind) => {
             return Err(Rejection::new(
                 StatusCode::BAD_REQUEST,
                 "message_not_string",
-                format!("\"message\" must be a string, got {}", json_type(&other)),
+                format!("\"message\" must be a string, got {kind}"),
             ));
         }
     };
@@ -158,21 +163,156 @@ pub fn parse_job(
             ),
         ));
     }
-    Ok(JobRequest {
-        message,
-        extra: object,
-    })
+    Ok(JobRequest { message, extra })
 }
 
-fn json_type(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+/// A request body as [`parse_job`] reads it, in one pass and without an
+/// intermediate [`Value`] for the whole body: the `message` field kept
+/// apart (borrowed when it needs no unescaping), every other field read
+/// into a [`Value`] exactly as `serde_json::from_slice::<Value>` would
+/// (duplicate keys: the last one wins; numbers parsed and range-checked
+/// the same way).
+enum BodyRead<'a> {
+    Object {
+        message: Field<'a>,
+        extra: Map<String, Value>,
+    },
+    /// Valid JSON, but not an object.
+    NotAnObject,
+}
+
+/// The `message` field as read.
+enum Field<'a> {
+    /// Absent or `null`.
+    Missing,
+    Text(Cow<'a, str>),
+    /// Any other JSON type, named for the error.
+    Other(&'static str),
+}
+
+impl<'de> Deserialize<'de> for BodyRead<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(BodyVisitor)
     }
+}
+
+struct BodyVisitor;
+
+impl<'de> Visitor<'de> for BodyVisitor {
+    type Value = BodyRead<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut message = Field::Missing;
+        let mut extra = Map::new();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            if key == "message" {
+                message = map.next_value::<Field<'de>>()?;
+            } else {
+                let value = map.next_value::<Value>()?;
+                extra.insert(key.into_owned(), value);
+            }
+        }
+        Ok(BodyRead::Object { message, extra })
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        consume_seq(seq)?;
+        Ok(BodyRead::NotAnObject)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(BodyRead::NotAnObject)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(BodyRead::NotAnObject)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(BodyRead::NotAnObject)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(BodyRead::NotAnObject)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(BodyRead::NotAnObject)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(BodyRead::NotAnObject)
+    }
+}
+
+impl<'de> Deserialize<'de> for Field<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(FieldVisitor)
+    }
+}
+
+struct FieldVisitor;
+
+impl<'de> Visitor<'de> for FieldVisitor {
+    type Value = Field<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, text: &'de str) -> Result<Self::Value, E> {
+        Ok(Field::Text(Cow::Borrowed(text)))
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+        Ok(Field::Text(Cow::Owned(text.to_string())))
+    }
+
+    fn visit_string<E: de::Error>(self, text: String) -> Result<Self::Value, E> {
+        Ok(Field::Text(Cow::Owned(text)))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Field::Missing)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Field::Other("a boolean"))
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Field::Other("a number"))
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Field::Other("a number"))
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Field::Other("a number"))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        consume_seq(seq)?;
+        Ok(Field::Other("an array"))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        // Read as a Value would be, so that what is malformed for one is
+        // malformed for the other (e.g. a number out of range inside).
+        while map.next_entry::<Cow<'de, str>, Value>()?.is_some() {}
+        Ok(Field::Other("an object"))
+    }
+}
+
+/// Reads an array's elements as [`Value`]s would be read (and drops them).
+fn consume_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
+    while seq.next_element::<Value>()?.is_some() {}
+    Ok(())
 }
 
 #[cfg(test)]
@@ -181,7 +321,7 @@ mod tests {
 
     const JSON: Option<&str> = Some("application/json");
 
-    fn code(content_type: Option<&str>, body: &str) -> Result<JobRequest, &'static str> {
+    fn code<'a>(content_type: Option<&str>, body: &'a str) -> Result<JobRequest<'a>, &'static str> {
         parse_job(content_type, body.as_bytes(), &DotRule::default()).map_err(|r| r.code)
     }
 
@@ -268,7 +408,7 @@ mod tests {
     }
 
     /// What the worker decodes from the envelope the sender would publish for `body`.
-    fn through_the_queue(body: &str) -> (JobRequest, warren_broker::Envelope) {
+    fn through_the_queue(body: &str) -> (JobRequest<'_>, warren_broker::Envelope) {
         let job = parse_job(JSON, body.as_bytes(), &DotRule::default())
             .unwrap_or_else(|rejection| panic!("{body} rejected: {rejection:?}"));
         let sent = warren_broker::Envelope::new(job.message.clone(), job.extra.clone());
