@@ -71,7 +71,7 @@ struct Args {
     ceiling_concurrency: usize,
     /// Interleaved rounds of the ceiling section (the ratios printed are
     /// medians over rounds, with their spread).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 7)]
     rounds: usize,
     /// Seconds each contestant runs in each round of the ceiling section.
     #[arg(long, default_value_t = 3)]
