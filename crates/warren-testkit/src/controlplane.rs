@@ -368,8 +368,11 @@ pub fn apiserver_requests(metrics: &str) -> std::collections::BTreeMap<String, f
 }
 
 /// What warren's controller asked of the apiserver between two `/metrics`
-/// scrapes ([`apiserver_requests`] on [`CONTROLLER_RESOURCES`]; a GET or LIST
-/// only for `deployments` and `statefulsets`), by `"VERB resource"`, nonzero only.
+/// scrapes ([`apiserver_requests`] on [`CONTROLLER_RESOURCES`]; only GET and
+/// LIST of `deployments` and `statefulsets`, no POST or DELETE of `pods`, which
+/// the controller-manager makes), by `"VERB resource"`, nonzero only. Events
+/// are counted whoever wrote them: with pods that no node runs, the scheduler
+/// writes FailedScheduling ones.
 pub fn controller_requests_between(
     before: &str,
     after: &str,
@@ -379,9 +382,10 @@ pub fn controller_requests_between(
         .into_iter()
         .filter(|(key, _)| {
             let (verb, resource) = key.split_once(' ').unwrap_or(("", ""));
+            let read = matches!(verb, "GET" | "LIST");
             CONTROLLER_RESOURCES.contains(&resource)
-                && (!matches!(resource, "deployments" | "statefulsets")
-                    || matches!(verb, "GET" | "LIST"))
+                && (!matches!(resource, "deployments" | "statefulsets") || read)
+                && (resource != "pods" || read || verb == "PATCH")
         })
         .map(|(key, after)| {
             let delta = after - before.get(&key).copied().unwrap_or(0.0);
@@ -476,6 +480,8 @@ apiserver_request_total{code="0",component="apiserver",dry_run="",group="warren.
 apiserver_request_total{code="200",component="apiserver",dry_run="",group="coordination.k8s.io",resource="leases",scope="resource",subresource="",verb="PUT",version="v1"} 45
 apiserver_request_total{code="200",component="apiserver",dry_run="",group="apps",resource="deployments",scope="resource",subresource="status",verb="PUT",version="v1"} 7
 apiserver_request_total{code="200",component="apiserver",dry_run="",group="apps",resource="deployments",scope="namespace",subresource="",verb="LIST",version="v1"} 1
+apiserver_request_total{code="201",component="apiserver",dry_run="",group="",resource="pods",scope="namespace",subresource="",verb="POST",version="v1"} 4
+apiserver_request_total{code="200",component="apiserver",dry_run="",group="",resource="pods",scope="resource",subresource="",verb="PATCH",version="v1"} 2
 apiserver_request_total{code="200",component="",dry_run="",group="",resource="",scope="",subresource="/readyz",verb="GET",version=""} 9
 "#;
 
@@ -493,6 +499,7 @@ apiserver_request_total{code="200",component="",dry_run="",group="",resource="",
         let delta = controller_requests_between(BEFORE, AFTER);
         let expected: std::collections::BTreeMap<String, f64> = [
             ("LIST deployments".to_string(), 1.0),
+            ("PATCH pods".to_string(), 2.0),
             ("PATCH queuescalers/status".to_string(), 5.0),
         ]
         .into_iter()
