@@ -170,6 +170,15 @@ fn raise_open_files_limit() {
     );
 }
 
+/// The header and body timeouts of the stalled-connection test. Opening 3,000
+/// connections one by one and sending 20 normal requests must fit inside it, or the
+/// test cannot tell the timeout's closes from early ones: a loaded 2-core CI machine
+/// took 5.4 s for that, so 4 s was too tight.
+const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The idle timeout of the same test: longer than the stall timeout, so the idle
+/// keep-alive connection shows which of the two applied to it.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_thousand_stalled_connections_are_closed_in_time_and_normal_requests_still_pass() {
     raise_open_files_limit();
@@ -180,11 +189,11 @@ async fn three_thousand_stalled_connections_are_closed_in_time_and_normal_reques
         &queue,
         &[
             "--header-read-timeout-ms",
-            "4000",
+            &STALL_TIMEOUT.as_millis().to_string(),
             "--body-read-timeout-ms",
-            "4000",
+            &STALL_TIMEOUT.as_millis().to_string(),
             "--idle-timeout-ms",
-            "9000",
+            &IDLE_TIMEOUT.as_millis().to_string(),
             "--max-connections",
             "5000",
         ],
@@ -194,7 +203,7 @@ async fn three_thousand_stalled_connections_are_closed_in_time_and_normal_reques
     let mut accepted = HashSet::new();
 
     // A keep-alive client that sent one request and then idles: the idle
-    // timeout (9 s), not the header timeout (4 s), applies to it.
+    // timeout, not the (shorter) header timeout, applies to it.
     let mut keep_alive = TcpStream::connect(&sender.addr).await.unwrap();
     let body = json!({"message": "keep-alive"}).to_string();
     keep_alive
@@ -242,7 +251,7 @@ async fn three_thousand_stalled_connections_are_closed_in_time_and_normal_reques
     }
     let normal_took = normal_started.elapsed();
     assert!(
-        stalled_at.elapsed() < Duration::from_secs(4),
+        stalled_at.elapsed() < STALL_TIMEOUT,
         "opening the stalled connections ({opened_in:?}) and 20 normal requests ({normal_took:?}) \
          took longer than the header timeout: the check proves nothing on this machine"
     );
@@ -250,9 +259,9 @@ async fn three_thousand_stalled_connections_are_closed_in_time_and_normal_reques
     assert!(open >= 3000.0, "only {open} connections open");
 
     // Every stalled connection is closed by the server within its timeout
-    // (4 s) plus slack; a stalled body gets 408 first.
+    // plus slack; a stalled body gets 408 first.
     let waiting_from = stalled_at.elapsed();
-    let ends = hostile::wait_closed(stalled, Duration::from_secs(4 + 15)).await;
+    let ends = hostile::wait_closed(stalled, STALL_TIMEOUT + Duration::from_secs(15)).await;
     let still_open = ends.iter().filter(|end| end.closed_after.is_none()).count();
     assert_eq!(still_open, 0, "stalled connections the server kept open");
     for StallEnd { kind, received, .. } in &ends {
@@ -277,7 +286,7 @@ async fn three_thousand_stalled_connections_are_closed_in_time_and_normal_reques
             .min()
             .unwrap();
     assert!(
-        earliest >= Duration::from_millis(3900),
+        earliest >= STALL_TIMEOUT - Duration::from_millis(100),
         "a stalled connection was closed {earliest:?} after the first was opened"
     );
     let header_timeouts = sender
@@ -300,7 +309,7 @@ async fn three_thousand_stalled_connections_are_closed_in_time_and_normal_reques
     );
     let idle_for = idle_since.elapsed();
     assert!(
-        idle_for >= Duration::from_secs(9),
+        idle_for >= IDLE_TIMEOUT,
         "the idle connection was closed after {idle_for:?}, before the idle timeout"
     );
     assert!(
