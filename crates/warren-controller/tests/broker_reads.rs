@@ -16,11 +16,10 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kube::api::PostParams;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueuePurgeOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueuePurgeOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection, ConnectionProperties};
 use serde_json::json;
 use warren_controller::metrics::{ControllerMetrics, ResultLabels};
 use warren_controller::observe::credentials::CredentialsCache;
@@ -32,6 +31,7 @@ use warren_controller::observe::peek::{PeekError, QueuePeeker};
 use warren_controller::observe::{BrokerObserver, BrokerTarget, QueueObserver, ReadySource};
 use warren_controller::reconcile::unacked;
 use warren_crd::{BrokerRef, CredentialsSecretRef, QueueRef};
+use warren_testkit::amqp::publish_confirmed;
 use warren_testkit::{ControlPlane, RabbitNode, RabbitOptions, unique_name};
 
 async fn node() -> RabbitNode {
@@ -77,23 +77,6 @@ async fn declare(channel: &Channel, queue: &str) {
         .unwrap();
 }
 
-async fn publish(channel: &Channel, queue: &str, count: usize) {
-    for _ in 0..count {
-        channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                b"job",
-                BasicProperties::default(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    }
-}
-
 /// Polls the management API until `done` holds (stats lag the queues).
 async fn wait_for_stats(
     client: &ManagementClient,
@@ -120,14 +103,10 @@ async fn one_request_reads_every_queue_of_a_vhost_and_counts_follow_fill_and_dra
     let endpoint = guest(&node);
     let conn = connect(&node, "filler").await;
     let channel = conn.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
     let queues: Vec<String> = (0..5).map(|i| format!("depth-{i}")).collect();
     for (i, queue) in queues.iter().enumerate() {
         declare(&channel, queue).await;
-        publish(&channel, queue, i + 1).await;
+        publish_confirmed(&channel, queue, i + 1).await.unwrap();
     }
 
     let client = ManagementClient::new(ManagementConfig::default()).unwrap();
@@ -207,10 +186,6 @@ async fn unacked_counts_are_reported_per_named_connection_and_passive_declare_is
     let endpoint = guest(&node);
     let setup = connect(&node, "setup").await;
     let channel = setup.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
     declare(&channel, "work").await;
     declare(&channel, "quiet").await;
 
@@ -218,10 +193,10 @@ async fn unacked_counts_are_reported_per_named_connection_and_passive_declare_is
     let peeker = QueuePeeker::new(Duration::from_secs(5));
     let creds = endpoint.credentials.clone();
     let amqp = format!("amqp://127.0.0.1:{}", node.amqp_port());
-    publish(&channel, "work", 4).await;
+    publish_confirmed(&channel, "work", 4).await.unwrap();
     let peek = peeker.peek(&amqp, &creds, "/", "work").await.unwrap();
     assert_eq!((peek.ready, peek.consumers), (4, 0));
-    publish(&channel, "work", 1).await;
+    publish_confirmed(&channel, "work", 1).await.unwrap();
     let peek = peeker.peek(&amqp, &creds, "/", "work").await.unwrap();
     assert_eq!(peek.ready, 5);
     let missing = peeker.peek(&amqp, &creds, "/", "no-such-queue").await;
@@ -413,10 +388,6 @@ async fn a_burst_is_observed_at_once_while_the_management_api_still_shows_the_ol
     let endpoint = guest(&node);
     let conn = connect(&node, "publisher").await;
     let channel = conn.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
     let (_server, credentials) = credentials_cache().await;
     let metrics = ControllerMetrics::default();
     let management = ManagementClient::new(ManagementConfig::default())
@@ -444,7 +415,7 @@ async fn a_burst_is_observed_at_once_while_the_management_api_still_shows_the_ol
         assert_eq!((before.ready, before.unacked), (0, Some(0)));
 
         // ...then 50 messages land.
-        publish(&channel, &queue, 50).await;
+        publish_confirmed(&channel, &queue, 50).await.unwrap();
         tokio::time::sleep(Duration::from_millis(150)).await; // past the hub's max_age
         let read = source.observe(&target).await.unwrap();
         let management_ready = probe
@@ -474,7 +445,7 @@ async fn a_burst_is_observed_at_once_while_the_management_api_still_shows_the_ol
     let refused = format!("http://127.0.0.1:{}", warren_testkit::free_port().unwrap());
     let queue = unique_name("no-mgmt");
     declare(&channel, &queue).await;
-    publish(&channel, &queue, 3).await;
+    publish_confirmed(&channel, &queue, 3).await.unwrap();
     let read = source
         .observe(&target(refused.clone(), node.amqp_port(), &queue))
         .await
@@ -512,14 +483,10 @@ async fn a_missing_queue_fails_its_own_read_only_and_the_shared_channel_is_kept(
     let endpoint = guest(&node);
     let conn = connect(&node, "setup").await;
     let channel = conn.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
     let queues: Vec<String> = (0..20).map(|i| format!("present-{i}")).collect();
     for (i, queue) in queues.iter().enumerate() {
         declare(&channel, queue).await;
-        publish(&channel, queue, i % 4).await;
+        publish_confirmed(&channel, queue, i % 4).await.unwrap();
     }
     let peeker = Arc::new(QueuePeeker::new(Duration::from_secs(5)));
     let amqp = format!("amqp://127.0.0.1:{}", node.amqp_port());
@@ -588,7 +555,7 @@ async fn a_missing_queue_fails_its_own_read_only_and_the_shared_channel_is_kept(
 
     // Once the queue exists it is read again (and back on the shared channel).
     declare(&channel, "missing-a").await;
-    publish(&channel, "missing-a", 2).await;
+    publish_confirmed(&channel, "missing-a", 2).await.unwrap();
     assert_eq!(
         peeker
             .peek(&amqp, &creds, "/", "missing-a")
@@ -633,12 +600,8 @@ async fn the_connection_is_reopened_after_a_broker_restart() {
     {
         let conn = connect(&node, "setup").await;
         let channel = conn.create_channel().await.unwrap();
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .unwrap();
         declare(&channel, &queue).await;
-        publish(&channel, &queue, 4).await;
+        publish_confirmed(&channel, &queue, 4).await.unwrap();
         conn.close(200, "done".into()).await.unwrap();
     }
     let peeker = QueuePeeker::new(Duration::from_secs(5)).reconnect_backoff(Duration::ZERO);
@@ -710,12 +673,8 @@ async fn a_scaler_on_a_missing_queue_gets_queue_not_found_without_a_declare_per_
     // Once created, the queue is read at the next tick.
     let conn = connect(&node, "setup").await;
     let channel = conn.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
     declare(&channel, &queue).await;
-    publish(&channel, &queue, 6).await;
+    publish_confirmed(&channel, &queue, 6).await.unwrap();
     tokio::time::sleep(Duration::from_millis(150)).await;
     let read = source.observe(&target).await.unwrap();
     assert_eq!(read.ready, 6);
@@ -752,18 +711,14 @@ async fn a_scaler_over_names_and_a_pattern_reads_every_matching_queue_with_one_l
     let other = unique_name("other");
     let conn = connect(&node, "setup").await;
     let channel = conn.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
     for (queue, count) in matched.iter().zip([4usize, 0, 7]) {
         declare(&channel, queue).await;
-        publish(&channel, queue, count).await;
+        publish_confirmed(&channel, queue, count).await.unwrap();
     }
     declare(&channel, &named).await;
-    publish(&channel, &named, 2).await;
+    publish_confirmed(&channel, &named, 2).await.unwrap();
     declare(&channel, &other).await;
-    publish(&channel, &other, 50).await;
+    publish_confirmed(&channel, &other, 50).await.unwrap();
     wait_for_stats(&probe, &endpoint, |s| {
         matched
             .iter()
@@ -796,7 +751,7 @@ async fn a_scaler_over_names_and_a_pattern_reads_every_matching_queue_with_one_l
     // A queue created later is matched at the next listing.
     let late = format!("{prefix}-d");
     declare(&channel, &late).await;
-    publish(&channel, &late, 3).await;
+    publish_confirmed(&channel, &late, 3).await.unwrap();
     let fresh_hub = Arc::new(QueueStatsHub::new(
         ManagementClient::new(ManagementConfig::default()).unwrap(),
         Duration::from_millis(100),

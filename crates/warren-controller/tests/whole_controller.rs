@@ -28,11 +28,10 @@ use k8s_openapi::api::events::v1::Event;
 use kube::Api;
 use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueuePurgeOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueuePurgeOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use warren_broker::events_log::{self, StartAt};
@@ -46,6 +45,7 @@ use warren_controller::observe::management::{
 };
 use warren_controller::observe::peek::QueuePeeker;
 use warren_controller::reconcile::{self, Context, Settings};
+use warren_testkit::amqp::publish_confirmed;
 use warren_testkit::{ControlPlane, RabbitNode, RabbitOptions, unique_name};
 
 const STEP: Duration = Duration::from_secs(30);
@@ -239,27 +239,6 @@ async fn declare(connection: &Connection, channel: &Channel, queue: &str) {
         .unwrap();
 }
 
-async fn publish(channel: &Channel, queue: &str, count: usize) {
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .ok();
-    for _ in 0..count {
-        channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                b"job",
-                BasicProperties::default(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    }
-}
-
 async fn replicas(kube: &Kube) -> i64 {
     kube.get(Kind::Deployment, "worker")
         .await
@@ -357,7 +336,7 @@ async fn scales_up_on_backlog_in_busy_aware_to_zero_and_back_against_a_real_apis
     let running = tokio::spawn(reconcile::run(ctx.clone(), None, stop.clone()));
 
     // 1. Backlog of 12 at 5 per replica: 1 -> 3.
-    publish(&admin, &queue, 12).await;
+    publish_confirmed(&admin, &queue, 12).await.unwrap();
     wait_for_replicas(&server, 3).await;
     wait_for_scaler(&server, "desiredReplicas 3 and Ready", |s| {
         s.pointer("/status/desiredReplicas") == Some(&json!(3))
@@ -410,7 +389,7 @@ async fn scales_up_on_backlog_in_busy_aware_to_zero_and_back_against_a_real_apis
         )
         .await
         .unwrap();
-    publish(&admin, &queue, 1).await;
+    publish_confirmed(&admin, &queue, 1).await.unwrap();
     let held = tokio::time::timeout(STEP, busy_consumer.next())
         .await
         .unwrap()
@@ -512,7 +491,7 @@ async fn scales_up_on_backlog_in_busy_aware_to_zero_and_back_against_a_real_apis
     .await;
 
     // 5. Activation from zero: the passive declare sees the messages at once.
-    publish(&admin, &queue, 2).await;
+    publish_confirmed(&admin, &queue, 2).await.unwrap();
     wait_for_replicas(&server, 1).await;
     let peeks = metrics
         .broker_requests
@@ -588,7 +567,7 @@ async fn the_binary_runs_against_a_kubeconfig_holds_the_lease_scales_and_stops_o
     let (admin_conn, admin) = channel(&node, "test-admin").await;
     declare(&admin_conn, &admin, &queue).await;
     seed(&server, &node, &queue, 1, json!({})).await;
-    publish(&admin, &queue, 12).await;
+    publish_confirmed(&admin, &queue, 12).await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = server.plane.kubeconfig();

@@ -5,9 +5,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{FieldTable, ShortString};
-use lapin::{Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::Value;
 
 /// A test-side connection error, with the URL.
@@ -45,6 +48,34 @@ pub async fn ready_count(amqp_url: &str, queue: &str) -> Result<u32, AmqpError> 
         .map_err(ctx("passive declare"))?;
     let _ = connection.close(200, "bye".into()).await;
     Ok(declared.message_count())
+}
+
+/// Publishes `count` messages (`job`) to `queue` through the default exchange and
+/// waits for each confirm: when this returns, the broker holds them all.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    queue: &str,
+    count: usize,
+) -> Result<(), AmqpError> {
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(ctx("confirm select"))?;
+    for _ in 0..count {
+        channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                b"job",
+                BasicProperties::default(),
+            )
+            .await
+            .map_err(ctx("publish"))?
+            .await
+            .map_err(ctx("publish confirm"))?;
+    }
+    Ok(())
 }
 
 /// Audit events received by a private exclusive queue bound to `warren.events`.
