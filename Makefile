@@ -105,6 +105,8 @@ dashboard-snapshot: ## draw the overview dashboard's main panels from a real Pro
 	$(CARGO) build --bins -p warren-controller -p warren-worker -p warren-sender -p warren-e2e
 	$(CARGO_TARGET_DIR)/debug/dashboard-snapshot $(SNAPSHOT_ARGS)
 
-e2e-bench: local-go-build ## reaction latency, drain time, interrupted jobs, controller CPU/RSS, broker and apiserver requests per tick (1/100/1000 scalers on a private control plane)
+# Parts 1-3 run on the cluster `make local-up` started (its pods run the debug binaries
+# local-up built; the sender runs here); part 4 (1/100/1000 scalers) on private control planes.
+e2e-bench: local-go-build ## on the cluster `make local-up` started: reaction latency, pod Ready, first ack, drain, scale-ins, controller RSS; then broker and apiserver requests per tick (1/100/1000 scalers on a private control plane)
 	$(CARGO) build --release --bins -p warren-controller -p warren-worker -p warren-sender -p warren-e2e
-	LOCALCLUSTER_BIN=$(LOCAL_BIN) $(CARGO_TARGET_DIR)/release/e2e-bench $(BENCH_ARGS)
+	WARREN_E2E_CLUSTER=$(LOCAL_STATE) HELM=$(HELM) LOCALCLUSTER_BIN=$(LOCAL_BIN) $(CARGO_TARGET_DIR)/release/e2e-bench $(BENCH_ARGS)

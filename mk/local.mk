@@ -75,10 +75,9 @@ local-test: ## the README flow, asserted end to end, on the cluster `make local-
 local-scenarios: ## the end-to-end scenarios of crates/warren-e2e on the cluster `make local-up` started, one at a time
 	WARREN_E2E_CLUSTER=$(LOCAL_STATE) HELM=$(HELM) $(CARGO) nextest run -p warren-e2e --no-fail-fast --test-threads 1 $(LOCAL_SCENARIOS)
 
-# e2e-bench's reaction, end-to-end, drain and scale-in figures on the cluster (BENCH_ARGS, e.g.
+# The old name of `make e2e-bench`, which now runs on this cluster itself (BENCH_ARGS, e.g.
 # --trials 10 --scale-ins 50); a benchmark, not part of make test.
-local-e2e-bench: ## make e2e-bench on the cluster `make local-up` started (reaction, pod Ready, first ack, drain, scale-ins)
-	WARREN_E2E_CLUSTER=$(LOCAL_STATE) HELM=$(HELM) LOCALCLUSTER_BIN=$(LOCAL_BIN) $(CARGO) run -p warren-e2e --bin e2e-bench -- $(BENCH_ARGS)
+local-e2e-bench: e2e-bench ## the same as make e2e-bench (on the cluster `make local-up` started)
 
 local-e2e: ## local-up, local-test, local-down (part of `make test`; refuses to run beside a cluster left up)
 	@$(LOCAL_ENV) bash mk/local-cluster.sh fresh

@@ -1,8 +1,8 @@
 //! e2e-bench: the controller's figures, end to end, on this machine.
 //!
 //! ```text
-//! cargo build --release --bins
-//! cargo run --release -p warren-e2e --bin e2e-bench [-- --trials 20 --quick]
+//! make local-up    # parts 1-3 run on the local cluster
+//! make e2e-bench   # [BENCH_ARGS="--trials 20 --quick"]
 //! ```
 //!
 //! Prints:
@@ -11,9 +11,10 @@
 //!    repeated trials at pollingIntervalSeconds 1 — from zero replicas (AMQP
 //!    passive declare) and from one running replica (management API, which
 //!    lags by the node's `collect_statistics_interval`, RabbitMQ's default
-//!    5 s unless `--stats-ms` says otherwise);
-//! 2. drain time of a burst vs the ideal for the replica count, jobs
-//!    interrupted by scale-in, jobs lost;
+//!    5 s unless `--stats-ms` says otherwise); from zero also burst → first
+//!    new worker pod Ready → first job acked;
+//! 2. jobs lost / interrupted / redelivered over `--scale-ins` scale-ins,
+//!    drain time of a burst vs the ideal for the replica count;
 //! 3. controller RSS;
 //! 4. broker and apiserver requests per tick with 1, 100 and 1000 QueueScalers
 //!    on one vhost, the controller binary against a private kube-apiserver
@@ -23,11 +24,11 @@
 //!    from the apiserver's own `apiserver_request_total` (the kinds the
 //!    controller uses); the controller's CPU per tick and RSS.
 //!
-//! With `WARREN_E2E_CLUSTER` set (`make local-e2e-bench`) parts 1–3 run on
-//! the local cluster (the chart's controller and workers as pods, replicas
-//! by the real ReplicaSet controller) and add: burst → first new worker pod
-//! Ready → first job acked, and jobs lost / interrupted / redelivered over
-//! `--scale-ins` scale-ins. Part 4 runs on its private control plane either way.
+//! Parts 1–3 run on the local cluster named by `WARREN_E2E_CLUSTER` (`make
+//! e2e-bench` sets it to the state directory of `make local-up`): the chart's
+//! controller and workers as pods, replicas by the real ReplicaSet
+//! controller. Without it they fail at once (`--fleet-only` runs part 4
+//! alone, which needs no cluster: it starts its own private control planes).
 
 use std::ffi::OsString;
 use std::time::{Duration, Instant};
@@ -84,6 +85,8 @@ fn parse_options() -> anyhow::Result<Options> {
             "-h" | "--help" => {
                 println!(
                     "e2e-bench [--trials N] [--scalers 1,100,1000] [--stats-ms 5000] [--window 10] [--scale-ins 50] [--quick] [--fleet-only]\n\
+                     Parts 1-3 run on the local cluster named by WARREN_E2E_CLUSTER (`make local-up`, then\n\
+                     `make e2e-bench`, which sets it); --fleet-only (part 4, private control planes) needs none.\n\
                      Build the binaries first: cargo build --release --bins"
                 );
                 std::process::exit(0);
@@ -152,6 +155,13 @@ async fn main() -> anyhow::Result<()> {
     );
 
     if !options.fleet_only {
+        if warren_e2e::cluster::cluster_state_dir().is_none() {
+            bail!(
+                "parts 1-3 run on the local cluster: start it with `make local-up` and run \
+                 `make e2e-bench` (it sets {}), or pass --fleet-only for part 4 alone",
+                warren_e2e::CLUSTER_ENV
+            );
+        }
         scaling(&options).await?;
     }
     println!(
@@ -234,11 +244,9 @@ async fn scaling(options: &Options) -> anyhow::Result<()> {
         );
     }
     println!();
-    if h.on_cluster() {
-        match scale_in_churn(&h, options.scale_ins).await {
-            Ok(table) => println!("{table}"),
-            Err(err) => println!("## Scale-ins under load\n\nfailed: {}\n", one_line(&err)),
-        }
+    match scale_in_churn(&h, options.scale_ins).await {
+        Ok(table) => println!("{table}"),
+        Err(err) => println!("## Scale-ins under load\n\nfailed: {}\n", one_line(&err)),
     }
     match drain(&h).await {
         Ok(table) => println!("{table}"),
@@ -266,8 +274,8 @@ fn one_line(err: &anyhow::Error) -> String {
         .to_string()
 }
 
-/// Per trial from zero: burst → scale patch; on a cluster also burst →
-/// first new pod Ready and burst → first job acked.
+/// Per trial from zero: burst → scale patch, burst → first new pod Ready,
+/// burst → first job acked.
 #[derive(Default)]
 struct FromZero {
     patch: Vec<Duration>,
@@ -299,7 +307,7 @@ async fn from_zero(h: &Harness, trials: usize) -> anyhow::Result<FromZero> {
         // Workers consume before their first readiness probe passes, so the
         // jobs may be done before any new pod is Ready (or the pod is gone).
         let ready_deadline = Instant::now() + Duration::from_secs(8);
-        while h.on_cluster() && Instant::now() < ready_deadline {
+        while Instant::now() < ready_deadline {
             if let Some(ready) = h.first_worker_ready_since(burst.first_confirm_wall) {
                 values.ready.push(since(ready, burst.first_confirm_wall));
                 break;
@@ -313,9 +321,7 @@ async fn from_zero(h: &Harness, trials: usize) -> anyhow::Result<FromZero> {
             .filter(|e| e.kind == JobKind::Done && burst.ids.contains(&e.id))
             .filter_map(|e| e.at)
             .min();
-        if h.on_cluster()
-            && let Some(acked) = first_ack
-        {
+        if let Some(acked) = first_ack {
             values.acked.push(since(acked, burst.first_confirm_wall));
         }
         h.wait_replicas(0, Duration::from_secs(30)).await?;
@@ -325,7 +331,7 @@ async fn from_zero(h: &Harness, trials: usize) -> anyhow::Result<FromZero> {
     Ok(values)
 }
 
-/// Scale-ins while jobs run (cluster): each round queues 8 jobs of 1.5 s,
+/// Scale-ins while jobs run: each round queues 8 jobs of 1.5 s,
 /// waits for at least 2 replicas, lowers maxReplicas to 1 (a scale-in that
 /// the ReplicaSet controller carries out on busy and idle pods), then raises
 /// it back to 4; after `rounds` scale-ins, the accounting of every job.
