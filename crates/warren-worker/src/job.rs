@@ -13,6 +13,7 @@ use serde_json::{Map, Value, json};
 use warren_broker::{AuditEvent, AuditSink, Envelope, EnvelopeError};
 
 use crate::metrics::{QueueLabel, WorkerMetrics};
+use crate::settle::SettleGate;
 
 /// What every job needs; shared by the jobs in flight.
 pub struct JobContext {
@@ -22,6 +23,8 @@ pub struct JobContext {
     pub seconds_per_dot: f64,
     pub audit: AuditSink,
     pub metrics: WorkerMetrics,
+    /// Every ack and reject goes through it (see [`crate::settle`]).
+    pub settle: SettleGate,
 }
 
 impl JobContext {
@@ -90,9 +93,8 @@ pub async fn process(
         .observe(waited_seconds(envelope.created_at, Utc::now()));
     let started = Instant::now();
     work(ctx.work_duration(envelope.dots())).await;
-    delivery
-        .acker
-        .ack(BasicAckOptions::default())
+    ctx.settle
+        .settle(delivery.acker.ack(BasicAckOptions::default()))
         .await
         .map_err(|source| SettleError {
             what: format!("acking job {}", envelope.id),
@@ -156,9 +158,8 @@ async fn dead_letter(
         .unwrap_or_default();
     tracing::Span::current().record("id", id.as_str());
     tracing::warn!(id = %id, queue, error = %err, "poison message: dead-lettering it");
-    delivery
-        .acker
-        .reject(BasicRejectOptions { requeue: false })
+    ctx.settle
+        .settle(delivery.acker.reject(BasicRejectOptions { requeue: false }))
         .await
         .map_err(|source| SettleError {
             what: format!("rejecting poison message {id:?}"),
@@ -190,6 +191,7 @@ mod tests {
             seconds_per_dot,
             audit: AuditSink::spawn(1),
             metrics: WorkerMetrics::register(&mut Default::default()),
+            settle: SettleGate::default(),
         }
     }
 

@@ -9,9 +9,11 @@
 //!   so the broker may hand a worker up to prefetch x queues deliveries
 //!   ([`Args::most_held`]); the ones not started yet wait in the worker.
 //! - Simulated work: `seconds_per_dot` seconds per dot in the message.
-//! - SIGTERM: cancel every consumer, finish every job in hand (and any the
-//!   broker had already pushed, from every queue: at most `most_held`), ack
-//!   them, close, exit 0. Nothing is handed back, so nothing is redelivered.
+//! - SIGTERM: hold acks, take the jobs the broker pushes for the acks just
+//!   sent ([`settle`]: at most [`settle::ACK_SETTLE`]), cancel every consumer,
+//!   finish every job in hand (and any the broker had already pushed, from
+//!   every queue: at most `most_held`), ack them, close, exit 0. Nothing is
+//!   handed back, so nothing is redelivered.
 //! - Broker loss: reconnect with backoff. Unacked jobs go back to the queue
 //!   (the broker redelivers them); the worker keeps nothing across reconnects.
 //! - Poison: a body that is not a job envelope is rejected without requeue,
@@ -26,6 +28,7 @@
 pub mod fair;
 pub mod job;
 pub mod metrics;
+pub mod settle;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -223,6 +226,7 @@ pub async fn run(
         seconds_per_dot: args.seconds_per_dot,
         audit,
         metrics: metrics.clone(),
+        settle: settle::SettleGate::default(),
     });
     let queues: Vec<Arc<str>> = queues.into_iter().map(Arc::from).collect();
     let session = Session {
@@ -404,15 +408,28 @@ impl Session<'_> {
                 },
             }
         }
-        // SIGTERM. Cancel the consumers first, so the broker pushes this
-        // worker nothing more, then finish what is in hand.
+        // SIGTERM. Hold the acks, take what the broker pushes for the acks
+        // just sent, cancel the consumers so it pushes nothing more, then
+        // finish what is in hand (see the settle module).
         tracing::info!(
             in_hand = in_hand.len(),
             "SIGTERM: no more jobs; finishing the ones in hand"
         );
+        let held = self.jobs.settle.close().await;
+        if let Some(quiet_at) = self.jobs.settle.quiet_at() {
+            take_pushed_jobs(
+                &mut consumers,
+                self.queues,
+                &mut in_hand,
+                concurrency,
+                quiet_at.into(),
+            )
+            .await;
+        }
         for tag in self.consumer_tags() {
             stop_consuming(&channel, &tag).await;
         }
+        drop(held);
         finish_in_hand(&mut consumers, self.queues, &mut in_hand, concurrency).await;
         close_channel(&channel).await;
         SessionEnd::Shutdown
@@ -455,6 +472,34 @@ impl Session<'_> {
         }
         self.jobs.audit.attach(connection.create_channel().await?);
         Ok((channel, Fair::new(consumers)))
+    }
+}
+
+/// Before the consumers are cancelled, with acks held: starts the jobs the
+/// broker pushes until `quiet_at` (the acks sent before SIGTERM gave it credit
+/// to push them). Jobs beyond the concurrency stay in their consumer's
+/// stream, for [`finish_in_hand`].
+async fn take_pushed_jobs(
+    consumers: &mut Fair<Consumer>,
+    queues: &[Arc<str>],
+    in_hand: &mut InHand<'_>,
+    concurrency: usize,
+    quiet_at: tokio::time::Instant,
+) {
+    let quiet = tokio::time::sleep_until(quiet_at);
+    tokio::pin!(quiet);
+    loop {
+        tokio::select! {
+            _ = &mut quiet => return,
+            turn = consumers.next(), if in_hand.len() < concurrency => match turn {
+                Some(Turn::Item { index, item: Ok(delivery) }) => {
+                    tracing::info!(queue = %queues[index], "SIGTERM: a job pushed for an ack sent just before; it will be finished");
+                    in_hand.start(queues[index].clone(), delivery);
+                }
+                // A consumer ended or failed: finish_in_hand deals with it.
+                _ => return,
+            },
+        }
     }
 }
 
