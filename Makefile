@@ -37,7 +37,9 @@ test-unit: ## the pure Rust tests: no RabbitMQ, PostgreSQL, cluster or browser n
 
 # local-go-build: the tests that start a private Kubernetes control plane
 # (warren_testkit::ControlPlane, nextest group `control-plane`) run localcluster.
-rust-test: local-go-build ## the Rust test suite, end-to-end scenarios included (needs RabbitMQ on 127.0.0.1:5672, rabbitmq-server installed, and Go to build localcluster)
+# The end-to-end scenarios need the local cluster: `make local-e2e` runs them (nextest's
+# default profile leaves them out; .config/nextest.toml).
+rust-test: local-go-build ## the Rust test suite but the cluster scenarios (needs RabbitMQ on 127.0.0.1:5672, rabbitmq-server installed, and Go to build localcluster)
 	$(CARGO) build --bins --workspace
 	LOCALCLUSTER_BIN=$(LOCAL_BIN) $(TEST_CMD)
 
@@ -97,7 +99,7 @@ bench-controller: local-go-build ## controller: broker and apiserver requests pe
 bench-scaling: ## decisions per second of the pure scaling function
 	$(CARGO) run --release -q -p warren-scaling --example decide_bench
 
-e2e: local-go-build ## end-to-end scenarios: real binaries, a private RabbitMQ, the fake Kubernetes API server (observability: a private control plane)
+e2e: local-go-build ## the warren-e2e tests that need no cluster: observability (real binaries, a private RabbitMQ and control plane, Prometheus), the events log (the scenarios: make local-scenarios)
 	$(CARGO) build --bins -p warren-controller -p warren-worker -p warren-sender
 	LOCALCLUSTER_BIN=$(LOCAL_BIN) $(CARGO) nextest run -p warren-e2e --no-fail-fast
 

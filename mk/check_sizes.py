@@ -4,7 +4,7 @@
 Product code is the src/ of the crates listed in PRODUCT_CRATES. Test code does not
 count: items under `#[cfg(test)]` (test modules, test-only functions) and `#[test]`
 functions are left out of both measures, as are tests/, benches/ and examples/ (not
-under src/) and the test-support crates (warren-e2e, warren-testkit, warren-fakekube,
+under src/) and the test-support crates (warren-e2e, warren-testkit,
 warren-bench), which are not listed.
 
 A function's length is the number of source lines from the line of its `fn` keyword to

@@ -5,10 +5,12 @@
 #                     background, helm install the chart, wait until every workload is Ready
 #   make local-down   stop the cluster and remove its state
 #   make local-test   the README flow end to end with assertions, on the running cluster
-#   make local-scenarios  the Rust end-to-end scenarios (crates/warren-e2e) on the running
-#                     cluster: one namespace per test, one test at a time
-#   make local-e2e    local-up + local-test + local-down: what `make test` runs (the cluster
-#                     scenarios are not in it yet: not reliably green on the cluster, issue 9)
+#   make local-scenarios  the Rust end-to-end scenarios (crates/warren-e2e: tests/scenarios.rs,
+#                     tests/pools.rs) on the running cluster: one namespace per test, one
+#                     test at a time (nextest profile local-cluster)
+#   make local-e2e    local-up + local-test + local-scenarios + local-down: what `make test`
+#                     runs; fails if any step fails (the scenarios run even when local-test
+#                     failed; local-down always runs)
 
 LOCAL_STATE ?= $(CURDIR)/.local/cluster
 LOCAL_KUBECONFIG := $(LOCAL_STATE)/admin.kubeconfig
@@ -37,8 +39,10 @@ LOCAL_ENV = KUBECONFIG=$(LOCAL_KUBECONFIG) LOCAL_STATE=$(LOCAL_STATE) LOCAL_BIN=
 	WARREN_BIN_DIR=$(CARGO_TARGET_DIR)/debug HELM=$(HELM) KUBECTL=$(KUBECTL) \
 	RELEASE=$(RELEASE) NAMESPACE=$(NAMESPACE) CHART_DIR=$(CHART_DIR) LOCAL_HELM_TIMEOUT=$(LOCAL_HELM_TIMEOUT)
 
-# Which tests of crates/warren-e2e `make local-scenarios` runs (a nextest filter).
-LOCAL_SCENARIOS ?= -E 'binary(scenarios)'
+# A nextest filter narrowing what `make local-scenarios` runs (empty: every test of the
+# nextest profile local-cluster, i.e. tests/scenarios.rs and tests/pools.rs), e.g.
+# LOCAL_SCENARIOS="-E 'test(drained_queue)'".
+LOCAL_SCENARIOS ?=
 
 .PHONY: local-build local-go-build local-go-test local-up local-down local-test local-scenarios local-e2e-bench local-e2e
 
@@ -68,18 +72,24 @@ local-down: ## stop the local cluster and delete its state
 local-test: ## the README flow, asserted end to end, on the cluster `make local-up` started
 	@$(LOCAL_ENV) bash mk/local-cluster.sh test
 
-# WARREN_E2E_CLUSTER turns every Harness of crates/warren-e2e onto this cluster (the chart's
+# WARREN_E2E_CLUSTER points every Harness of crates/warren-e2e at this cluster (the chart's
 # controller and worker Deployments in a namespace per test, the real ReplicaSet controller);
-# a cluster that does not answer fails the tests, it never skips them.
+# without it, or with a cluster that does not answer, the tests fail: they never skip.
 # The sender runs on this machine: local-build (make local-up) built it.
 local-scenarios: ## the end-to-end scenarios of crates/warren-e2e on the cluster `make local-up` started, one at a time
-	WARREN_E2E_CLUSTER=$(LOCAL_STATE) HELM=$(HELM) $(CARGO) nextest run -p warren-e2e --no-fail-fast --test-threads 1 $(LOCAL_SCENARIOS)
+	WARREN_E2E_CLUSTER=$(LOCAL_STATE) HELM=$(HELM) $(CARGO) nextest run -p warren-e2e --profile local-cluster --no-fail-fast $(LOCAL_SCENARIOS)
 
 # The old name of `make e2e-bench`, which now runs on this cluster itself (BENCH_ARGS, e.g.
 # --trials 10 --scale-ins 50); a benchmark, not part of make test.
 local-e2e-bench: e2e-bench ## the same as make e2e-bench (on the cluster `make local-up` started)
 
-local-e2e: ## local-up, local-test, local-down (part of `make test`; refuses to run beside a cluster left up)
+local-e2e: ## local-up, local-test, local-scenarios, local-down (part of `make test`; refuses to run beside a cluster left up)
 	@$(LOCAL_ENV) bash mk/local-cluster.sh fresh
-	@rc=0; $(SUBMAKE) local-up HELM_ARGS="$(LOCAL_E2E_HELM_ARGS) $(HELM_ARGS)" && $(SUBMAKE) local-test || rc=$$?; \
+	@rc=0; start=$$(date +%s); \
+	  if $(SUBMAKE) local-up HELM_ARGS="$(LOCAL_E2E_HELM_ARGS) $(HELM_ARGS)"; then \
+	    $(SUBMAKE) local-test || rc=$$?; \
+	    echo "== local-e2e: cluster up and README flow after $$(( $$(date +%s) - start ))s (rc $$rc)"; \
+	    $(SUBMAKE) local-scenarios || rc=$$?; \
+	    echo "== local-e2e: scenarios done after $$(( $$(date +%s) - start ))s (rc $$rc)"; \
+	  else rc=$$?; fi; \
 	  $(LOCAL_ENV) bash mk/local-cluster.sh down; exit $$rc

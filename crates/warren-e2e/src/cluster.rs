@@ -1,7 +1,7 @@
-//! The cluster backend of [`Harness`](crate::Harness): one namespace of a real
-//! Kubernetes control plane (`make local-up`: kube-apiserver, the ReplicaSet
-//! and Deployment controllers, the scheduler, and a node agent that runs pods
-//! as local processes) instead of the fake API server.
+//! The Kubernetes side of a [`Harness`](crate::Harness): one namespace of a
+//! real Kubernetes control plane (`make local-up`: kube-apiserver, the
+//! ReplicaSet and Deployment controllers, the scheduler, and a node agent that
+//! runs pods as local processes).
 //!
 //! Per test: a namespace; the chart's worker Deployment(s), controller
 //! Deployment, ServiceAccount, Role and RoleBinding, rendered by `helm
@@ -10,8 +10,7 @@
 //! `warren-rabbitmq` with the private node's credentials. The broker is the
 //! harness's private RabbitMQ node on this machine, reached by the pods
 //! through the node's bridge address (its AMQP, management and Prometheus
-//! listeners serve every interface). The sender runs on this machine as in
-//! the fake backend.
+//! listeners serve every interface). The sender runs on this machine.
 //!
 //! What a test reads back comes from the apiserver and the node: replica
 //! history from a watch of the Deployment, worker pods and their exits from a

@@ -13,10 +13,6 @@ use warren_crd::{
     QueueScalerSpec, QueueScalerStatus, ScaleDownRules, ScaleTargetRef, ScaleUpRules,
     ScalingPolicy, SelectPolicy, TargetKind,
 };
-use warren_fakekube::resources::{DEPLOYMENTS, LEASES, QUEUESCALERS, SECRETS};
-use warren_fakekube::{
-    ChildOutput, FakeApiServer, PodExit, ProcessReplicaSet, ProcessTemplate, Readiness,
-};
 use warren_testkit::{RabbitNode, RabbitOptions};
 
 use crate::cluster::{
@@ -28,7 +24,36 @@ use crate::{
     ReplicaRecorder, http_client,
 };
 
-/// Namespace of everything in the fake (on a cluster each harness has its own).
+/// A worker container instance that ended (on the cluster, from the pod
+/// watch: one per container run, named like the job log's instances).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodExit {
+    /// The instance: the pod's name, `<pod>#<restart>` for a restarted container.
+    pub pod: String,
+    /// Exit code (128 + n for a signal, as the kubelet reports it).
+    pub code: Option<i32>,
+    /// Terminating signal number, if a signal killed it.
+    pub signal: Option<i32>,
+    /// It ended while its pod was being deleted (scale-in or deletion: the
+    /// kubelet sent SIGTERM).
+    pub sigterm_sent: bool,
+    /// It ended by SIGKILL while its pod was being deleted (the grace
+    /// period ran out).
+    pub sigkill_sent: bool,
+    /// How long it ran.
+    pub ran_for: Duration,
+}
+
+impl PodExit {
+    /// Exited with code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// Namespace of the objects [`scaler_object`] and [`deployment_object`] make
+/// (on a private control plane: the observability run, e2e-bench's fleet);
+/// on the cluster each harness has a namespace of its own.
 pub const NAMESPACE: &str = "default";
 /// The worker Deployment the scaler targets.
 pub const DEPLOYMENT: &str = "warren-worker";
@@ -44,8 +69,6 @@ pub const DATA_LAG_WINDOW: u32 = 12;
 /// Cooldown before zero of [`base_spec`], seconds: longer than the
 /// management API's data lag.
 pub const DATA_LAG_COOLDOWN: u32 = 15;
-/// base64("guest"): the private node's user and password.
-const GUEST_B64: &str = "Z3Vlc3Q=";
 
 /// The work queue's type (`WARREN_QUEUE_TYPE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,33 +105,31 @@ pub struct HarnessOptions {
     /// Enable RabbitMQ's Prometheus plugin on the node (see
     /// `RabbitNode::prometheus_url`).
     pub rabbit_prometheus: bool,
-    /// How many controller processes to start (0: none; start them later
-    /// with [`Harness::start_controller`]).
+    /// Replicas of the chart's controller Deployment (0: none).
     pub controllers: usize,
     /// `WARREN_LEADER_ELECTION` (default: on when more than one controller).
     pub leader_election: Option<bool>,
     pub lease_duration_seconds: u64,
     pub lease_grace_seconds: u64,
-    /// Run worker pods for the Deployment (a process-backed ReplicaSet).
-    pub workers: bool,
     /// Create the QueueScaler (from [`base_spec`] plus the edit).
     pub create_scaler: bool,
     /// Route the scaler's management URL through a [`CountingProxy`].
     pub count_management_requests: bool,
     /// More environment for the controllers.
     pub controller_env: Vec<(String, String)>,
-    /// Before starting the controllers, wait until the management API
-    /// reports counts for the work queue (RabbitMQ collects them only some
-    /// seconds after a queue is declared; a fresh queue is a real condition
-    /// the controller must handle, so this is off by default).
+    /// Before creating the QueueScaler (so before the controllers act on
+    /// it), wait until the management API reports counts for the work queue
+    /// (RabbitMQ collects them only some seconds after a queue is declared;
+    /// a fresh queue is a real condition the controller must handle, so
+    /// this is off by default).
     /// `WARREN_E2E_WAIT_FOR_QUEUE_STATS=1` turns it on for every harness.
     pub wait_for_queue_stats: bool,
     /// Applied to [`base_spec`] before the QueueScaler is created (see [`HarnessOptions::scaler`]).
     pub spec_edit: Option<SpecEdit>,
     /// More worker pools, by suffix (e.g. `sms`): each gets its own queue
     /// `<queue>-<suffix>` (accepted by the sender through `WARREN_QUEUES`),
-    /// its own Deployment `warren-worker-<suffix>` run by its own process
-    /// ReplicaSet, and a replica recorder. Their QueueScalers are the
+    /// its own Deployment `warren-worker-<suffix>` (the chart's worker
+    /// Deployment with that name), and a replica recorder. Their QueueScalers are the
     /// scenario's to create ([`Harness::pool_spec`], [`Harness::put_scaler`]).
     pub extra_pools: Vec<String>,
     /// More queues the main Deployment's workers consume besides the work
@@ -125,9 +146,6 @@ pub struct Pool {
     pub queue: String,
     /// Its Deployment (and the name of its QueueScaler, by convention).
     pub deployment: String,
-    /// Its process ReplicaSet (fake backend; on a cluster the ReplicaSet
-    /// controller runs its pods).
-    pub workers: Option<ProcessReplicaSet>,
     pub recorder: ReplicaRecorder,
 }
 
@@ -146,7 +164,6 @@ impl Default for HarnessOptions {
             leader_election: None,
             lease_duration_seconds: 3,
             lease_grace_seconds: 1,
-            workers: true,
             create_scaler: true,
             count_management_requests: false,
             controller_env: Vec::new(),
@@ -238,14 +255,16 @@ pub fn base_spec(queue: &str, management_url: &str, amqp_url: &str) -> QueueScal
     }
 }
 
-/// A QueueScaler object for the fake, in [`NAMESPACE`].
+/// A QueueScaler object in [`NAMESPACE`] (the cluster backend puts it in the
+/// harness's own namespace).
 pub fn scaler_object(name: &str, spec: QueueScalerSpec) -> Result<Value, HarnessError> {
     let mut object = serde_json::to_value(QueueScaler::new(name, spec))?;
     object["metadata"]["namespace"] = json!(NAMESPACE);
     Ok(object)
 }
 
-/// A Deployment object for the fake (no pods until something runs them).
+/// A Deployment object in [`NAMESPACE`] (the cluster backend puts it in the
+/// harness's own namespace).
 pub fn deployment_object(name: &str, replicas: i64, grace_seconds: u64) -> Value {
     json!({
         "apiVersion": "apps/v1",
@@ -281,47 +300,28 @@ pub struct Burst {
     pub first_confirm_wall: chrono::DateTime<chrono::Utc>,
 }
 
-/// Where the Kubernetes side of a run lives.
-enum Kube {
-    /// The fake API server; controllers are processes with this kubeconfig.
-    Fake {
-        api: FakeApiServer,
-        kubeconfig: PathBuf,
-    },
-    /// A namespace of the local cluster ([`cluster::CLUSTER_ENV`]).
-    Cluster(Box<Cluster>),
-}
-
 /// One end-to-end environment. Everything is killed when it is dropped; when
 /// dropped during a panic it prints its diagnostics (replica history,
 /// controller logs, scaler status, job accounting) to stderr.
 ///
-/// It runs against the fake API server, or, when [`cluster::CLUSTER_ENV`]
-/// names the state directory of a local cluster (`make local-up`), against
-/// that cluster: see [`crate::cluster`]. The methods are the same.
+/// It runs on the local cluster whose state directory (`make local-up`)
+/// [`cluster::CLUSTER_ENV`] names, in a namespace of its own: see
+/// [`crate::cluster`]. Without that variable [`Harness::start`] fails.
 pub struct Harness {
     pub queue: String,
     pub queue_kind: QueueKind,
     pub node: RabbitNode,
-    kube: Kube,
-    /// The worker processes (fake backend only).
-    pub workers: Option<ProcessReplicaSet>,
+    cluster: Box<Cluster>,
     pub sender: Process,
-    /// The controller processes (fake backend only; on a cluster they are
-    /// pods: [`Harness::controller_names`]).
-    pub controllers: Vec<Process>,
     pub recorder: ReplicaRecorder,
     pub proxy: Option<CountingProxy>,
     pub binaries: Binaries,
     pub started: Instant,
     /// The extra worker pools, in the order of [`HarnessOptions::extra_pools`].
     pub pools: Vec<Pool>,
-    leader_election: bool,
-    lease_duration_seconds: u64,
-    lease_grace_seconds: u64,
-    controller_env: Vec<(String, String)>,
-    /// Waits last this many times what a scenario asks (1 on the fake; a
-    /// real control plane on a loaded machine is slower to react).
+    /// Waits last this many times what a scenario asks
+    /// (`WARREN_E2E_PATIENCE`, default 3: a real control plane on a loaded
+    /// machine is slower to react than the scenarios' own figures).
     patience: f64,
     dir: Option<tempfile::TempDir>,
     sent: Mutex<Vec<String>>,
@@ -329,21 +329,16 @@ pub struct Harness {
 }
 
 impl Harness {
-    /// Starts the broker, the Kubernetes side (the fake API server with a
-    /// Deployment, a Secret and a process ReplicaSet; or a namespace of the
-    /// local cluster with the chart's objects), the sender, the QueueScaler
-    /// and the controllers.
+    /// Starts the broker, a namespace of the local cluster with the chart's
+    /// objects (controller and worker Deployments), the sender and the
+    /// QueueScaler.
     pub async fn start(options: HarnessOptions) -> Result<Self, HarnessError> {
         let started = Instant::now();
+        // No cluster, or one that does not answer, fails the test before
+        // anything starts: never a skip.
+        let state = cluster::cluster_state_dir().ok_or(HarnessError::NoCluster)?;
         let binaries = Binaries::locate()?;
-        // A cluster that does not answer fails the test before anything starts.
-        let cluster = match cluster::cluster_state_dir() {
-            Some(state) => {
-                let (client, node_ip) = Cluster::connect(&state).await?;
-                Some((state, client, node_ip))
-            }
-            None => None,
-        };
+        let (client, node_ip) = Cluster::connect(&state).await?;
         let dir = tempfile::Builder::new()
             .prefix("warren-e2e-")
             .tempdir()
@@ -356,16 +351,13 @@ impl Harness {
             management: true,
             prometheus: options.rabbit_prometheus,
             stats_interval_ms: options.stats_interval_ms,
-            http_on_all_interfaces: cluster.is_some(),
+            http_on_all_interfaces: true,
             ..RabbitOptions::default()
         })
         .await?;
         let proxy = if options.count_management_requests {
-            let ip = if cluster.is_some() {
-                std::net::Ipv4Addr::UNSPECIFIED
-            } else {
-                std::net::Ipv4Addr::LOCALHOST
-            };
+            // The controller pods reach it through the node's address.
+            let ip = std::net::Ipv4Addr::UNSPECIFIED;
             Some(CountingProxy::start_on(ip, &node.management_url()).await?)
         } else {
             None
@@ -406,164 +398,75 @@ impl Harness {
             .await?;
 
         let leader_election = options.leader_election.unwrap_or(options.controllers > 1);
-        let (kube, recorder, workers, pools, patience) = match cluster {
-            Some((state, client, node_ip)) => {
-                let extra_pools: Vec<(String, String)> = options
-                    .extra_pools
-                    .iter()
-                    .cloned()
-                    .zip(pool_queues.iter().cloned())
-                    .collect();
-                let cluster = Cluster::start(
-                    state,
-                    client,
-                    node_ip.clone(),
-                    ClusterSetup {
-                        namespace: &queue,
-                        queue: &queue,
-                        queue_type: options.queue_kind.as_str(),
-                        amqp_host_port: format!("{node_ip}:{}", node.amqp_port()),
-                        seconds_per_dot: options.seconds_per_dot,
-                        grace_seconds: options.grace_seconds,
-                        controllers: options.controllers,
-                        leader_election,
-                        lease_duration_seconds: options.lease_duration_seconds,
-                        lease_grace_seconds: options.lease_grace_seconds,
-                        controller_env: &options.controller_env,
-                        worker_queues: &worker_queues,
-                        extra_pools: &extra_pools,
-                    },
-                )
-                .await?;
-                let recorder = cluster.recorder(DEPLOYMENT);
-                let pools = extra_pools
-                    .into_iter()
-                    .map(|(suffix, queue)| {
-                        let deployment = format!("{DEPLOYMENT}-{suffix}");
-                        Pool {
-                            suffix,
-                            queue,
-                            recorder: cluster.recorder(&deployment),
-                            workers: None,
-                            deployment,
-                        }
-                    })
-                    .collect();
-                let patience = std::env::var("WARREN_E2E_PATIENCE")
-                    .ok()
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .unwrap_or(3.0);
-                (
-                    Kube::Cluster(Box::new(cluster)),
-                    recorder,
-                    None,
-                    pools,
-                    patience,
-                )
-            }
-            None => {
-                let api = FakeApiServer::start().await?;
-                let kubeconfig = dir.path().join("kubeconfig");
-                api.write_kubeconfig(&kubeconfig)?;
-                api.put_object(
-                    &SECRETS,
-                    json!({
-                        "apiVersion": "v1",
-                        "kind": "Secret",
-                        "metadata": {"name": SECRET, "namespace": NAMESPACE},
-                        "type": "Opaque",
-                        "data": {"username": GUEST_B64, "password": GUEST_B64},
-                    }),
-                )?;
-                api.put_object(
-                    &DEPLOYMENTS,
-                    deployment_object(DEPLOYMENT, 0, options.grace_seconds),
-                )?;
-                let recorder = ReplicaRecorder::start(&api, &DEPLOYMENTS, NAMESPACE, DEPLOYMENT);
-                let worker_template = |queue: &str| {
-                    ProcessTemplate::new(&binaries.worker)
-                        .env("AMQP_URL", node.amqp_url())
-                        .env("WARREN_QUEUE", queue)
-                        .env("WARREN_QUEUE_TYPE", options.queue_kind.as_str())
-                        .env(
-                            "WARREN_SECONDS_PER_DOT",
-                            options.seconds_per_dot.to_string(),
-                        )
-                        .env("WARREN_PREFETCH", "1")
-                        .env("WARREN_LOG_FORMAT", "json")
-                        // `job started` is a debug line; the job log needs it.
-                        .env("WARREN_LOG", "info,warren_worker::job=debug")
-                        .env("WARREN_RECONNECT_MIN_MS", "100")
-                        .env("WARREN_RECONNECT_MAX_MS", "1000")
-                        .readiness(Readiness::HttpGet {
-                            path: "/readyz".into(),
-                        })
-                        .output(ChildOutput::Files(dir.path().join("pods")))
-                };
-                let workers = options.workers.then(|| {
-                    let template =
-                        worker_template(&queue).env("WARREN_QUEUES", worker_queues.join(","));
-                    ProcessReplicaSet::start(&api, NAMESPACE, DEPLOYMENT, template)
-                });
-                let mut pools = Vec::new();
-                for (suffix, pool_queue) in options.extra_pools.iter().zip(pool_queues) {
-                    let deployment = format!("{DEPLOYMENT}-{suffix}");
-                    api.put_object(
-                        &DEPLOYMENTS,
-                        deployment_object(&deployment, 0, options.grace_seconds),
-                    )?;
-                    pools.push(Pool {
-                        suffix: suffix.clone(),
-                        recorder: ReplicaRecorder::start(
-                            &api,
-                            &DEPLOYMENTS,
-                            NAMESPACE,
-                            &deployment,
-                        ),
-                        workers: Some(ProcessReplicaSet::start(
-                            &api,
-                            NAMESPACE,
-                            &deployment,
-                            worker_template(&pool_queue),
-                        )),
-                        queue: pool_queue,
-                        deployment,
-                    });
+        let extra_pools: Vec<(String, String)> = options
+            .extra_pools
+            .iter()
+            .cloned()
+            .zip(pool_queues.iter().cloned())
+            .collect();
+        let cluster = Cluster::start(
+            state,
+            client,
+            node_ip.clone(),
+            ClusterSetup {
+                namespace: &queue,
+                queue: &queue,
+                queue_type: options.queue_kind.as_str(),
+                amqp_host_port: format!("{node_ip}:{}", node.amqp_port()),
+                seconds_per_dot: options.seconds_per_dot,
+                grace_seconds: options.grace_seconds,
+                controllers: options.controllers,
+                leader_election,
+                lease_duration_seconds: options.lease_duration_seconds,
+                lease_grace_seconds: options.lease_grace_seconds,
+                controller_env: &options.controller_env,
+                worker_queues: &worker_queues,
+                extra_pools: &extra_pools,
+            },
+        )
+        .await?;
+        let recorder = cluster.recorder(DEPLOYMENT);
+        let pools = extra_pools
+            .into_iter()
+            .map(|(suffix, queue)| {
+                let deployment = format!("{DEPLOYMENT}-{suffix}");
+                Pool {
+                    suffix,
+                    queue,
+                    recorder: cluster.recorder(&deployment),
+                    deployment,
                 }
-                (
-                    Kube::Fake { api, kubeconfig },
-                    recorder,
-                    workers,
-                    pools,
-                    1.0,
-                )
-            }
-        };
+            })
+            .collect();
+        let patience = std::env::var("WARREN_E2E_PATIENCE")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(3.0);
 
-        let on_cluster = matches!(kube, Kube::Cluster(_));
-        let mut harness = Self {
+        let harness = Self {
             queue,
             queue_kind: options.queue_kind,
             node,
-            kube,
-            workers,
+            cluster: Box::new(cluster),
             sender,
-            controllers: Vec::new(),
             recorder,
             proxy,
             binaries,
             started,
             pools,
-            leader_election,
-            lease_duration_seconds: options.lease_duration_seconds,
-            lease_grace_seconds: options.lease_grace_seconds,
-            controller_env: options.controller_env,
             patience,
             dir: Some(dir),
             sent: Mutex::default(),
             http,
         };
 
+        // The controllers run already; they act once the QueueScaler exists.
+        if options.wait_for_queue_stats {
+            let waited = harness
+                .wait_for_queue_stats(Duration::from_secs(60))
+                .await?;
+            tracing::info!(?waited, "management API reports counts for the work queue");
+        }
         if options.create_scaler {
             let mut spec = harness.default_spec();
             if let Some(edit) = options.spec_edit {
@@ -571,54 +474,22 @@ impl Harness {
             }
             harness.put_scaler(SCALER, spec).await?;
         }
-        if options.wait_for_queue_stats {
-            let waited = harness
-                .wait_for_queue_stats(Duration::from_secs(60))
-                .await?;
-            tracing::info!(?waited, "management API reports counts for the work queue");
-        }
-        if !on_cluster {
-            for i in 0..options.controllers {
-                harness
-                    .start_controller(&format!("warren-controller-{i}"))
-                    .await?;
-            }
-        }
         Ok(harness)
     }
 
-    /// Whether this harness runs on a cluster (else on the fake API server).
-    pub fn on_cluster(&self) -> bool {
-        matches!(self.kube, Kube::Cluster(_))
-    }
-
-    /// The cluster backend, if this harness runs on one.
-    pub fn cluster(&self) -> Option<&Cluster> {
-        match &self.kube {
-            Kube::Cluster(cluster) => Some(cluster),
-            Kube::Fake { .. } => None,
-        }
-    }
-
-    /// The fake API server, if this harness runs on one.
-    pub fn fake_api(&self) -> Option<&FakeApiServer> {
-        match &self.kube {
-            Kube::Fake { api, .. } => Some(api),
-            Kube::Cluster(_) => None,
-        }
+    /// The cluster side of this harness (its namespace, pods, watches).
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
     }
 
     fn patient(&self, timeout: Duration) -> Duration {
         timeout.mul_f64(self.patience)
     }
 
-    /// `url` (an address on 127.0.0.1) as the controller reaches it: on a
-    /// cluster, through the node's bridge address.
+    /// `url` (an address on 127.0.0.1) as the controller pods reach it:
+    /// through the node's bridge address.
     fn reachable(&self, url: &str) -> String {
-        match &self.kube {
-            Kube::Cluster(cluster) => url.replace("127.0.0.1", &cluster.node_ip),
-            Kube::Fake { .. } => url.to_string(),
-        }
+        url.replace("127.0.0.1", &self.cluster.node_ip)
     }
 
     /// Waits until the management API reports message counts for the work
@@ -764,28 +635,15 @@ impl Harness {
     /// Worker pods (main Deployment) running, not terminating: (pod, the
     /// name of its current instance in the job log).
     fn live_workers(&self) -> Vec<(String, String)> {
-        match &self.kube {
-            Kube::Cluster(cluster) => cluster
-                .pods_of(DEPLOYMENT)
-                .into_iter()
-                .filter(|p| !p.deleted && !p.terminating)
-                .map(|p| {
-                    let instance = instance_name(&p.name, p.restart_count);
-                    (p.name, instance)
-                })
-                .collect(),
-            Kube::Fake { .. } => self
-                .workers
-                .as_ref()
-                .map(|w| {
-                    w.pods()
-                        .into_iter()
-                        .filter(|p| !p.terminating)
-                        .map(|p| (p.name.clone(), p.name))
-                        .collect()
-                })
-                .unwrap_or_default(),
-        }
+        self.cluster
+            .pods_of(DEPLOYMENT)
+            .into_iter()
+            .filter(|p| !p.deleted && !p.terminating)
+            .map(|p| {
+                let instance = instance_name(&p.name, p.restart_count);
+                (p.name, instance)
+            })
+            .collect()
     }
 
     /// The extra pool with this suffix.
@@ -807,18 +665,12 @@ impl Harness {
 
     /// The QueueScaler `name` as JSON.
     fn scaler_object(&self, name: &str) -> Option<Value> {
-        match &self.kube {
-            Kube::Fake { api, .. } => api.get_object(&QUEUESCALERS, NAMESPACE, name),
-            Kube::Cluster(cluster) => cluster.scaler(name),
-        }
+        self.cluster.scaler(name)
     }
 
     /// Every QueueScaler of the harness, as JSON.
     pub fn scalers(&self) -> Vec<Value> {
-        match &self.kube {
-            Kube::Fake { api, .. } => api.list_objects(&QUEUESCALERS, Some(NAMESPACE)),
-            Kube::Cluster(cluster) => cluster.scalers(),
-        }
+        self.cluster.scalers()
     }
 
     /// The status of the QueueScaler `name`, as the controller last wrote it.
@@ -829,49 +681,28 @@ impl Harness {
 
     /// Creates or replaces a QueueScaler.
     pub async fn put_scaler(&self, name: &str, spec: QueueScalerSpec) -> Result<(), HarnessError> {
-        let object = scaler_object(name, spec)?;
-        match &self.kube {
-            Kube::Fake { api, .. } => {
-                api.put_object(&QUEUESCALERS, object)?;
-            }
-            Kube::Cluster(cluster) => cluster.put_scaler(object).await?,
-        }
-        Ok(())
+        self.cluster.put_scaler(scaler_object(name, spec)?).await
     }
 
     /// Applies a JSON merge patch to the QueueScaler's spec (as `kubectl
     /// patch --type merge` would; the generation moves).
     pub async fn patch_scaler_spec(&self, spec_patch: Value) -> Result<(), HarnessError> {
-        let patch = json!({"spec": spec_patch});
-        match &self.kube {
-            Kube::Fake { api, .. } => {
-                api.patch_object(&QUEUESCALERS, NAMESPACE, SCALER, &patch)?;
-            }
-            Kube::Cluster(cluster) => cluster.merge_patch_scaler(SCALER, patch).await?,
-        }
-        Ok(())
+        self.cluster
+            .merge_patch_scaler(SCALER, json!({"spec": spec_patch}))
+            .await
     }
 
     /// Creates a Deployment (e.g. [`deployment_object`]) next to the harness's.
     pub async fn put_deployment(&self, object: Value) -> Result<(), HarnessError> {
-        match &self.kube {
-            Kube::Fake { api, .. } => {
-                api.put_object(&DEPLOYMENTS, object)?;
-            }
-            Kube::Cluster(cluster) => cluster.create_deployment(object).await?,
-        }
-        Ok(())
+        self.cluster.create_deployment(object).await
     }
 
     /// Kubernetes Events recorded so far (JSON).
     pub async fn events(&self) -> Result<Vec<Value>, HarnessError> {
-        match &self.kube {
-            Kube::Fake { api, .. } => Ok(api.events()),
-            Kube::Cluster(cluster) => cluster.events().await,
-        }
+        self.cluster.events().await
     }
 
-    /// Run directory (logs, kubeconfig).
+    /// Run directory (the sender's log).
     pub fn dir(&self) -> &Path {
         self.dir
             .as_ref()
@@ -879,136 +710,44 @@ impl Harness {
             .unwrap_or(Path::new("."))
     }
 
-    /// Where the worker pods write their logs (fake backend).
-    pub fn pods_dir(&self) -> PathBuf {
-        self.dir().join("pods")
-    }
-
-    /// Starts a controller process named `name` (its `POD_NAME`) and waits
-    /// until it serves `/healthz` (fake backend; on a cluster the
-    /// controllers are the chart's Deployment, `HarnessOptions::controllers`).
-    pub async fn start_controller(&mut self, name: &str) -> Result<(), HarnessError> {
-        let Kube::Fake { kubeconfig, .. } = &self.kube else {
-            return Err(HarnessError::Other(
-                "start_controller: on a cluster the controllers are pods of the chart's Deployment"
-                    .into(),
-            ));
-        };
-        let mut vars = vec![
-            ("KUBECONFIG".to_string(), kubeconfig.display().to_string()),
-            ("POD_NAME".into(), name.into()),
-            ("POD_NAMESPACE".into(), NAMESPACE.into()),
-            (
-                "WARREN_LEADER_ELECTION".into(),
-                self.leader_election.to_string(),
-            ),
-            ("WARREN_LEASE_NAME".into(), LEASE.into()),
-            (
-                "WARREN_LEASE_DURATION_SECONDS".into(),
-                self.lease_duration_seconds.to_string(),
-            ),
-            (
-                "WARREN_LEASE_GRACE_SECONDS".into(),
-                self.lease_grace_seconds.to_string(),
-            ),
-            ("WARREN_LOG_FORMAT".into(), "json".into()),
-            ("WARREN_LOG".into(), "info,warren_controller=debug".into()),
-            // Audit events (scaler.scaled) go to this broker.
-            ("AMQP_URL".into(), self.node.amqp_url()),
-        ];
-        vars.extend(self.controller_env.iter().cloned());
-        let vars: Vec<(OsString, OsString)> = vars
-            .into_iter()
-            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
-            .collect();
-        let mut process = Process::spawn(
-            &self.binaries.controller,
-            name,
-            &vars,
-            &self.dir().join("logs"),
-        )?;
-        process
-            .wait_http_ok("/healthz", Duration::from_secs(30))
-            .await?;
-        self.controllers.push(process);
-        Ok(())
-    }
-
-    /// The controller process named `name` (fake backend).
-    pub fn controller(&self, name: &str) -> Option<&Process> {
-        self.controllers.iter().find(|c| c.name == name)
-    }
-
-    /// The controllers by name (their `POD_NAME`): the processes, or on a
-    /// cluster the controller Deployment's live pods.
+    /// The controllers by name (their `POD_NAME`): the controller
+    /// Deployment's live pods.
     pub fn controller_names(&self) -> Vec<String> {
-        match &self.kube {
-            Kube::Fake { .. } => self.controllers.iter().map(|c| c.name.clone()).collect(),
-            Kube::Cluster(cluster) => cluster
-                .pods_of(CONTROLLER)
-                .into_iter()
-                .filter(|p| !p.deleted && !p.terminating)
-                .map(|p| p.name)
-                .collect(),
-        }
+        self.cluster
+            .pods_of(CONTROLLER)
+            .into_iter()
+            .filter(|p| !p.deleted && !p.terminating)
+            .map(|p| p.name)
+            .collect()
     }
 
-    /// One scrape of the controller `name`'s `/metrics`.
+    /// One scrape of the controller pod `name`'s `/metrics`.
     pub async fn controller_metrics(&self, name: &str) -> Result<MetricsText, HarnessError> {
-        match &self.kube {
-            Kube::Fake { .. } => {
-                self.controller(name)
-                    .ok_or_else(|| HarnessError::Other(format!("no controller {name}")))?
-                    .metrics()
-                    .await
-            }
-            Kube::Cluster(cluster) => {
-                Ok(MetricsText(cluster.pod_get(name, 8080, "/metrics").await?))
-            }
-        }
+        Ok(MetricsText(
+            self.cluster.pod_get(name, 8080, "/metrics").await?,
+        ))
     }
 
-    /// Takes the controller `name` away without a clean release: SIGKILL of
-    /// the process (fake); deletion of its pod (cluster: the kubelet stops
-    /// it and its Deployment starts another).
+    /// Takes the controller `name` away without a clean release: deletion
+    /// of its pod (the kubelet stops it and its Deployment starts another).
     pub async fn kill_controller(&self, name: &str) -> Result<(), HarnessError> {
-        match &self.kube {
-            Kube::Fake { .. } => self
-                .controller(name)
-                .ok_or_else(|| HarnessError::Other(format!("no controller {name}")))?
-                .signal(Signal::SIGKILL),
-            Kube::Cluster(cluster) => cluster.delete_pod(name).await,
-        }
+        self.cluster.delete_pod(name).await
     }
 
-    /// Sends `signal` to the worker process of pod `pod` (not a deletion: on a
-    /// cluster the kubelet restarts the container, as for a crash).
+    /// Sends `signal` to the worker process of pod `pod` (not a deletion:
+    /// the kubelet restarts the container, as for a crash).
     pub fn kill_worker(&self, pod: &str, signal: Signal) -> Result<(), HarnessError> {
-        match &self.kube {
-            Kube::Fake { .. } => self
-                .workers
-                .as_ref()
-                .ok_or_else(|| HarnessError::Other("no worker pods".into()))?
-                .kill_pod(pod, signal)
-                .map_err(|e| HarnessError::Other(format!("signalling pod {pod}: {e}"))),
-            Kube::Cluster(cluster) => {
-                // A job log instance name (`<pod>#<restart>`) names its pod.
-                let pod = pod.split('#').next().unwrap_or(pod);
-                cluster.signal_pod_process(pod, "warren-worker", signal)
-            }
-        }
+        // A job log instance name (`<pod>#<restart>`) names its pod.
+        let pod = pod.split('#').next().unwrap_or(pod);
+        self.cluster
+            .signal_pod_process(pod, "warren-worker", signal)
     }
 
     /// Waits until the worker pod `pod` (or a job log instance name of it)
     /// has been restarted by its kubelet and is Ready again; returns its
-    /// restart count (cluster backend only: the fake's ReplicaSet replaces
-    /// a dead process with a new pod instead).
+    /// restart count.
     pub async fn wait_restarted(&self, pod: &str, timeout: Duration) -> Result<i32, HarnessError> {
-        let Kube::Cluster(cluster) = &self.kube else {
-            return Err(HarnessError::Other(
-                "container restarts happen on a cluster only".into(),
-            ));
-        };
+        let cluster = &self.cluster;
         let pod = pod.split('#').next().unwrap_or(pod);
         let restarted = |p: &cluster::PodRecord| {
             p.name == pod && p.restart_count >= 1 && p.ready && !p.terminating
@@ -1029,18 +768,12 @@ impl Harness {
     }
 
     /// Judges every scale-in victim of the main Deployment against the pods
-    /// the ReplicaSet controller kept (cluster backend: from the pod watch).
-    /// A victim that was Ready must have had a deletion cost no higher than
-    /// any Ready pod kept; pods deleted within 5 s of each other count as one
-    /// batch (not as kept). Returns how many victims were judged and the
-    /// violations.
+    /// the ReplicaSet controller kept (from the pod watch). A victim that
+    /// was Ready must have had a deletion cost no higher than any Ready pod
+    /// kept; pods deleted within 5 s of each other count as one batch (not
+    /// as kept). Returns how many victims were judged and the violations.
     pub fn scale_in_cost_violations(&self) -> Result<(usize, Vec<String>), HarnessError> {
-        let Kube::Cluster(cluster) = &self.kube else {
-            return Err(HarnessError::Other(
-                "victims are judged on a cluster (the fake's ReplicaSet is ours)".into(),
-            ));
-        };
-        let pods = cluster.pods_of(DEPLOYMENT);
+        let pods = self.cluster.pods_of(DEPLOYMENT);
         let deleted_at: BTreeMap<String, Instant> = pods
             .iter()
             .filter_map(|p| Some((p.name.clone(), p.deletion.as_ref()?.at)))
@@ -1068,29 +801,20 @@ impl Harness {
         Ok((judged, violations))
     }
 
-    /// The first controller's memory: its process (fake) or its pod's
-    /// process (cluster).
+    /// The first controller pod's process memory.
     pub fn controller_memory(&self) -> Option<crate::MemoryUsage> {
-        match &self.kube {
-            Kube::Fake { .. } => self.controllers.first().and_then(Process::memory),
-            Kube::Cluster(cluster) => {
-                let pod = self.controller_names().into_iter().next()?;
-                let pid = cluster.pod_pid(&pod, "warren-controller")?;
-                crate::process::memory_of(u32::try_from(pid).ok()?)
-            }
-        }
+        let pod = self.controller_names().into_iter().next()?;
+        let pid = self.cluster.pod_pid(&pod, "warren-controller")?;
+        crate::process::memory_of(u32::try_from(pid).ok()?)
     }
 
-    /// When the first worker pod became Ready at or after `since` (cluster
-    /// backend: from the pod watch; `None` on the fake).
+    /// When the first worker pod became Ready at or after `since` (from the
+    /// pod watch).
     pub fn first_worker_ready_since(
         &self,
         since: chrono::DateTime<chrono::Utc>,
     ) -> Option<chrono::DateTime<chrono::Utc>> {
-        let Kube::Cluster(cluster) = &self.kube else {
-            return None;
-        };
-        cluster
+        self.cluster
             .pods()
             .into_iter()
             .filter(|p| p.deployment != CONTROLLER)
@@ -1101,14 +825,7 @@ impl Harness {
 
     /// Holder of the leader Lease, if any.
     pub fn lease_holder(&self) -> Option<String> {
-        match &self.kube {
-            Kube::Fake { api, .. } => api
-                .get_object(&LEASES, NAMESPACE, LEASE)?
-                .pointer("/spec/holderIdentity")?
-                .as_str()
-                .map(str::to_string),
-            Kube::Cluster(cluster) => cluster.lease_holder(),
-        }
+        self.cluster.lease_holder()
     }
 
     /// POSTs one job; returns its id once the sender answered 202.
@@ -1193,43 +910,33 @@ impl Harness {
             .clone()
     }
 
-    /// The worker logs as they are now. On a cluster a container's second
-    /// run (after a crash) is `<pod>#1`, and so on: see [`instance_name`].
+    /// The worker logs as they are now, from the container logs the node
+    /// agent keeps. A container's second run (after a crash) is `<pod>#1`,
+    /// and so on: see [`instance_name`].
     pub fn job_log(&self) -> JobLog {
-        match &self.kube {
-            Kube::Fake { .. } => JobLog::read(&self.pods_dir()),
-            Kube::Cluster(cluster) => cluster.job_log(),
-        }
+        self.cluster.job_log()
     }
 
-    /// Exits of worker pod processes (every pool's). On a cluster: one per
-    /// container instance that ended (named like the job log's); SIGTERM
-    /// "sent" means the pod was being deleted, SIGKILL "sent" that it then
-    /// died of signal 9.
+    /// Exits of worker containers (every pool's): one per container
+    /// instance that ended (named like the job log's); SIGTERM "sent" means
+    /// the pod was being deleted, SIGKILL "sent" that it then died of
+    /// signal 9.
     pub fn exits(&self) -> Vec<PodExit> {
-        if let Kube::Cluster(cluster) = &self.kube {
-            return cluster
-                .pods()
-                .into_iter()
-                .filter(|p| p.deployment != CONTROLLER)
-                .flat_map(|p| {
-                    p.exits.into_values().map(move |e| PodExit {
-                        pod: instance_name(&p.name, e.restart),
-                        pid: 0,
-                        code: Some(e.code),
-                        signal: e.signal,
-                        sigterm_sent: e.while_deleting,
-                        sigkill_sent: e.while_deleting && e.signal == Some(9),
-                        ran_for: e.ran_for,
-                    })
+        self.cluster
+            .pods()
+            .into_iter()
+            .filter(|p| p.deployment != CONTROLLER)
+            .flat_map(|p| {
+                p.exits.into_values().map(move |e| PodExit {
+                    pod: instance_name(&p.name, e.restart),
+                    code: Some(e.code),
+                    signal: e.signal,
+                    sigterm_sent: e.while_deleting,
+                    sigkill_sent: e.while_deleting && e.signal == Some(9),
+                    ran_for: e.ran_for,
                 })
-                .collect();
-        }
-        let mut exits = self.workers.as_ref().map(|w| w.exits()).unwrap_or_default();
-        for pool in &self.pools {
-            exits.extend(pool.workers.iter().flat_map(|w| w.exits()));
-        }
-        exits
+            })
+            .collect()
     }
 
     /// Accounting of every job sent so far.
@@ -1346,20 +1053,17 @@ impl Harness {
     pub async fn wait_pods_ready(&self, n: usize, timeout: Duration) -> Result<(), HarnessError> {
         let started = Instant::now();
         let timeout = self.patient(timeout);
-        let ok = match (&self.kube, &self.workers) {
-            (Kube::Cluster(cluster), _) => cluster
-                .wait_pods(timeout, "ready worker pods", |pods| {
-                    let live: Vec<_> = pods
-                        .iter()
-                        .filter(|p| p.deployment == DEPLOYMENT && !p.deleted)
-                        .collect();
-                    live.len() == n && live.iter().all(|p| p.ready && !p.terminating)
-                })
-                .await
-                .is_ok(),
-            (Kube::Fake { .. }, Some(workers)) => workers.wait_for_ready(n, timeout).await,
-            (Kube::Fake { .. }, None) => false,
-        };
+        let ok = self
+            .cluster
+            .wait_pods(timeout, "ready worker pods", |pods| {
+                let live: Vec<_> = pods
+                    .iter()
+                    .filter(|p| p.deployment == DEPLOYMENT && !p.deleted)
+                    .collect();
+                live.len() == n && live.iter().all(|p| p.ready && !p.terminating)
+            })
+            .await
+            .is_ok();
         if ok {
             Ok(())
         } else {
@@ -1387,72 +1091,32 @@ impl Harness {
                 .and_then(|s| serde_json::from_value::<QueueScalerStatus>(s.clone()).ok())
                 .is_some_and(|s| pred(&s))
         };
-        let found = match &self.kube {
-            Kube::Fake { api, .. } => {
-                api.wait_for_object(&QUEUESCALERS, NAMESPACE, SCALER, timeout, matches)
-                    .await
-            }
-            Kube::Cluster(cluster) => cluster.wait_scaler(SCALER, timeout, &mut matches).await,
-        };
-        found
+        self.cluster
+            .wait_scaler(SCALER, timeout, &mut matches)
+            .await
             .and_then(|o| serde_json::from_value(o.get("status")?.clone()).ok())
             .ok_or_else(|| self.timeout(what.to_string(), started))
     }
 
-    /// PATCH requests to the Deployment's `/scale` subresource (on a
-    /// cluster: from the apiserver's audit log, any writer).
+    /// PATCH requests to the Deployment's `/scale` subresource, from the
+    /// apiserver's audit log (any writer).
     pub fn scale_patches(&self) -> Vec<ApiWrite> {
-        match &self.kube {
-            Kube::Fake { api, .. } => {
-                let path =
-                    format!("/apis/apps/v1/namespaces/{NAMESPACE}/deployments/{DEPLOYMENT}/scale");
-                api.requests()
-                    .into_iter()
-                    .filter(|r| r.method == "PATCH" && r.path == path)
-                    .map(|r| ApiWrite {
-                        method: r.method,
-                        path: r.path,
-                        user: String::new(),
-                        status: r.status,
-                    })
-                    .collect()
-            }
-            Kube::Cluster(cluster) => cluster
-                .deployment_writes(DEPLOYMENT, Some("scale"))
-                .into_iter()
-                .filter(|w| w.method == "PATCH")
-                .collect(),
-        }
+        self.cluster
+            .deployment_writes(DEPLOYMENT, Some("scale"))
+            .into_iter()
+            .filter(|w| w.method == "PATCH")
+            .collect()
     }
 
-    /// Writes to the Deployment other than through `/scale` (the controller
-    /// should only ever use `/scale`); on a cluster, those made with the
-    /// controller's ServiceAccount.
+    /// Writes to the Deployment other than through `/scale` made with the
+    /// controller's ServiceAccount (it should only ever use `/scale`).
     pub fn other_deployment_writes(&self) -> Vec<ApiWrite> {
-        match &self.kube {
-            Kube::Fake { api, .. } => {
-                let base = format!("/apis/apps/v1/namespaces/{NAMESPACE}/deployments/{DEPLOYMENT}");
-                api.requests()
-                    .into_iter()
-                    .filter(|r| matches!(r.method.as_str(), "PATCH" | "PUT" | "POST"))
-                    .filter(|r| r.path == base)
-                    .map(|r| ApiWrite {
-                        method: r.method,
-                        path: r.path,
-                        user: String::new(),
-                        status: r.status,
-                    })
-                    .collect()
-            }
-            Kube::Cluster(cluster) => {
-                let controller = cluster.controller_user();
-                cluster
-                    .deployment_writes(DEPLOYMENT, None)
-                    .into_iter()
-                    .filter(|w| w.user == controller)
-                    .collect()
-            }
-        }
+        let controller = self.cluster.controller_user();
+        self.cluster
+            .deployment_writes(DEPLOYMENT, None)
+            .into_iter()
+            .filter(|w| w.user == controller)
+            .collect()
     }
 
     /// Ready messages in the work queue (AMQP passive declare).
@@ -1501,41 +1165,13 @@ impl Harness {
             "--- replicas (t=0 at harness start): {}\n",
             self.recorder.describe(self.started)
         ));
-        if let Kube::Cluster(cluster) = &self.kube {
-            out.push_str(&format!(
-                "--- namespace {} pods:\n    {}\n",
-                cluster.namespace,
-                describe_pods(&cluster.pods())
-            ));
-            for exit in self.exits() {
-                out.push_str(&format!("--- exit {exit:?}\n"));
-            }
-        }
-        if let Some(workers) = &self.workers {
-            let pods: Vec<String> = workers
-                .pods()
-                .iter()
-                .map(|p| {
-                    format!(
-                        "{}{}{}",
-                        p.name,
-                        if p.ready { "" } else { " (not ready)" },
-                        if p.terminating { " (terminating)" } else { "" }
-                    )
-                })
-                .collect();
-            out.push_str(&format!("--- pods: {}\n", pods.join(", ")));
-            for exit in workers.exits() {
-                out.push_str(&format!(
-                    "--- exit {}: code {:?} signal {:?} sigterm {} sigkill {} after {:.1}s\n",
-                    exit.pod,
-                    exit.code,
-                    exit.signal,
-                    exit.sigterm_sent,
-                    exit.sigkill_sent,
-                    exit.ran_for.as_secs_f64()
-                ));
-            }
+        out.push_str(&format!(
+            "--- namespace {} pods:\n    {}\n",
+            self.cluster.namespace,
+            describe_pods(&self.cluster.pods())
+        ));
+        for exit in self.exits() {
+            out.push_str(&format!("--- exit {exit:?}\n"));
         }
         for pool in &self.pools {
             out.push_str(&format!(
@@ -1563,21 +1199,12 @@ impl Harness {
             None => out.push_str("--- no QueueScaler\n"),
         }
         out.push_str(&format!("--- lease holder: {:?}\n", self.lease_holder()));
-        for controller in &self.controllers {
+        for pod in self.cluster.pods_of(CONTROLLER) {
             out.push_str(&format!(
-                "--- {} log (last 40 lines):\n{}\n",
-                controller.name,
-                controller.log_tail(40)
+                "--- controller pod {} log (last 40 lines):\n{}\n",
+                pod.name,
+                self.cluster.controller_log_tail(&pod.name, 40)
             ));
-        }
-        if let Kube::Cluster(cluster) = &self.kube {
-            for pod in cluster.pods_of(CONTROLLER) {
-                out.push_str(&format!(
-                    "--- controller pod {} log (last 40 lines):\n{}\n",
-                    pod.name,
-                    cluster.controller_log_tail(&pod.name, 40)
-                ));
-            }
         }
         out.push_str(&format!(
             "--- sender log (last 5 lines):\n{}\n",

@@ -1,33 +1,34 @@
 //! End to end: the real `warren-controller`, `warren-sender` and
-//! `warren-worker` binaries, a real RabbitMQ node, and Kubernetes either
-//! replaced by [`warren_fakekube::FakeApiServer`] over HTTP (the default,
-//! described below) or, with `WARREN_E2E_CLUSTER` set to the state directory
-//! of `make local-up`, a real control plane where the controller and workers
-//! are pods of the chart (see [`cluster`]).
+//! `warren-worker` binaries, a real RabbitMQ node, and the local cluster
+//! (`make local-up`: the upstream kube-apiserver, kube-controller-manager and
+//! scheduler, and a node agent that runs pods as local processes) whose state
+//! directory `WARREN_E2E_CLUSTER` names. Without it a [`Harness`] fails at
+//! once (never a skip): `make local-scenarios` sets it.
 //!
 //! [`Harness::start`] brings up, for one test:
 //! - a private RabbitMQ node with the management plugin (its own ports and
-//!   data directory, so tests can kill it and run in parallel);
-//! - a fake API server holding a Deployment `warren-worker` (replicas 0), the
-//!   Secret `warren-rabbitmq` with the broker credentials, and a
-//!   `QueueScaler` built from [`HarnessOptions`];
-//! - a [`ProcessReplicaSet`](warren_fakekube::ProcessReplicaSet) that runs one
-//!   real `warren-worker` process per replica of that Deployment, removing
-//!   scale-in victims the way the ReplicaSet controller ranks them
-//!   (pod-deletion-cost) with SIGTERM, grace period, SIGKILL;
-//! - the `warren-sender` binary (jobs go in through `POST /send`);
-//! - one or two `warren-controller` processes with `KUBECONFIG` pointing at
-//!   the fake.
+//!   data directory, so tests can kill it), reached by the pods through the
+//!   node's address;
+//! - a namespace of the cluster with the chart's objects (rendered by
+//!   `helm template`): the controller Deployment with its ServiceAccount and
+//!   RBAC, the worker Deployment `warren-worker` at 0 replicas (its pods run
+//!   the real `warren-worker`, scaled in by the real ReplicaSet controller,
+//!   which ranks victims by pod-deletion-cost), the Secret
+//!   `warren-rabbitmq`, and a `QueueScaler` built from [`HarnessOptions`]
+//!   (see [`cluster`]);
+//! - the `warren-sender` binary on this machine (jobs go in through
+//!   `POST /send`).
 //!
 //! What a test reads back: the Deployment's replica history with timestamps
-//! ([`ReplicaRecorder`]), the fake's request log (scale patches), the
-//! QueueScaler's status, every worker's JSON log ([`JobLog`]: which job
-//! started and finished where, and whether it was a redelivery), pod exit
-//! codes, and each controller's `/metrics`.
+//! ([`ReplicaRecorder`], from a watch), the `/scale` patches (the apiserver's
+//! audit log), the QueueScaler's status, every worker's JSON log ([`JobLog`],
+//! from the container logs the node agent keeps: which job started and
+//! finished where, and whether it was a redelivery), container exits, the
+//! scale-in victims' deletion costs, and each controller pod's `/metrics`.
 //!
-//! The binaries are found next to the test executable (see [`Binaries`]):
-//! build them first with `cargo build --bins` (or run the whole workspace,
-//! `cargo nextest run --workspace`, which builds every binary).
+//! The sender is found next to the test executable (see [`Binaries`]):
+//! build the binaries first with `cargo build --bins`; the pods run those
+//! `make local-up` installed.
 
 mod binaries;
 pub mod cluster;
@@ -43,7 +44,8 @@ pub use binaries::{BIN_DIR_ENV, Binaries};
 pub use cluster::{ApiWrite, CLUSTER_ENV};
 pub use harness::{
     Burst, DATA_LAG_COOLDOWN, DATA_LAG_WINDOW, DEPLOYMENT, Harness, HarnessOptions, LEASE,
-    NAMESPACE, Pool, QueueKind, SCALER, SECRET, base_spec, deployment_object, job, scaler_object,
+    NAMESPACE, PodExit, Pool, QueueKind, SCALER, SECRET, base_spec, deployment_object, job,
+    scaler_object,
 };
 pub use jobs::{JobEvent, JobKind, JobLog, JobReport};
 pub use metrics::MetricsText;
@@ -71,10 +73,12 @@ pub enum HarnessError {
     },
     #[error("test service (RabbitMQ node, control plane, Prometheus): {0}")]
     Rabbit(#[from] warren_testkit::TestkitError),
-    #[error("fake API server: {0}")]
-    FakeKube(#[from] warren_fakekube::FakeKubeError),
-    #[error("fake API server rejected an object: {0}")]
-    Api(#[from] warren_fakekube::ApiError),
+    #[error(
+        "the end-to-end scenarios run on the local cluster, and {CLUSTER_ENV} is not set: \
+         start the cluster with `make local-up` and run them with `make local-scenarios` \
+         (or set {CLUSTER_ENV} to the cluster's state directory, .local/cluster)"
+    )]
+    NoCluster,
     #[error("{context}: {source}")]
     Kube {
         context: String,

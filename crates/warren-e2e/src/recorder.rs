@@ -1,7 +1,5 @@
-//! The replica history of a workload, timestamped as it is seen: in the fake
-//! API server as the store changes (the fake notifies in-process, so a change
-//! is seen within the scheduling latency of this task, well under a
-//! millisecond on an idle machine), on a cluster as a watch event arrives
+//! The replica history of a workload, timestamped as it is seen: on the
+//! cluster, as a watch event of the Deployment arrives from the apiserver
 //! (see `Cluster::recorder`).
 
 use std::future::Future;
@@ -9,11 +7,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use warren_fakekube::FakeApiServer;
-use warren_fakekube::resources::ResourceType;
 
 /// `spec.replicas` of the workload changed.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -69,32 +64,6 @@ impl Drop for ReplicaRecorder {
 }
 
 impl ReplicaRecorder {
-    /// Starts recording `namespace/name` of type `rt` in the fake API server.
-    pub fn start(
-        api: &FakeApiServer,
-        rt: &'static ResourceType,
-        namespace: &str,
-        name: &str,
-    ) -> Self {
-        let api = api.clone();
-        let namespace = namespace.to_string();
-        let name = name.to_string();
-        let mut store_changes = api.changes();
-        Self::from_source(move |mut recording| async move {
-            loop {
-                let replicas = api
-                    .get_object(rt, &namespace, &name)
-                    .and_then(|o| o.pointer("/spec/replicas").and_then(Value::as_i64));
-                if let Some(to) = replicas {
-                    recording.record(to);
-                }
-                if store_changes.changed().await.is_err() {
-                    return;
-                }
-            }
-        })
-    }
-
     /// Records what `source` reports through its [`Recording`] (a task
     /// aborted when the recorder is dropped).
     pub fn from_source<F, Fut>(source: F) -> Self
@@ -228,33 +197,34 @@ impl ReplicaRecorder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-    use warren_fakekube::resources::DEPLOYMENTS;
+    use tokio::sync::mpsc;
+
+    /// A recorder fed by hand: what a source reports, in order.
+    fn fed() -> (mpsc::UnboundedSender<i64>, ReplicaRecorder) {
+        let (feed, mut values) = mpsc::unbounded_channel::<i64>();
+        let recorder = ReplicaRecorder::from_source(move |mut recording| async move {
+            while let Some(to) = values.recv().await {
+                recording.record(to);
+            }
+        });
+        (feed, recorder)
+    }
 
     #[tokio::test]
     async fn records_replica_changes_in_order() {
-        let api = FakeApiServer::start().await.unwrap();
-        api.put_object(
-            &DEPLOYMENTS,
-            json!({"metadata": {"name": "d", "namespace": "default"}, "spec": {"replicas": 0}}),
-        )
-        .unwrap();
-        let recorder = ReplicaRecorder::start(&api, &DEPLOYMENTS, "default", "d");
+        let (feed, recorder) = fed();
         let t0 = Instant::now();
+        feed.send(0).unwrap();
         assert!(
             recorder
                 .wait_value(Duration::from_secs(5), |v| v == 0)
                 .await
                 .is_some()
         );
+        // A repeated value (a watch event that changed something else) is
+        // no change.
         for n in [2, 2, 5, 1] {
-            api.patch_object(
-                &DEPLOYMENTS,
-                "default",
-                "d",
-                &json!({"spec": {"replicas": n}}),
-            )
-            .unwrap();
+            feed.send(n).unwrap();
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let up = recorder
@@ -268,13 +238,37 @@ mod tests {
             .unwrap();
         let values: Vec<i64> = recorder.history().iter().map(|c| c.to).collect();
         assert_eq!(values, vec![0, 2, 5, 1]);
+        assert_eq!(recorder.history()[0].from, None);
         assert_eq!(recorder.range_during(t0, Instant::now()), Some((5, 0)));
         assert!(recorder.describe(t0).contains("2→5"));
+        let before_five = up.at - Duration::from_millis(1);
+        assert_eq!(recorder.value_at(before_five), Some(2));
+        assert_eq!(recorder.since(up.at).len(), 2);
         assert!(
             recorder
                 .wait_change(Instant::now(), Duration::from_millis(100), |c| c.to == 9)
                 .await
                 .is_none()
         );
+    }
+
+    #[tokio::test]
+    async fn a_dropped_recorder_stops_its_source() {
+        let (feed, recorder) = fed();
+        feed.send(3).unwrap();
+        recorder
+            .wait_value(Duration::from_secs(5), |v| v == 3)
+            .await
+            .unwrap();
+        drop(recorder);
+        // The source task is aborted: its receiver goes, and sending fails.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while feed.send(4).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "the source outlived its recorder"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }

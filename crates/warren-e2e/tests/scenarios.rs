@@ -1,18 +1,19 @@
 //! Issue 5's scenarios, end to end: the real controller, sender and worker
-//! binaries, a private RabbitMQ node, and Kubernetes either faked over HTTP
-//! or, with `WARREN_E2E_CLUSTER` set (`make local-scenarios`), the local
-//! cluster: the chart's controller and worker Deployments in a namespace per
-//! test, pods scaled by the real ReplicaSet controller (see
-//! `warren_e2e::cluster`). On the cluster the scenarios also check what only
-//! a real control plane decides: each scale-in victim had the lowest
-//! deletion cost, a SIGKILLed worker's container is restarted by its
-//! kubelet, a deleted leader pod is replaced by its Deployment.
+//! binaries, a private RabbitMQ node, and the local cluster named by
+//! `WARREN_E2E_CLUSTER` (`make local-scenarios` on the cluster `make
+//! local-up` started; `make local-e2e`, part of `make test`, runs them on a
+//! cluster of its own): the chart's controller and worker Deployments in a
+//! namespace per test, pods scaled by the real ReplicaSet controller (see
+//! `warren_e2e::cluster`). Without `WARREN_E2E_CLUSTER` every test fails at
+//! once. Besides the scaling itself they check what only a real control
+//! plane decides: each scale-in victim had the lowest deletion cost, a
+//! SIGKILLed worker's container is restarted by its kubelet, a deleted
+//! leader pod is replaced by its Deployment.
 //!
-//! On the fake each test has its own node, fake API server and processes, so
-//! nextest runs them in parallel; on the one cluster they run one at a time.
-//! Build the binaries first: `cargo build --bins` (the harness fails loudly
-//! when one is missing). Timing checks are lower bounds (a window is never
-//! cut short) with generous upper bounds (waits are 3× longer on a cluster,
+//! On the one cluster they run one at a time. Build the binaries first:
+//! `cargo build --bins` (the harness fails loudly when one is missing).
+//! Timing checks are lower bounds (a window is never cut short) with
+//! generous upper bounds (waits are 3× longer than the scenario says,
 //! `WARREN_E2E_PATIENCE`); the figures themselves are the benchmark's job
 //! (`e2e-bench`).
 //!
@@ -51,15 +52,11 @@ fn secs(s: f64) -> Duration {
 /// happened: one polling interval plus scheduling noise.
 const POLL_SLACK: f64 = 1.25;
 
-/// On a cluster: every scale-in victim that was Ready had a deletion cost no
-/// higher than any Ready pod the ReplicaSet controller kept (the real
-/// controller ranked the pods by the controller's marks), and at least
-/// `at_least` victims were judged. The fake's ReplicaSet ranks by cost by
-/// construction, so there is nothing to judge.
+/// Every scale-in victim that was Ready had a deletion cost no higher than
+/// any Ready pod the ReplicaSet controller kept (the real controller ranked
+/// the pods by the controller's marks), and at least `at_least` victims
+/// were judged.
 fn assert_victims_had_the_lowest_cost(h: &Harness, at_least: usize) {
-    if !h.on_cluster() {
-        return;
-    }
     let (judged, violations) = ok(h.scale_in_cost_violations());
     println!("{judged} scale-in victims judged by deletion cost");
     assert!(
@@ -200,34 +197,24 @@ async fn drained_queue_scales_down_after_the_window_and_to_zero_after_the_cooldo
             |c| c.from == Some(4),
         )
         .await);
-    // On the fake all four jobs start at once, so the first step lands on the
-    // two in flight. On a cluster the pods start one by one and a short job
-    // can finish while another still waits: the window then holds a
-    // recommendation of 3 and the first step may stop there; the step to the
-    // two in flight follows, and it is the one the window is judged on (2 is
-    // recommended only once both short jobs are done).
-    let down = if h.on_cluster() {
-        assert!(
-            down.to >= 2,
-            "two long jobs are still in flight: {}",
-            h.recorder.describe(h.started)
-        );
-        ok(h.wait_change(
+    // The pods start one by one and a short job can finish while another
+    // still waits: the window then holds a recommendation of 3 and the first
+    // step may stop there; the step to the two in flight follows, and it is
+    // the one the window is judged on (2 is recommended only once both short
+    // jobs are done).
+    assert!(
+        down.to >= 2,
+        "two long jobs are still in flight: {}",
+        h.recorder.describe(h.started)
+    );
+    let down = ok(h
+        .wait_change(
             at_four.at,
             secs(WINDOW + 15.0),
             "the scale-down to the two jobs in flight",
             |c| c.to == 2,
         )
-        .await)
-    } else {
-        assert_eq!(
-            down.to,
-            2,
-            "two long jobs are still in flight: {}",
-            h.recorder.describe(h.started)
-        );
-        down
-    };
+        .await);
     let waited = (down.wall - short_done).num_milliseconds() as f64 / 1000.0;
     assert!(
         waited >= WINDOW - POLL_SLACK,
@@ -462,9 +449,9 @@ async fn scale_in_of_busy_workers_with_a_backlog_redelivers_nothing() {
 }
 
 /// A worker SIGKILLed mid-job: the broker redelivers the job, another worker
-/// process completes it; nothing lost, nothing done twice. On a cluster the
-/// pod is not deleted: its kubelet restarts the container (restartPolicy
-/// Always) and the pod is Ready again.
+/// process completes it; nothing lost, nothing done twice. The pod is not
+/// deleted: its kubelet restarts the container (restartPolicy Always) and
+/// the pod is Ready again.
 #[tokio::test]
 async fn a_sigkilled_workers_job_completes_elsewhere() {
     let h = ok(Harness::start(HarnessOptions::default().scaler(|s| {
@@ -507,12 +494,10 @@ async fn a_sigkilled_workers_job_completes_elsewhere() {
         !exit.sigterm_sent,
         "the kill was ours, not a scale-in: {exit:?}"
     );
-    if h.on_cluster() {
-        // Not deleted: the kubelet restarts the container in the same pod
-        // (restartPolicy Always) and it serves again.
-        let restarts = ok(h.wait_restarted(&victim, secs(60.0)).await);
-        println!("{victim} restarted by its kubelet ({restarts} restart(s)), Ready again");
-    }
+    // Not deleted: the kubelet restarts the container in the same pod
+    // (restartPolicy Always) and it serves again.
+    let restarts = ok(h.wait_restarted(&victim, secs(60.0)).await);
+    println!("{victim} restarted by its kubelet ({restarts} restart(s)), Ready again");
 }
 
 /// Broker crash and restart: while metrics are missing the controller keeps
@@ -690,8 +675,9 @@ async fn paused_holds_the_replicas() {
     );
 }
 
-/// Two controller replicas: only the Lease holder scales; when it is
-/// SIGKILLed (no release), the other takes over once the Lease expires.
+/// Two controller replicas: only the Lease holder scales; when its pod is
+/// deleted, another controller (the follower, or the replacement pod its
+/// Deployment starts) takes over and scaling continues.
 #[tokio::test]
 async fn two_controllers_one_leader_scales_and_the_other_takes_over() {
     let h = ok(Harness::start(
@@ -745,8 +731,7 @@ async fn two_controllers_one_leader_scales_and_the_other_takes_over() {
 
     ok(h.kill_controller(&leader).await);
     let killed = Instant::now();
-    // On the fake the only other controller is the follower. On a cluster
-    // the deleted leader's Deployment starts a replacement pod at once, and
+    // The deleted leader's Deployment starts a replacement pod at once, and
     // either it or the follower may win the Lease: any live controller but
     // the deleted one is a takeover.
     let new_leader = loop {
@@ -760,15 +745,11 @@ async fn two_controllers_one_leader_scales_and_the_other_takes_over() {
         );
         tokio::time::sleep(secs(0.1)).await;
     };
-    if h.on_cluster() {
-        assert!(
-            h.controller_names().contains(&new_leader),
-            "{new_leader} holds the Lease but is no live controller pod: {:?}",
-            h.controller_names()
-        );
-    } else {
-        assert_eq!(new_leader, follower, "an unknown holder took the Lease");
-    }
+    assert!(
+        h.controller_names().contains(&new_leader),
+        "{new_leader} holds the Lease but is no live controller pod: {:?}",
+        h.controller_names()
+    );
     println!(
         "{new_leader} took the Lease {:?} after {leader} was killed (follower: {follower})",
         killed.elapsed()
@@ -790,18 +771,16 @@ async fn two_controllers_one_leader_scales_and_the_other_takes_over() {
     );
     let report = h.report();
     assert!(report.lost.is_empty(), "{report:?}");
-    if h.on_cluster() {
-        // The deleted leader's Deployment brought the count back to two.
-        let deleted = Instant::now();
-        while h.controller_names().len() != 2 || h.controller_names().contains(&leader) {
-            assert!(
-                deleted.elapsed() < secs(120.0),
-                "no replacement controller pod: {:?}\n{}",
-                h.controller_names(),
-                h.diagnostics()
-            );
-            tokio::time::sleep(secs(0.5)).await;
-        }
+    // The deleted leader's Deployment brought the count back to two.
+    let deleted = Instant::now();
+    while h.controller_names().len() != 2 || h.controller_names().contains(&leader) {
+        assert!(
+            deleted.elapsed() < secs(120.0),
+            "no replacement controller pod: {:?}\n{}",
+            h.controller_names(),
+            h.diagnostics()
+        );
+        tokio::time::sleep(secs(0.5)).await;
     }
 }
 
