@@ -307,9 +307,12 @@ async fn three_thousand_stalled_connections_are_closed_in_time_and_normal_reques
         read.is_ok(),
         "the idle keep-alive connection was never closed"
     );
+    // The server's idle clock starts when it has written the answer, a little
+    // before this client read it: a second of slack, still far above the stall
+    // timeout it must not have been closed by.
     let idle_for = idle_since.elapsed();
     assert!(
-        idle_for >= IDLE_TIMEOUT,
+        idle_for >= IDLE_TIMEOUT - Duration::from_secs(1),
         "the idle connection was closed after {idle_for:?}, before the idle timeout"
     );
     assert!(

@@ -65,21 +65,34 @@ async fn durable_messages_survive_kill_and_restart() {
     );
 
     node.start_again().await.unwrap();
+    // The node accepts connections while its vhost may still be recovering its
+    // queues: a passive declare can say NOT_FOUND for a moment (it closes the
+    // channel, so each try gets a new one). A queue that was lost never shows.
     let conn = Connection::connect(&node.amqp_url(), ConnectionProperties::default())
         .await
         .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let queue = channel
-        .queue_declare(
-            "kept".into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let queue = loop {
+        let channel = conn.create_channel().await.unwrap();
+        let declared = channel
+            .queue_declare(
+                "kept".into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(queue) => break queue,
+            Err(err) if std::time::Instant::now() < deadline => {
+                eprintln!("the durable queue is not back yet: {err}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(err) => panic!("the durable queue did not come back after the restart: {err}"),
+        }
+    };
     assert_eq!(queue.message_count(), 1, "the persistent message survived");
 }
 
