@@ -21,13 +21,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use chrono::{SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel};
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use uuid::Uuid;
 
 use crate::topology::EVENTS_EXCHANGE;
 
@@ -56,6 +57,7 @@ pub struct Batching {
 
 enum Command {
     Event(AuditEvent),
+    Job(JobEvent),
     Flush(oneshot::Sender<()>),
 }
 
@@ -83,6 +85,52 @@ impl AuditEvent {
             routing_key: routing_key.to_string(),
             body,
         }
+    }
+}
+
+/// An event about one job in one queue, for the hot path: the same JSON
+/// object as [`AuditEvent::job`] with a single `queue` field, but written
+/// straight to bytes by the publishing task (no `serde_json::Value` built
+/// per event). A sender emits one for every accepted job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobEvent {
+    pub routing_key: &'static str,
+    pub id: Uuid,
+    pub at: DateTime<Utc>,
+    pub queue: Arc<str>,
+}
+
+impl JobEvent {
+    /// An event about job `id` in `queue`, stamped now.
+    pub fn new(routing_key: &'static str, id: Uuid, queue: Arc<str>) -> Self {
+        Self {
+            routing_key,
+            id,
+            at: Utc::now(),
+            queue,
+        }
+    }
+
+    /// Appends the event's JSON: `{"at", "event", "id", "queue"}`, keys in
+    /// the order a `serde_json::Map` keeps them, so the bytes are those of
+    /// the equivalent [`AuditEvent`].
+    fn write_json(&self, out: &mut Vec<u8>) {
+        #[derive(serde::Serialize)]
+        struct Json<'a> {
+            at: &'a str,
+            event: &'a str,
+            id: &'a Uuid,
+            queue: &'a str,
+        }
+        let at = self.at.to_rfc3339_opts(SecondsFormat::Millis, true);
+        let json = Json {
+            at: &at,
+            event: self.routing_key,
+            id: &self.id,
+            queue: &self.queue,
+        };
+        // Writing into a Vec cannot fail, and these fields always serialize.
+        let _ = serde_json::to_writer(out, &json);
     }
 }
 
@@ -175,6 +223,13 @@ impl AuditSink {
         }
     }
 
+    /// Queues a [`JobEvent`] (see [`AuditSink::emit`]).
+    pub fn emit_job(&self, event: JobEvent) {
+        if self.tx.try_send(Command::Job(event)).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Publishes every event emitted so far that still waits in a batch;
     /// waits for that at most `timeout`. Call it before closing the
     /// connection on the way out.
@@ -200,30 +255,53 @@ impl AuditSink {
 }
 
 /// Events waiting to be published, per routing key, with the time the
-/// oldest of each batch arrived.
+/// oldest of each batch arrived. Each event is kept as its JSON (the
+/// batch's elements, comma-separated), written when it is added.
 #[derive(Default)]
 struct Pending {
-    batches: BTreeMap<String, (Instant, Vec<Value>)>,
+    batches: BTreeMap<String, Batch>,
+}
+
+/// The events of one batch.
+struct Batch {
+    first: Instant,
+    count: usize,
+    /// The events' JSON objects, separated by commas.
+    json: Vec<u8>,
 }
 
 impl Pending {
-    /// Adds `event`; returns its routing key when its batch is now full.
-    fn add(&mut self, event: AuditEvent, max_events: usize) -> Option<String> {
+    /// Adds an event of kind `routing_key` written by `write`; returns the
+    /// key when its batch is now full.
+    fn add(
+        &mut self,
+        routing_key: &str,
+        write: impl FnOnce(&mut Vec<u8>),
+        max_events: usize,
+    ) -> Option<String> {
         // The key is cloned only for a new batch, not for every event.
-        if !self.batches.contains_key(&event.routing_key) {
-            self.batches
-                .insert(event.routing_key.clone(), (Instant::now(), Vec::new()));
+        if !self.batches.contains_key(routing_key) {
+            let batch = Batch {
+                first: Instant::now(),
+                count: 0,
+                json: Vec::new(),
+            };
+            self.batches.insert(routing_key.to_string(), batch);
         }
-        let (_, events) = self.batches.get_mut(&event.routing_key)?;
-        events.push(event.body);
-        (events.len() >= max_events).then_some(event.routing_key)
+        let batch = self.batches.get_mut(routing_key)?;
+        if batch.count > 0 {
+            batch.json.push(b',');
+        }
+        write(&mut batch.json);
+        batch.count += 1;
+        (batch.count >= max_events).then(|| routing_key.to_string())
     }
 
     /// When the oldest batch is due.
     fn next_due(&self, linger: Duration) -> Option<Instant> {
         self.batches
             .values()
-            .map(|(first, _)| *first + linger)
+            .map(|batch| batch.first + linger)
             .min()
     }
 
@@ -233,20 +311,20 @@ impl Pending {
         now: Instant,
         linger: Duration,
         everything: bool,
-    ) -> Vec<(String, Vec<Value>)> {
+    ) -> Vec<(String, Batch)> {
         let due: Vec<String> = self
             .batches
             .iter()
-            .filter(|(_, (first, _))| everything || *first + linger <= now)
+            .filter(|(_, batch)| everything || batch.first + linger <= now)
             .map(|(key, _)| key.clone())
             .collect();
         due.into_iter()
-            .filter_map(|key| self.take(&key).map(|events| (key, events)))
+            .filter_map(|key| self.take(&key).map(|batch| (key, batch)))
             .collect()
     }
 
-    fn take(&mut self, routing_key: &str) -> Option<Vec<Value>> {
-        self.batches.remove(routing_key).map(|(_, events)| events)
+    fn take(&mut self, routing_key: &str) -> Option<Batch> {
+        self.batches.remove(routing_key)
     }
 }
 
@@ -274,8 +352,8 @@ async fn publish_loop(
         let command = tokio::select! {
             command = rx.recv() => command,
             _ = sleep_until(due) => {
-                for (key, events) in pending.take_due(Instant::now(), batching.linger, false) {
-                    publish(channel(), &key, events, max_events, &counts).await;
+                for (key, batch) in pending.take_due(Instant::now(), batching.linger, false) {
+                    publish(channel(), &key, batch, max_events, &counts).await;
                 }
                 continue;
             }
@@ -288,15 +366,27 @@ async fn publish_loop(
         while let Some(command) = next {
             match command {
                 Command::Event(event) => {
-                    if let Some(key) = pending.add(event, max_events)
-                        && let Some(events) = pending.take(&key)
+                    let write = |out: &mut Vec<u8>| {
+                        // Writing a Value into a Vec cannot fail.
+                        let _ = serde_json::to_writer(out, &event.body);
+                    };
+                    if let Some(key) = pending.add(&event.routing_key, write, max_events)
+                        && let Some(batch) = pending.take(&key)
                     {
-                        publish(channel(), &key, events, max_events, &counts).await;
+                        publish(channel(), &key, batch, max_events, &counts).await;
+                    }
+                }
+                Command::Job(event) => {
+                    let write = |out: &mut Vec<u8>| event.write_json(out);
+                    if let Some(key) = pending.add(event.routing_key, write, max_events)
+                        && let Some(batch) = pending.take(&key)
+                    {
+                        publish(channel(), &key, batch, max_events, &counts).await;
                     }
                 }
                 Command::Flush(done) => {
-                    for (key, events) in pending.take_due(Instant::now(), batching.linger, true) {
-                        publish(channel(), &key, events, max_events, &counts).await;
+                    for (key, batch) in pending.take_due(Instant::now(), batching.linger, true) {
+                        publish(channel(), &key, batch, max_events, &counts).await;
                     }
                     let _ = done.send(());
                 }
@@ -307,8 +397,8 @@ async fn publish_loop(
             tokio::time::sleep(gather).await;
         }
     }
-    for (key, events) in pending.take_due(Instant::now(), batching.linger, true) {
-        publish(channel(), &key, events, max_events, &counts).await;
+    for (key, batch) in pending.take_due(Instant::now(), batching.linger, true) {
+        publish(channel(), &key, batch, max_events, &counts).await;
     }
 }
 
@@ -320,32 +410,40 @@ async fn sleep_until(due: Option<Instant>) {
     }
 }
 
-/// The body of one broker message carrying `events` of kind `routing_key`.
-fn batch_body(routing_key: &str, mut events: Vec<Value>, max_events: usize) -> Value {
-    if max_events == 1 && events.len() == 1 {
-        return events.pop().unwrap_or(Value::Null);
+/// The body of one broker message carrying `batch`'s events of kind
+/// `routing_key`: `{"batch": [...], "count": n, "event": <kind>}` (the
+/// bytes `serde_json` writes for that object), or the bare event when the
+/// sink does not batch.
+fn batch_body(routing_key: &str, batch: Batch, max_events: usize) -> Vec<u8> {
+    if max_events == 1 && batch.count == 1 {
+        return batch.json;
     }
-    json!({
-        "event": routing_key,
-        "count": events.len(),
-        "batch": events,
-    })
+    let mut body = Vec::with_capacity(batch.json.len() + routing_key.len() + 48);
+    body.extend_from_slice(b"{\"batch\":[");
+    body.extend_from_slice(&batch.json);
+    body.extend_from_slice(b"],\"count\":");
+    body.extend_from_slice(batch.count.to_string().as_bytes());
+    body.extend_from_slice(b",\"event\":");
+    // Writing a string into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut body, routing_key);
+    body.push(b'}');
+    body
 }
 
 /// Publishes one message; counts its events as published or dropped.
 async fn publish(
     channel: Option<Channel>,
     routing_key: &str,
-    events: Vec<Value>,
+    batch: Batch,
     max_events: usize,
     counts: &Counts,
 ) {
-    let n = events.len() as u64;
+    let n = batch.count as u64;
     let Some(channel) = channel else {
         counts.dropped.fetch_add(n, Ordering::Relaxed);
         return;
     };
-    let body = serde_json::to_vec(&batch_body(routing_key, events, max_events)).unwrap_or_default();
+    let body = batch_body(routing_key, batch, max_events);
     let properties = BasicProperties::default()
         .with_content_type(ShortString::from("application/json"))
         .with_delivery_mode(2);
@@ -411,15 +509,19 @@ mod tests {
         let mut pending = Pending::default();
         let linger = Duration::from_millis(100);
         assert_eq!(pending.next_due(linger), None);
-        assert_eq!(pending.add(event("message.processed", 1), 3), None);
-        assert_eq!(pending.add(event("message.dead_lettered", 2), 3), None);
-        assert_eq!(pending.add(event("message.processed", 3), 3), None);
+        assert_eq!(add(&mut pending, event("message.processed", 1), 3), None);
         assert_eq!(
-            pending.add(event("message.processed", 4), 3).as_deref(),
+            add(&mut pending, event("message.dead_lettered", 2), 3),
+            None
+        );
+        assert_eq!(add(&mut pending, event("message.processed", 3), 3), None);
+        assert_eq!(
+            add(&mut pending, event("message.processed", 4), 3).as_deref(),
             Some("message.processed")
         );
         let full = pending.take("message.processed").unwrap();
-        let ids: Vec<&str> = full.iter().map(|e| e["id"].as_str().unwrap()).collect();
+        let events = events_in(body_of("message.processed", full, 3));
+        let ids: Vec<&str> = events.iter().map(|e| e["id"].as_str().unwrap()).collect();
         assert_eq!(ids, ["1", "3", "4"]);
 
         let due = pending.next_due(linger).unwrap();
@@ -434,21 +536,78 @@ mod tests {
         assert_eq!(pending.next_due(linger), None);
     }
 
+    /// Adds an [`AuditEvent`] the way the publishing task does.
+    fn add(pending: &mut Pending, event: AuditEvent, max_events: usize) -> Option<String> {
+        let write = |out: &mut Vec<u8>| serde_json::to_writer(out, &event.body).unwrap();
+        pending.add(&event.routing_key, write, max_events)
+    }
+
+    /// The batch of `events` (one kind) as the publishing task would send it.
+    fn batch_of(events: &[AuditEvent], max_events: usize) -> Vec<u8> {
+        let mut pending = Pending::default();
+        for event in events {
+            add(&mut pending, event.clone(), usize::MAX);
+        }
+        let key = &events[0].routing_key;
+        batch_body(key, pending.take(key).unwrap(), max_events)
+    }
+
+    fn body_of(routing_key: &str, batch: Batch, max_events: usize) -> Value {
+        serde_json::from_slice(&batch_body(routing_key, batch, max_events)).unwrap()
+    }
+
     #[test]
     fn a_batch_body_unpacks_to_its_events_and_a_single_event_to_itself() {
-        let events = vec![
-            event("message.processed", 1).body,
-            event("message.processed", 2).body,
-        ];
-        let body = batch_body("message.processed", events.clone(), 100);
+        let events = vec![event("message.processed", 1), event("message.processed", 2)];
+        let bodies: Vec<Value> = events.iter().map(|e| e.body.clone()).collect();
+        let bytes = batch_of(&events, 100);
+        // The bytes serde_json writes for the object (keys sorted).
+        let expected = json!({
+            "event": "message.processed",
+            "count": 2,
+            "batch": bodies,
+        });
+        assert_eq!(bytes, serde_json::to_vec(&expected).unwrap());
+        let body: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(body["event"], "message.processed");
         assert_eq!(body["count"], 2);
-        assert_eq!(events_in(body), events);
+        assert_eq!(events_in(body), bodies);
 
-        let single = event("message.accepted", 7).body;
-        let body = batch_body("message.accepted", vec![single.clone()], 1);
-        assert_eq!(body, single, "unbatched sinks publish the bare event");
-        assert_eq!(events_in(body), vec![single]);
+        let single = event("message.accepted", 7);
+        let bytes = batch_of(std::slice::from_ref(&single), 1);
+        assert_eq!(
+            bytes,
+            serde_json::to_vec(&single.body).unwrap(),
+            "unbatched sinks publish the bare event"
+        );
+        let body: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(events_in(body), vec![single.body]);
+    }
+
+    #[test]
+    fn a_job_event_writes_what_the_audit_event_writes() {
+        let id = Uuid::new_v4();
+        let queue: Arc<str> = Arc::from("jobs \"quoted\" \u{e9}");
+        let event = JobEvent::new("message.accepted", id, queue.clone());
+        let mut fields = Map::new();
+        fields.insert("queue".into(), Value::String(queue.to_string()));
+        let mut expected = AuditEvent::job("message.accepted", &id.to_string(), fields);
+        expected.body["at"] = Value::String(event.at.to_rfc3339_opts(SecondsFormat::Millis, true));
+        let mut written = Vec::new();
+        event.write_json(&mut written);
+        assert_eq!(written, serde_json::to_vec(&expected.body).unwrap());
+
+        // Mixed in a batch with other events of its kind, it unpacks the same.
+        let mut pending = Pending::default();
+        add(&mut pending, expected.clone(), 10);
+        pending.add("message.accepted", |out| event.write_json(out), 10);
+        let body = body_of(
+            "message.accepted",
+            pending.take("message.accepted").unwrap(),
+            10,
+        );
+        assert_eq!(body["count"], 2);
+        assert_eq!(events_in(body), vec![expected.body.clone(), expected.body]);
     }
 
     #[tokio::test]
@@ -465,9 +624,14 @@ mod tests {
         for i in 0..5 {
             sink.emit(event("message.processed", i));
         }
+        // Job events (written straight to JSON) wait in their batch alike.
+        for _ in 0..3 {
+            let queue = Arc::from("q");
+            sink.emit_job(JobEvent::new("message.accepted", Uuid::new_v4(), queue));
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(sink.dropped(), 0, "still waiting in the batch");
         sink.flush(Duration::from_secs(5)).await;
-        assert_eq!(sink.dropped(), 5);
+        assert_eq!(sink.dropped(), 8);
     }
 }

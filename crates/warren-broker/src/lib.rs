@@ -21,7 +21,7 @@ pub mod publisher;
 pub mod topology;
 
 pub use args::{BrokerArgs, EventsLogArgs};
-pub use audit::{AuditEvent, AuditSink, Batching, events_in};
+pub use audit::{AuditEvent, AuditSink, Batching, JobEvent, events_in};
 pub use blocked::blocked_transition;
 pub use connect::{Backoff, ConnectError, close_quietly, connect, connect_uri, redact_url};
 pub use envelope::{ENVELOPE_VERSION, Envelope, EnvelopeError, NewJob};

@@ -15,15 +15,16 @@
 //! counts the outcome and turns it into the response. Every request runs in
 //! one `send` span (method, path, queue) that its log lines inherit.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Map, Value};
 use tokio::sync::SemaphorePermit;
-use warren_broker::{AuditEvent, NewJob};
+use uuid::Uuid;
+use warren_broker::{JobEvent, NewJob};
 use warren_tokens::Refusal;
 
 use crate::auth;
@@ -37,7 +38,8 @@ use crate::{AppInner, AppState};
 pub(crate) async fn send_default(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let inner = &state.inner;
-    let result = send(&state, &parts.uri, &inner.queues[0], &parts.headers, body).await;
+    let queue = inner.queues[0].clone();
+    let result = send(&state, &parts.uri, &queue, &parts.headers, body).await;
     state.respond(result)
 }
 
@@ -66,9 +68,9 @@ async fn send(
     body: Body,
 ) -> Result<Accepted, SendError> {
     let inner = &state.inner;
-    if !inner.queues.iter().any(|known| known == queue) {
+    let Some(queue) = inner.queues.iter().find(|known| &***known == queue) else {
         return Err(inner.unknown_queue(queue));
-    }
+    };
     let admission = inner
         .auth
         .check(headers, queue)
@@ -87,7 +89,7 @@ async fn send(
         ticket.commit();
     }
     if inner.audit_events {
-        inner.audit.emit(accepted.audit_event());
+        inner.audit.emit_job(accepted.audit_event());
     }
     tracing::debug!(id = %accepted.id, "job accepted");
     Ok(accepted)
@@ -174,9 +176,9 @@ impl AppInner {
     }
 
     /// Step 6: the envelope, published persistent and mandatory, confirmed.
-    async fn publish(&self, queue: &str, job: JobRequest<'_>) -> Result<Accepted, SendError> {
+    async fn publish(&self, queue: &Arc<str>, job: JobRequest<'_>) -> Result<Accepted, SendError> {
         let job = NewJob::new(&job.message, &job.extra);
-        let id = job.id.to_string();
+        let id = job.id;
         let properties = job.publish_properties("warren-sender");
         let body = job.to_bytes();
         let started = Instant::now();
@@ -188,7 +190,7 @@ impl AppInner {
                     .observe(started.elapsed().as_secs_f64());
                 Ok(Accepted {
                     id,
-                    queue: queue.to_string(),
+                    queue: queue.clone(),
                 })
             }
             Err(error) => {
@@ -208,30 +210,38 @@ impl AppInner {
 
 /// A job RabbitMQ confirmed: `202 {"id": ..., "queue": ...}`.
 pub(crate) struct Accepted {
-    id: String,
-    queue: String,
+    id: Uuid,
+    queue: Arc<str>,
 }
 
 impl Accepted {
-    fn audit_event(&self) -> AuditEvent {
-        let mut fields = Map::new();
-        fields.insert("queue".into(), Value::String(self.queue.clone()));
-        AuditEvent::job("message.accepted", &self.id, fields)
+    fn audit_event(&self) -> JobEvent {
+        JobEvent::new("message.accepted", self.id, self.queue.clone())
     }
 }
 
 impl IntoResponse for Accepted {
     fn into_response(self) -> Response {
         // The id is a UUID (nothing to escape); the queue name is escaped.
-        let queue = serde_json::to_string(&self.queue).unwrap_or_default();
-        let body = format!("{{\"id\":\"{}\",\"queue\":{queue}}}", self.id);
+        let mut body = Vec::with_capacity(64 + self.queue.len());
+        body.extend_from_slice(b"{\"id\":\"");
+        body.extend_from_slice(
+            self.id
+                .hyphenated()
+                .encode_lower(&mut Uuid::encode_buffer())
+                .as_bytes(),
+        );
+        body.extend_from_slice(b"\",\"queue\":");
+        // Writing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut body, &*self.queue);
+        body.push(b'}');
         (
             StatusCode::ACCEPTED,
             [(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             )],
-            body,
+            Body::from(body),
         )
             .into_response()
     }

@@ -141,7 +141,9 @@ pub struct AppState {
 struct AppInner {
     publisher: Publisher,
     audit: AuditSink,
-    queues: Vec<String>,
+    /// The queues served, default first (shared by every accepted job's
+    /// response and audit event).
+    queues: Vec<Arc<str>>,
     audit_events: bool,
     dot_rule: DotRule,
     max_body_bytes: usize,
@@ -190,7 +192,10 @@ pub async fn start(args: &Args, shutdown: CancellationToken) -> anyhow::Result<R
         inner: Arc::new(AppInner {
             publisher: publisher.clone(),
             audit: audit.clone(),
-            queues,
+            queues: queues
+                .iter()
+                .map(|queue| Arc::from(queue.as_str()))
+                .collect(),
             audit_events: args.audit_events,
             dot_rule: args.dot_rule(),
             max_body_bytes: args.max_body_bytes,
