@@ -46,7 +46,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -250,9 +250,13 @@ enum Phase {
 }
 
 /// Records a connection's phase transitions; read by its watchdog.
+///
+/// Every transition happens while the connection's task polls hyper's
+/// connection (the socket read, the service call and the service future
+/// all run inside that poll), so the watchdog re-reads the deadline after
+/// each such poll and needs no wake-up of its own.
 struct ConnectionClock {
     state: Mutex<(Phase, Instant)>,
-    changed: Notify,
     header_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -261,7 +265,6 @@ impl ConnectionClock {
     fn new(limits: &ConnectionLimits) -> Self {
         Self {
             state: Mutex::new((Phase::Opened, Instant::now())),
-            changed: Notify::new(),
             header_timeout: limits.header_timeout,
             idle_timeout: limits.idle_timeout,
         }
@@ -271,8 +274,6 @@ impl ConnectionClock {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if from.contains(&state.0) {
             *state = (to, Instant::now());
-            drop(state);
-            self.changed.notify_one();
         }
     }
 
@@ -395,39 +396,63 @@ async fn serve_connection(
     // (not a new one at every wake-up).
     let watchdog = tokio::time::sleep_until(Instant::now() + Duration::from_secs(3600));
     tokio::pin!(watchdog);
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     let mut armed = None;
     let mut draining = false;
     loop {
-        let deadline = clock.deadline();
-        if let Some((at, _)) = deadline
-            && armed != Some(at)
-        {
-            watchdog.as_mut().reset(at);
-            armed = Some(at);
-        }
-        tokio::select! {
-            result = connection.as_mut() => {
+        let event = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = connection.as_mut().poll(cx) {
+                return Poll::Ready(Wake::Ended(result));
+            }
+            // The phase changes only inside the poll above: the deadline
+            // read now holds until the task is woken again.
+            if let Some((at, phase)) = clock.deadline() {
+                if armed != Some(at) {
+                    watchdog.as_mut().reset(at);
+                    armed = Some(at);
+                }
+                if watchdog.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Stalled(phase));
+                }
+            }
+            if !draining && cancelled.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Shutdown);
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Wake::Ended(result) => {
                 if let Err(err) = result {
                     tracing::debug!(error = %err, "connection ended with an error");
                 }
                 return;
             }
-            _ = clock.changed.notified() => {}
-            _ = watchdog.as_mut(), if deadline.is_some() => {
-                if let Some((at, phase)) = clock.deadline()
-                    && Instant::now() >= at
-                {
-                    metrics.timed_out.get_or_create(&TimeoutLabels { phase }).inc();
-                    tracing::debug!(phase, "closing a connection that stalled");
-                    return;
-                }
+            Wake::Stalled(phase) => {
+                metrics
+                    .timed_out
+                    .get_or_create(&TimeoutLabels { phase })
+                    .inc();
+                tracing::debug!(phase, "closing a connection that stalled");
+                return;
             }
-            _ = shutdown.cancelled(), if !draining => {
+            Wake::Shutdown => {
                 draining = true;
                 connection.as_mut().graceful_shutdown();
             }
         }
     }
+}
+
+/// Why a connection's task woke up with something to do.
+enum Wake {
+    /// hyper is done with the connection.
+    Ended(Result<(), hyper::Error>),
+    /// The current phase's deadline passed.
+    Stalled(&'static str),
+    /// The server is shutting down.
+    Shutdown,
 }
 
 #[cfg(test)]
