@@ -340,9 +340,17 @@ pub(crate) const RAW_CHANNELS: usize = 4;
 /// Publishes each raw channel keeps in flight for the ceiling.
 pub(crate) const RAW_WINDOW: usize = 256;
 
+/// How long after its run the raw publisher still waits for confirms (and
+/// for its connection to close): a confirm that never comes counts as an
+/// error instead of stopping the bench.
+const RAW_GRACE: Duration = Duration::from_secs(10);
+
 /// The ceiling: [`RAW_CHANNELS`] confirm-mode channels, each keeping up to
 /// `window` publishes in flight into `queue` (declared by the caller),
-/// persistent + mandatory like the sender.
+/// persistent + mandatory like the sender. Bounded: publishes and confirms
+/// still outstanding [`RAW_GRACE`] after the run are counted as errors (a
+/// run on the shared machine once lost its connection mid-run and waited
+/// for ever for confirms that could no longer come).
 async fn raw_publisher(
     url: &str,
     queue: &str,
@@ -353,6 +361,7 @@ async fn raw_publisher(
     let connection = Connection::connect(url, ConnectionProperties::default()).await?;
     let started = Instant::now();
     let deadline = started + duration;
+    let give_up = tokio::time::Instant::from_std(deadline + RAW_GRACE);
     let mut tasks = Vec::new();
     for _ in 0..RAW_CHANNELS {
         let channel = connection.create_channel().await?;
@@ -366,36 +375,43 @@ async fn raw_publisher(
             let mut ok = 0usize;
             let mut errors = 0usize;
             let mut latencies = Vec::new();
-            loop {
+            let mut abandoned = 0usize;
+            'run: loop {
                 while in_flight.len() < window && Instant::now() < deadline {
                     let sent = Instant::now();
-                    let confirm = channel
-                        .basic_publish(
-                            "".into(),
-                            queue.as_str().into(),
-                            BasicPublishOptions {
-                                mandatory: true,
-                                ..Default::default()
-                            },
-                            &body,
-                            BasicProperties::default().with_delivery_mode(2),
-                        )
-                        .await;
-                    match confirm {
-                        Ok(confirm) => in_flight.push(async move { (confirm.await, sent) }),
-                        Err(_) => errors += 1,
+                    let publish = channel.basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        &body,
+                        BasicProperties::default().with_delivery_mode(2),
+                    );
+                    match tokio::time::timeout_at(give_up, publish).await {
+                        Ok(Ok(confirm)) => in_flight.push(async move { (confirm.await, sent) }),
+                        Ok(Err(_)) => errors += 1,
+                        Err(_) => {
+                            abandoned += 1 + in_flight.len();
+                            break 'run;
+                        }
                     }
                 }
-                match in_flight.next().await {
-                    Some((Ok(c), sent)) if c.is_ack() => {
+                match tokio::time::timeout_at(give_up, in_flight.next()).await {
+                    Ok(Some((Ok(c), sent))) if c.is_ack() => {
                         ok += 1;
                         latencies.push(sent.elapsed());
                     }
-                    Some(_) => errors += 1,
-                    None => break,
+                    Ok(Some(_)) => errors += 1,
+                    Ok(None) => break,
+                    Err(_) => {
+                        abandoned += in_flight.len();
+                        break;
+                    }
                 }
             }
-            (ok, errors, latencies)
+            (ok, errors + abandoned, latencies, abandoned)
         }));
     }
     let mut result = LoadResult {
@@ -405,15 +421,28 @@ async fn raw_publisher(
         latencies: Vec::new(),
         reported: None,
     };
+    let mut abandoned = 0;
     for task in tasks {
-        let (ok, errors, latencies) = task.await?;
+        let (ok, errors, latencies, gave_up) = task.await?;
         result.ok += ok;
         result.errors += errors;
         result.latencies.extend(latencies);
+        abandoned += gave_up;
     }
-    result.seconds = started.elapsed().as_secs_f64();
+    // A run that gave up is timed by its publishing time, not the grace.
+    result.seconds = if abandoned > 0 {
+        duration.as_secs_f64()
+    } else {
+        started.elapsed().as_secs_f64()
+    };
     result.latencies.sort();
-    let _ = connection.close(200, "bye".into()).await;
+    if abandoned > 0 {
+        eprintln!(
+            "warning: the raw publisher gave up on {abandoned} publishes {RAW_GRACE:?} after its run (counted as errors; connection up: {})",
+            connection.status().connected()
+        );
+    }
+    let _ = tokio::time::timeout(RAW_GRACE, connection.close(200, "bye".into())).await;
     Ok(result)
 }
 

@@ -139,6 +139,17 @@ impl Rounds {
                     contestant.name
                 );
                 let measured = measure(args, url, body, contestant, duration).await?;
+                // Printed as it comes, so a run stopped early keeps its figures.
+                let cpu = measured
+                    .cpu_us_per_job
+                    .map(|us| format!(", {us:.0} µs CPU/job"))
+                    .unwrap_or_default();
+                eprintln!(
+                    "  {:.0}/s, {} errors{cpu} (load {:.1})",
+                    measured.load.rate(),
+                    measured.load.errors,
+                    load_average()
+                );
                 // Late confirms of the last requests land before the count.
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 let stored = ready_count(url, &contestant.queue).await?;
