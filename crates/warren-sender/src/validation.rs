@@ -81,14 +81,19 @@ pub fn is_json_content_type(content_type: Option<&str>) -> bool {
     let Some(content_type) = content_type else {
         return false;
     };
+    // Compared without regard to ASCII case, without a lowercased copy.
     let essence = content_type
         .split(';')
         .next()
         .unwrap_or("")
         .trim()
-        .to_ascii_lowercase();
-    essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
+        .as_bytes();
+    const PREFIX: &[u8] = b"application/";
+    const SUFFIX: &[u8] = b"+json";
+    essence.eq_ignore_ascii_case(b"application/json")
+        || (essence.len() >= PREFIX.len() + SUFFIX.len()
+            && essence[..PREFIX.len()].eq_ignore_ascii_case(PREFIX)
+            && essence[essence.len() - SUFFIX.len()..].eq_ignore_ascii_case(SUFFIX))
 }
 
 /// Validates a request to send a job.
@@ -342,6 +347,34 @@ mod tests {
             .is_ok()
         );
         assert!(code(Some("application/vnd.warren+json"), r#"{"message":"a"}"#).is_ok());
+    }
+
+    #[test]
+    fn json_content_types_are_matched_without_regard_to_case() {
+        for json in [
+            "application/json",
+            "Application/JSON",
+            " APPLICATION/JSON ; charset=UTF-8",
+            "application/vnd.warren+json",
+            "APPLICATION/VND.WARREN+JSON",
+            "application/+json",
+        ] {
+            assert!(is_json_content_type(Some(json)), "{json}");
+        }
+        for other in [
+            "",
+            "text/json",
+            "application/jso",
+            "application/json+",
+            "application/json-seq",
+            "application+json",
+            "text/plain; x=application/json",
+            "applicatión/json",
+            "application/vnd.x+jsón",
+        ] {
+            assert!(!is_json_content_type(Some(other)), "{other}");
+        }
+        assert!(!is_json_content_type(None));
     }
 
     #[test]
