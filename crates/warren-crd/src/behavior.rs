@@ -40,7 +40,10 @@ impl Default for Behavior {
 }
 
 /// Scale-up rules. Defaults are the HPA's: no stabilization, and at most
-/// +4 pods or +100% (whichever is more) per 15 seconds.
+/// +4 pods or +100% (whichever is more) per 15 seconds. The policies limit a
+/// running target: the step from zero replicas goes straight to the
+/// recommendation (within maxReplicas; selectPolicy Disabled keeps it at
+/// zero), and steps from or to zero do not count in the policies' periods.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ScaleUpRules {
@@ -48,7 +51,8 @@ pub struct ScaleUpRules {
     #[serde(default = "default_scale_up_stabilization")]
     #[schemars(range(max = 3600))]
     pub stabilization_window_seconds: u32,
-    /// Limits on how much replicas may grow per period. Empty means the default.
+    /// Limits on how much a running target's replicas may grow per period
+    /// (the step from zero is not limited). Empty means the default.
     #[serde(default = "default_scale_up_policies")]
     pub policies: Vec<ScalingPolicy>,
     /// Which policy wins when several apply.

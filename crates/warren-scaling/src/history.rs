@@ -137,12 +137,13 @@ impl History {
     }
 
     /// Replicas added and removed by scale events strictly after
-    /// `now - period_seconds`, as (added, removed).
+    /// `now - period_seconds`, as (added, removed). Steps from or to zero
+    /// (activation, scale to zero) are not rate-limited and do not count.
     pub(crate) fn changes_within(&self, now: DateTime<Utc>, period_seconds: u32) -> (i64, i64) {
         let cutoff = now - TimeDelta::seconds(i64::from(period_seconds));
         self.scale_events
             .iter()
-            .filter(|e| e.at > cutoff)
+            .filter(|e| e.at > cutoff && e.from > 0 && e.to > 0)
             .fold((0, 0), |(added, removed), e| {
                 let change = i64::from(e.to) - i64::from(e.from);
                 if change > 0 {

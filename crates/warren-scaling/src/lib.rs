@@ -7,7 +7,12 @@
 //!    and a measured per-replica ack rate, by rates; apply activation from
 //!    zero, the cooldown before zero, and `[minReplicas, maxReplicas]`.
 //! 2. **Stabilize** ([`stabilize()`]): HPA stabilization windows.
-//! 3. **Limit** ([`scale_up_limit`], [`scale_down_limit`]): HPA rate policies.
+//! 3. **Limit** ([`scale_up_limit`], [`scale_down_limit`]): HPA rate policies,
+//!    for a running target. The step from zero (activation) goes straight to
+//!    the recommendation (unless `selectPolicy: Disabled`), and steps from or to zero do not count in the
+//!    policies' periods: the HPA never takes those steps either (KEDA's
+//!    activation does), and a queue's backlog is an exact count of the work,
+//!    so starting fewer pods than it asks for only delays the drain.
 //! 4. **Bound**: the result is clamped to `[minReplicas, maxReplicas]` again
 //!    (bounds win over policies when the target sits outside them).
 //!
@@ -194,7 +199,11 @@ fn decide_from_observation(
     };
 
     let mut replicas = stabilized;
-    if stabilized > current {
+    // From zero: straight to the recommendation (see step 3 above), unless
+    // scale-up is disabled altogether.
+    let activation =
+        current == 0 && spec.behavior.scale_up.select_policy != warren_crd::SelectPolicy::Disabled;
+    if stabilized > current && !activation {
         let limit = scale_up_limit(spec, current, history, now);
         if stabilized > limit {
             replicas = limit;

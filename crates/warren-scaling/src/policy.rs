@@ -11,8 +11,12 @@
 //! `selectPolicy: Max` (default) takes the policy allowing the biggest change,
 //! `Min` the smallest, `Disabled` forbids change in that direction. A limit
 //! never reverses direction (a scale-up limit is at least `current`), and a
-//! scale-up limit is at least one replica, so a Percent-only policy can still
-//! activate a scaler from zero.
+//! scale-up limit is at least one replica.
+//!
+//! The policies govern a running target: [`crate::decide`] does not limit the
+//! step from zero (activation), and scale events from or to zero are left
+//! out of `added` and `removed` ([`History`]), so after an activation to `n`
+//! the period starts at `n`.
 
 use chrono::{DateTime, Utc};
 use warren_crd::{DirectionRules, PolicyType, QueueScalerSpec, SelectPolicy};

@@ -309,8 +309,7 @@ fn scale_down_stabilization_takes_the_highest_recent_recommendation() {
 fn default_scale_up_policies_allow_four_pods_or_double_per_15s() {
     let spec = default_spec();
     // (current, ready, scale events (age, from, to), expected)
-    let cases: [(i32, u64, Events, i32); 6] = [
-        (0, 1000, &[], 4),
+    let cases: [(i32, u64, Events, i32); 5] = [
         (1, 1000, &[], 5),
         (2, 1000, &[], 6),
         (10, 1000, &[], 20),
@@ -355,11 +354,55 @@ fn scale_up_policies_select_max_min_or_disabled() {
 }
 
 #[test]
-fn percent_only_scale_up_can_still_activate_from_zero() {
+fn the_step_from_zero_goes_straight_to_the_recommendation() {
+    // Default policies (+4 pods or +100% per 15 s) and Percent-only ones
+    // limit a running target; the activation is not limited. 40 ready at 5
+    // per replica: 8 replicas at once; 1000 ready: maxReplicas.
+    let mut spec = default_spec();
+    spec.max_replicas = 20;
+    let d = observed(&spec, 0, 40, 0, &History::new());
+    assert_eq!((d.replicas, d.reason.label()), (8, "Backlog"));
+    let d = observed(&spec, 0, 1000, 0, &History::new());
+    assert_eq!((d.replicas, d.reason.label()), (20, "AtMaxReplicas"));
+    spec.behavior.scale_up.policies = vec![percent(100, 60)];
+    let d = observed(&spec, 0, 40, 0, &History::new());
+    assert_eq!((d.replicas, d.reason.label()), (8, "Backlog"));
+    // A running target is limited as before: from 1, at most 2 (+100%).
+    let d = observed(&spec, 1, 40, 0, &History::new());
+    assert_eq!((d.replicas, d.reason.label()), (2, "ScaleUpLimited"));
+    // Disabled scale-up keeps even the activation from happening.
+    spec.behavior.scale_up.select_policy = SelectPolicy::Disabled;
+    let d = observed(&spec, 0, 40, 0, &History::new());
+    assert_eq!((d.replicas, d.reason.label()), (0, "ScaleUpLimited"));
+}
+
+#[test]
+fn steps_from_or_to_zero_do_not_count_in_the_policy_periods() {
+    let spec = default_spec();
+    // Activated 0 -> 8 five seconds ago: the period starts at 8, so 16
+    // (+100%), not 4 (+4 from 0, i.e. no growth at all).
+    let history = History::new().with_scale(t(995), 0, 8);
+    let d = observed(&spec, 8, 1000, 0, &history);
+    assert_eq!((d.replicas, d.reason.label()), (16, "ScaleUpLimited"));
+    // A scale to zero and back within the period: the start is the
+    // activation's 4, not 4 + 6 removed.
+    let history = History::new()
+        .with_scale(t(990), 6, 0)
+        .with_scale(t(995), 0, 4);
+    let d = observed(&spec, 4, 1000, 0, &history);
+    assert_eq!((d.replicas, d.reason.label()), (8, "ScaleUpLimited"));
+    // Growth of the running target still counts: 8 -> 12 after the activation.
+    let history = History::new()
+        .with_scale(t(990), 0, 8)
+        .with_scale(t(995), 8, 12);
+    let d = observed(&spec, 12, 1000, 0, &history);
+    assert_eq!((d.replicas, d.reason.label()), (16, "ScaleUpLimited"));
+}
+
+#[test]
+fn percent_only_scale_up_grows_a_running_target() {
     let mut spec = spec();
     spec.behavior.scale_up.policies = vec![percent(100, 60)];
-    let d = observed(&spec, 0, 50, 0, &History::new());
-    assert_eq!((d.replicas, d.reason.label()), (1, "ScaleUpLimited"));
     let d = observed(&spec, 1, 50, 0, &History::new());
     assert_eq!(d.replicas, 2);
     // 3 -> ceil(3 * 1.5) = 5
@@ -563,11 +606,14 @@ fn a_burst_then_silence_goes_up_then_down_then_to_zero() {
         seen,
         vec![
             (0, 0, "QueueEmpty"),
-            (2, 4, "ScaleUpLimited"),
-            (4, 4, "ScaleUpLimited"),
-            (20, 8, "ScaleUpLimited"),
-            (40, 8, "ScaleDownStabilized"),
-            (60, 8, "ScaleDownStabilized"),
+            // From zero straight to ceil(40 / 5) (the policies limit a
+            // running target only).
+            (2, 8, "Backlog"),
+            (4, 8, "Backlog"),
+            // 58 messages want 12; the period starts at the activation's 8.
+            (20, 10, "AtMaxReplicas"),
+            (40, 10, "ScaleDownStabilized"),
+            (60, 10, "ScaleDownStabilized"),
             (100, 1, "CooldownPending"),
             (130, 0, "QueueEmpty"),
         ]
