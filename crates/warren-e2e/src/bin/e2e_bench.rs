@@ -213,7 +213,7 @@ async fn scaling(options: &Options) -> anyhow::Result<()> {
                 latency_row(
                     "0 replicas (activation, AMQP passive declare)",
                     &values.patch,
-                    Some(Duration::from_secs(2))
+                    Some(Duration::from_secs(1))
                 )
             );
             end_to_end = Some(values);
@@ -418,6 +418,15 @@ async fn from_one(h: &Harness, trials: usize) -> anyhow::Result<Vec<Duration>> {
 
 /// Drain: 40 jobs of 0.5 s from zero with up to 4 replicas; then the
 /// accounting of every job of every phase.
+///
+/// The drain is printed three ways, each against the same ideal (every job
+/// on one of `maxReplicas` replicas from the first instant): from the
+/// burst (the first publish confirm: what a client waits, and the figure
+/// the issue's bar names), from the first new worker pod Ready, and from the
+/// first job a new pod started. The last two leave out the pods' start
+/// (scheduling, process start, readiness probe), which is the node's, not
+/// the scaler's; workers consume before their first readiness probe passes,
+/// so "from Ready" can leave out work already done.
 async fn drain(h: &Harness) -> anyhow::Result<String> {
     h.wait_replicas(0, Duration::from_secs(60)).await?;
     h.wait_pods_ready(0, Duration::from_secs(30)).await?;
@@ -429,12 +438,41 @@ async fn drain(h: &Harness) -> anyhow::Result<String> {
     let burst = h.send_burst(drain_jobs, dots).await?;
     h.wait_jobs_done(&burst.ids, Duration::from_secs(120))
         .await?;
-    let last = h
-        .job_log()
+    let log = h.job_log();
+    let last = log
         .last_done_at(&burst.ids)
         .context("timestamps of the drained jobs")?;
-    let drained = (last - burst.first_confirm_wall).num_milliseconds() as f64 / 1000.0;
+    let first_started = log
+        .events
+        .iter()
+        .filter(|e| e.kind == JobKind::Started && burst.ids.contains(&e.id))
+        .filter_map(|e| e.at)
+        .min();
+    // A pod's first readiness probe can pass after the jobs are done.
+    let mut first_ready = h.first_worker_ready_since(burst.first_confirm_wall);
+    let ready_deadline = Instant::now() + Duration::from_secs(8);
+    while first_ready.is_none() && Instant::now() < ready_deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        first_ready = h.first_worker_ready_since(burst.first_confirm_wall);
+    }
+    let secs =
+        |from: chrono::DateTime<chrono::Utc>| (last - from).num_milliseconds() as f64 / 1000.0;
     let ideal = drain_jobs.div_ceil(max_replicas) as f64 * job_secs;
+    let drained = secs(burst.first_confirm_wall);
+    let row = |what: &str, from: Option<chrono::DateTime<chrono::Utc>>| match from {
+        Some(from) if from > last => {
+            format!("| drain from {what} | after the last job was done | — |")
+        }
+        Some(from) => format!(
+            "| drain from {what} (+{:.2} s after the burst) | {:.2} s | {:.2}× |",
+            (from - burst.first_confirm_wall).num_milliseconds() as f64 / 1000.0,
+            secs(from),
+            secs(from) / ideal
+        ),
+        None => format!("| drain from {what} | not seen | — |"),
+    };
+    let from_ready = row("the first new worker pod Ready", first_ready);
+    let from_started = row("the first job started by a new pod", first_started);
     h.wait_replicas(0, Duration::from_secs(60)).await?;
     h.wait_pods_ready(0, Duration::from_secs(30)).await?;
     let report = h.report();
@@ -447,11 +485,14 @@ async fn drain(h: &Harness) -> anyhow::Result<String> {
         .count();
     Ok(format!(
         "## Drain and safety\n\n\
+         burst: {drain_jobs} jobs × {job_secs:.1} s from zero, maxReplicas {max_replicas}, messagesPerReplica 5; \
+         ideal = every job on one of {max_replicas} replicas from the first instant = {ideal:.2} s. \
+         The bar (≤ 1.3× the ideal) is judged on the first row: from the burst, pod start included.\n\n\
+         | drain | time | ratio to the ideal |\n|---|---|---|\n\
+         | drain from the burst (first confirm → last job done; the bar's figure) | {drained:.2} s | {:.2}× |\n\
+         {from_ready}\n\
+         {from_started}\n\n\
          | measure | value |\n|---|---|\n\
-         | burst | {drain_jobs} jobs × {job_secs:.1} s, maxReplicas {max_replicas}, messagesPerReplica 5 |\n\
-         | drain time (first confirm → last job done) | {drained:.2} s |\n\
-         | ideal with {max_replicas} replicas from the first instant | {ideal:.2} s |\n\
-         | ratio | {:.2}× |\n\
          | jobs sent in all phases | {} |\n\
          | scale-ins in all phases | {scale_ins} |\n\
          | busy pods sent SIGTERM by a scale-in (all phases) | {} |\n\
