@@ -106,7 +106,7 @@ fn jitter(i: usize) -> Duration {
         .unwrap_or(0);
     let mixed = nanos
         .wrapping_mul(6364136223846793005)
-        .wrapping_add(i as u64 * 1442695040888963407);
+        .wrapping_add((i as u64).wrapping_mul(1442695040888963407));
     Duration::from_millis((mixed >> 33) % 1000)
 }
 
