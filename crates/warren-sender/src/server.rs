@@ -359,6 +359,17 @@ impl AsyncWrite for WatchedIo {
     }
 }
 
+/// hyper's HTTP/1 settings for every connection: keep-alive on, and no header
+/// timeout of hyper's own — the watchdog in [`serve_connection`] owns every read
+/// deadline (hyper's would also cut idle keep-alive connections short).
+fn http1_settings() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .keep_alive(true)
+        .header_read_timeout(None::<Duration>);
+    builder
+}
+
 /// Serves one connection's requests until the client closes, a phase times
 /// out, or shutdown completes.
 async fn serve_connection(
@@ -384,13 +395,7 @@ async fn serve_connection(
             response
         }
     });
-    let mut builder = http1::Builder::new();
-    // The watchdog below owns every read deadline (hyper's own header
-    // timeout would also cut idle keep-alive connections short).
-    builder
-        .keep_alive(true)
-        .header_read_timeout(None::<Duration>);
-    let connection = builder.serve_connection(io, service);
+    let connection = http1_settings().serve_connection(io, service);
     tokio::pin!(connection);
     // One timer for the connection's life, moved when the deadline moves
     // (not a new one at every wake-up).
