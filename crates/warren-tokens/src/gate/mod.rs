@@ -167,6 +167,10 @@ struct Inner {
     /// Wakes the refusal writer early when many single rows wait.
     refusals_waiting: tokio::sync::Notify,
     refusal_writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Held by each write-back of uses and leases: the last one at close
+    /// waits for a periodic one already under way instead of returning before
+    /// that one's rows are written.
+    flushing: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
 }
 
@@ -216,6 +220,7 @@ impl Gate {
                 refusals: Mutex::new(RefusalBuffer::new(per_minute)),
                 refusals_waiting: tokio::sync::Notify::new(),
                 refusal_writer: Mutex::new(None),
+                flushing: tokio::sync::Mutex::new(()),
                 shutdown: CancellationToken::new(),
             }),
         };

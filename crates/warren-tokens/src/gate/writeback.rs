@@ -47,6 +47,7 @@ impl Gate {
 
     /// Writes spent uses back and returns idle leases (all leases when `closing`).
     async fn flush(&self, closing: bool) {
+        let _one_at_a_time = self.inner.flushing.lock().await;
         let quotas: Vec<Arc<Quota>> = match self.inner.quotas.read() {
             Ok(q) => q.values().cloned().collect(),
             Err(_) => return,
