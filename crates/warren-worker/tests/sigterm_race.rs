@@ -27,7 +27,6 @@ use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
 use lapin::{Connection, ConnectionProperties};
-use serde_json::Value;
 use support::*;
 use warren_broker::Envelope;
 use warren_testkit::{ready_count, shared_amqp_url, unique_name};
@@ -70,16 +69,7 @@ async fn publish_until(url: String, queue: String, stop: Arc<AtomicBool>) -> Vec
 
 /// `job started` lines of a worker log: (id, redelivered).
 fn started(log: &str) -> Vec<(String, bool)> {
-    log.lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|line| line["message"] == "job started")
-        .map(|line| {
-            (
-                line["id"].as_str().unwrap_or_default().to_string(),
-                line["redelivered"] == true,
-            )
-        })
-        .collect()
+    job_lines(log, "job started")
 }
 
 /// Workers are started and SIGTERMed one after another (one or two at a

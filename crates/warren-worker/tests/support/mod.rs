@@ -155,17 +155,7 @@ impl Worker {
 
     /// `job done` log lines: (id, redelivered).
     pub fn done(&self) -> Vec<(String, bool)> {
-        self.log_text()
-            .lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .filter(|line| line["message"] == "job done")
-            .map(|line| {
-                (
-                    line["id"].as_str().unwrap_or_default().to_string(),
-                    line["redelivered"] == true,
-                )
-            })
-            .collect()
+        job_lines(&self.log_text(), "job done")
     }
 
     /// `done()`, sorted.
@@ -350,4 +340,19 @@ pub fn as_done(ids: &[String], redelivered: bool) -> Vec<(String, bool)> {
 
 pub fn dots(n: usize) -> String {
     format!("job{}", ".".repeat(n))
+}
+
+/// The JSON log lines of a worker whose message is `message` ("job started",
+/// "job done"): (job id, redelivered).
+pub fn job_lines(log: &str, message: &str) -> Vec<(String, bool)> {
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["message"] == message)
+        .map(|line| {
+            (
+                line["id"].as_str().unwrap_or_default().to_string(),
+                line["redelivered"] == true,
+            )
+        })
+        .collect()
 }
