@@ -16,7 +16,7 @@ use warren_controller::observe::BrokerObserver;
 use warren_controller::observe::credentials::CredentialsCache;
 use warren_controller::observe::management::{ManagementClient, ManagementConfig, QueueStatsHub};
 use warren_controller::observe::peek::QueuePeeker;
-use warren_controller::reconcile::{self, Context, Settings};
+use warren_controller::reconcile::{self, Context, Settings, in_flight};
 use warren_telemetry::{LogArgs, Readiness};
 
 /// Watches QueueScalers, reads queue depth from RabbitMQ and patches the
@@ -93,12 +93,12 @@ struct Args {
     #[arg(long, env = "WARREN_STATS_MAX_AGE_MS", default_value_t = 1000)]
     stats_max_age_ms: u64,
 
-    /// RabbitMQ's `collect_statistics_interval` (ms): how old the management
-    /// API's unacked count can be. Messages that left the ready count less
-    /// than this plus WARREN_STATS_MAX_AGE_MS ago count as in flight
-    /// (a scale-down or the step to zero waits that long after the last
-    /// drop of the ready count). 0 with WARREN_STATS_MAX_AGE_MS=0 turns
-    /// this off.
+    /// RabbitMQ's `collect_statistics_interval` (ms): the management API's
+    /// unacked count can be two of these old. Messages that left the ready
+    /// count less than twice this plus WARREN_STATS_MAX_AGE_MS ago count as
+    /// in flight (a scale-down or the step to zero waits that long after the
+    /// last drop of the ready count; 11 s by default). 0 with
+    /// WARREN_STATS_MAX_AGE_MS=0 turns this off.
     #[arg(
         long,
         env = "WARREN_MANAGEMENT_STATS_INTERVAL_MS",
@@ -238,9 +238,9 @@ impl Args {
             status_heartbeat: Duration::from_secs(self.status_heartbeat_seconds),
             error_backoff_max: Duration::from_secs(self.max_backoff_seconds.max(1)),
             concurrency: self.reconcile_concurrency,
-            in_flight_horizon: Duration::from_millis(
-                self.management_stats_interval_ms
-                    .saturating_add(self.stats_max_age_ms),
+            in_flight_horizon: in_flight::horizon(
+                Duration::from_millis(self.management_stats_interval_ms),
+                Duration::from_millis(self.stats_max_age_ms),
             ),
             ..Settings::default()
         }

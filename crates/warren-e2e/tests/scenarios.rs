@@ -192,7 +192,7 @@ async fn drained_queue_scales_down_after_the_window_and_to_zero_after_the_cooldo
     let down = ok(h
         .wait_change(
             at_four.at,
-            secs(WINDOW + 15.0),
+            secs(WINDOW + 25.0),
             "a scale-down from 4",
             |c| c.from == Some(4),
         )
@@ -210,7 +210,7 @@ async fn drained_queue_scales_down_after_the_window_and_to_zero_after_the_cooldo
     let down = ok(h
         .wait_change(
             at_four.at,
-            secs(WINDOW + 15.0),
+            secs(WINDOW + 25.0),
             "the scale-down to the two jobs in flight",
             |c| c.to == 2,
         )

@@ -39,10 +39,9 @@ pub struct Settings {
     /// Reconciles running at once (0: unlimited). Bounds the burst of
     /// Kubernetes API requests when many scalers come due together.
     pub concurrency: u16,
-    /// How old the management API's unacked count can be (RabbitMQ's
-    /// `collect_statistics_interval` plus the answer's sharing between
-    /// scalers): messages that left `ready` within it count as in flight
-    /// (see [`super::in_flight`]). Zero turns the guard off.
+    /// How old the management API's unacked count can be (see
+    /// [`super::in_flight::horizon`]): messages that left `ready` within it
+    /// count as in flight. Zero turns the guard off.
     pub in_flight_horizon: Duration,
 }
 
@@ -54,7 +53,10 @@ impl Default for Settings {
             error_backoff_min: Duration::from_secs(1),
             error_backoff_max: Duration::from_secs(300),
             concurrency: 64,
-            in_flight_horizon: Duration::from_secs(6),
+            in_flight_horizon: super::in_flight::horizon(
+                Duration::from_secs(5),
+                Duration::from_secs(1),
+            ),
         }
     }
 }

@@ -3,9 +3,10 @@
 //! management sample newer than the take can have arrived.
 //!
 //! The ready count comes from an AMQP passive declare (exact, now), the
-//! unacked count from the management API, a sample up to RabbitMQ's
+//! unacked count from the management API, a sample up to two of RabbitMQ's
 //! `collect_statistics_interval` old (plus the controller's own sharing of
-//! the answer, `WARREN_STATS_MAX_AGE_MS`): the *horizon*. When workers take
+//! the answer, `WARREN_STATS_MAX_AGE_MS`): the *horizon*, see [`horizon`].
+//! When workers take
 //! messages, `ready` drops at once while the sampled unacked count still
 //! shows fewer than they hold, so `ready + unacked` falls although the work
 //! is still there. Decided on as is, the recommendation falls early, the
@@ -28,7 +29,8 @@
 //!
 //! While a read has no unacked count at all (unknown: the management API
 //! failed or has no counts for the queue yet), no sample can show the drops:
-//! they are kept until a read with a count, and only then age out.
+//! they are kept, and age out a horizon after the last read without a count
+//! (the first count that arrives may itself be a horizon old).
 //!
 //! The cost: a scale-down (or the step to zero) waits at most one horizon
 //! after the last drop of the ready count. The status keeps the measured
@@ -43,6 +45,18 @@ use chrono::{DateTime, TimeDelta, Utc};
 use warren_crd::Observation;
 
 use crate::observe::ReadySource;
+
+/// How old the management API's unacked count can be, for RabbitMQ's
+/// `collect_statistics_interval` (`stats_interval`) and the controller's
+/// sharing of management answers (`max_age`): two intervals plus the age.
+/// A queue writes its counts on a timer of that interval and the
+/// management plugin collects them on another: one message published to a
+/// quorum queue (RabbitMQ 3.10, 5 s interval) showed in the management API
+/// 4.0 to 8.6 s later, depending on the two timers' phases. Zero (both
+/// settings 0) turns the guard off.
+pub fn horizon(stats_interval: Duration, max_age: Duration) -> Duration {
+    stats_interval.saturating_mul(2).saturating_add(max_age)
+}
 
 /// Drops remembered per queue at most; beyond, the two oldest are merged
 /// (kept as long as the younger one: never forgotten earlier).
@@ -83,6 +97,12 @@ impl QueueLag {
             self.drops.push_back((now, drop));
         }
         self.ready = Some(ready);
+        if horizon.is_none() {
+            // No sample this read: the first one to come may predate now.
+            for (at, _) in &mut self.drops {
+                *at = now;
+            }
+        }
         let cutoff = horizon
             .and_then(|h| TimeDelta::from_std(h).ok())
             .and_then(|h| now.checked_sub_signed(h));
@@ -314,6 +334,38 @@ mod tests {
     }
 
     #[test]
+    fn the_horizon_covers_two_statistics_intervals_and_the_shared_age() {
+        let ms = Duration::from_millis;
+        assert_eq!(horizon(ms(5000), ms(1000)), ms(11_000));
+        assert_eq!(horizon(ms(1000), ms(0)), ms(2000));
+        assert_eq!(horizon(ms(0), ms(0)), Duration::ZERO);
+        // A quorum queue's counts showed 8.6 s late at the default 5 s
+        // interval: a drop that old is still guarded.
+        let t0 = Utc::now();
+        let mut lag = QueueLag::default();
+        let h = Some(horizon(ms(5000), ms(1000)));
+        lag.guarded_unacked(2, 0, t0, h);
+        assert_eq!(lag.guarded_unacked(0, 0, at(t0, 1000), h), 2);
+        assert_eq!(lag.guarded_unacked(0, 0, at(t0, 9600), h), 2);
+        assert_eq!(lag.guarded_unacked(0, 0, at(t0, 12_000), h), 0);
+    }
+
+    #[test]
+    fn a_first_count_long_after_the_drops_does_not_release_them_at_once() {
+        // A fresh queue: no counts while two workers take the two jobs; the
+        // first count arrives 20 s later and still says 0 unacked (a sample
+        // from before the takes). The jobs stay counted for a horizon.
+        let t0 = Utc::now();
+        let mut lag = QueueLag::default();
+        lag.guarded_unacked(2, 0, t0, None);
+        assert_eq!(lag.guarded_unacked(0, 0, at(t0, 1000), None), 2);
+        assert_eq!(lag.guarded_unacked(0, 0, at(t0, 20_000), None), 2);
+        assert_eq!(lag.guarded_unacked(0, 0, at(t0, 21_000), HORIZON), 2);
+        assert_eq!(lag.guarded_unacked(0, 0, at(t0, 25_900), HORIZON), 2);
+        assert_eq!(lag.guarded_unacked(0, 0, at(t0, 26_000), HORIZON), 0);
+    }
+
+    #[test]
     fn without_an_unacked_sample_the_drops_are_kept_until_one_arrives() {
         // The management API has no counts for the queue yet (unknown,
         // assumed 0): workers take 3 of 4 jobs. No sample can show them,
@@ -325,7 +377,11 @@ mod tests {
         assert_eq!(lag.guarded_unacked(1, 0, at(t0, 1000), None), 3);
         assert_eq!(lag.guarded_unacked(1, 0, at(t0, 11_000), None), 3);
         assert_eq!(lag.guarded_unacked(1, 3, at(t0, 12_000), HORIZON), 3);
-        assert_eq!(lag.guarded_unacked(1, 2, at(t0, 12_500), HORIZON), 2);
+        // The first count may be a horizon old: the 4 seen are held until a
+        // horizon after the last read without a count (11 s + 6 s).
+        assert_eq!(lag.guarded_unacked(1, 2, at(t0, 12_500), HORIZON), 3);
+        assert_eq!(lag.guarded_unacked(1, 2, at(t0, 16_900), HORIZON), 3);
+        assert_eq!(lag.guarded_unacked(1, 2, at(t0, 17_000), HORIZON), 2);
         // Drops beyond the cap are merged, never dropped.
         let mut lag = QueueLag::default();
         lag.guarded_unacked(1000, 0, t0, None);
