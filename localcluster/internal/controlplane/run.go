@@ -40,7 +40,9 @@ const (
 const auditPolicyFile = "audit-policy.yaml"
 
 // auditPolicy records who changed workloads and pods (the end-to-end test reads
-// logs/audit.log to see which identity scaled the workers) and nothing else.
+// logs/audit.log to see which identity scaled the workers), the scheduler's bindings
+// and the node agent's pod status writes (with microsecond timestamps: the stages of a
+// pod's start, scale patch → pod created → bound → status written), and nothing else.
 const auditPolicy = `apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: [RequestReceived]
@@ -51,7 +53,7 @@ rules:
   - group: apps
     resources: [deployments, deployments/scale, replicasets, statefulsets]
   - group: ""
-    resources: [pods]
+    resources: [pods, pods/binding, pods/status]
 - level: None
 `
 
