@@ -54,7 +54,8 @@ local-go-build: ## build the localcluster binary (kube-apiserver, controller-man
 	  $(GO) build -v -ldflags '$(K8S_LDFLAGS)' -o $(LOCAL_BIN) ./cmd/localcluster 2>&1 \
 	  | awk '/^(#|[a-z].*\.go:)/ { print; next } { n++; if (n % 200 == 0) printf "   ... %d packages compiled\n", n; fflush() }'; \
 	  rc=$${PIPESTATUS[0]}; [ $$rc = 0 ] || exit $$rc; \
-	  echo "== localcluster built in $$(( $$(date +%s) - start ))s: $(LOCAL_BIN)"
+	  $(GO) build -o $(LOCAL_BIN_DIR)/localcluster-container-init ./cmd/localcluster-container-init && \
+	  echo "== localcluster built in $$(( $$(date +%s) - start ))s: $(LOCAL_BIN) (and its container init beside it)"
 
 local-go-test: ## gofmt, go vet and the Go unit tests of localcluster
 	@cd localcluster && out=$$(gofmt -l .) && [ -z "$$out" ] || { echo "gofmt needed: $$out" >&2; exit 1; }

@@ -64,7 +64,8 @@ type agent struct {
 	net     *network
 	podsDir string
 	logsDir string // container logs (see podRuntime.logPath)
-	self    string
+	// initProgram starts each container process (see containerInitProgram).
+	initProgram string
 
 	cmLister    corelisters.ConfigMapLister
 	secLister   corelisters.SecretLister
@@ -135,7 +136,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	a := &agent{
-		cfg: cfg, ctx: ctx, client: client, images: images, net: nw, self: self,
+		cfg: cfg, ctx: ctx, client: client, images: images, net: nw, initProgram: containerInitProgram(self),
 		podsDir: filepath.Join(cfg.StateDir, "pods"), logsDir: filepath.Join(cfg.StateDir, "logs", "pods"),
 		pods: map[types.UID]*podRuntime{},
 	}

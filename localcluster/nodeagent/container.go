@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"syscall"
 	"time"
+	"warren.dev/localcluster/internal/containerinit"
 
 	"golang.org/x/sys/unix"
 )
@@ -27,9 +28,9 @@ type process struct {
 	signal   string
 }
 
-// startProcess launches the container init helper (this binary) in new mount and UTS namespaces;
-// it execs the container's program, so the pid is the program's.
-func startProcess(self string, spec launchSpec, logPath string) (*process, error) {
+// startProcess launches the container init (initProgram: the helper binary, or this binary) in
+// new mount and UTS namespaces; it execs the container's program, so the pid is the program's.
+func startProcess(initProgram string, spec launchSpec, logPath string) (*process, error) {
 	if err := os.MkdirAll(filepath.Dir(logPath), 0o755); err != nil {
 		return nil, err
 	}
@@ -54,8 +55,8 @@ func startProcess(self string, spec launchSpec, logPath string) (*process, error
 	}
 	defer r.Close()
 	cmd := &exec.Cmd{
-		Path:       self,
-		Args:       []string{initArgv0},
+		Path:       initProgram,
+		Args:       []string{containerinit.Argv0},
 		Env:        []string{},
 		Stdout:     logf,
 		Stderr:     logf,

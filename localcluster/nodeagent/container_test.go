@@ -3,22 +3,51 @@ package nodeagent
 import (
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"warren.dev/localcluster/internal/containerinit"
 )
 
 // TestContainerProcessNamespacesAndMounts starts a real container process through the init
 // helper: a volume bind-mounted at an absolute path that does not exist on the host side of the
 // mount namespace, its own hostname, a non-root user, a read-only root, and exec into it.
 func TestContainerProcessNamespacesAndMounts(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Fatal("this test starts processes in new mount/UTS namespaces and needs root")
-	}
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
+	}
+	checkContainerProcess(t, self)
+}
+
+// TestContainerInitHelper builds cmd/localcluster-container-init, checks the node agent picks it
+// when it lies next to its own binary (and itself otherwise), and runs the same container
+// through it as through the re-executed binary.
+func TestContainerInitHelper(t *testing.T) {
+	bin := t.TempDir()
+	helper := filepath.Join(bin, containerinit.Argv0)
+	build := exec.Command("go", "build", "-o", helper, "warren.dev/localcluster/cmd/localcluster-container-init")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build of the helper: %v\n%s", err, out)
+	}
+	agentBinary := filepath.Join(bin, "localcluster")
+	if got := containerInitProgram(agentBinary); got != helper {
+		t.Errorf("init program beside the helper: %q, want %q", got, helper)
+	}
+	alone := filepath.Join(t.TempDir(), "localcluster")
+	if got := containerInitProgram(alone); got != alone {
+		t.Errorf("init program with no helper beside it: %q, want the binary itself", got)
+	}
+	checkContainerProcess(t, helper)
+}
+
+func checkContainerProcess(t *testing.T, initProgram string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Fatal("this test starts processes in new mount/UTS namespaces and needs root")
 	}
 	tmp := t.TempDir()
 	if err := os.Chmod(tmp, 0o755); err != nil {
@@ -70,7 +99,7 @@ func TestContainerProcessNamespacesAndMounts(t *testing.T) {
 		Env:  []string{"PATH=" + defaultPath, "GREETING=hello-env"},
 	}
 	logPath := filepath.Join(tmp, "logs", "0.log")
-	p, err := startProcess(self, spec, logPath)
+	p, err := startProcess(initProgram, spec, logPath)
 	if err != nil {
 		t.Fatal(err)
 	}

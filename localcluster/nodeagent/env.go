@@ -6,6 +6,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"warren.dev/localcluster/internal/containerinit"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -23,7 +24,7 @@ type podAddresses struct {
 	PodIP, HostIP string
 }
 
-const defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+const defaultPath = containerinit.DefaultPath
 
 // serviceEnv builds the Docker-links style variables the kubelet injects for the services of
 // the pod's namespace (enableServiceLinks) plus the master service in "default", which every pod

@@ -383,7 +383,7 @@ func (r *podRuntime) startInstance(c *containerRuntime) (*process, error) {
 	r.mu.Lock()
 	restart := c.status.RestartCount
 	r.mu.Unlock()
-	p, err := startProcess(r.a.self, spec, r.logPath(c, restart))
+	p, err := startProcess(r.a.initProgram, spec, r.logPath(c, restart))
 	if err != nil {
 		return nil, err
 	}
