@@ -34,7 +34,8 @@
 //!    timestamps would change. The status is built on the one this
 //!    controller last wrote for the object (the watch cache can lag its own
 //!    writes), else the object's.
-//! 7. Requeue after `pollingIntervalSeconds`.
+//! 7. Requeue so that the next tick starts `pollingIntervalSeconds` after
+//!    this one started ([`next_tick`]), not after it ended.
 //!
 //! Every reconcile runs in a `reconcile` span with `scaler =
 //! namespace/name`; the log lines inside inherit it.
@@ -114,7 +115,7 @@ fn scaler_name(scaler: &QueueScaler) -> String {
 #[tracing::instrument(name = "reconcile", skip_all, fields(scaler = %scaler_name(&scaler)))]
 pub async fn reconcile(scaler: Arc<QueueScaler>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    let result = reconcile_once(&scaler, &ctx).await;
+    let result = reconcile_once(&scaler, &ctx, started).await;
     let label = match &result {
         Ok((outcome, _)) => outcome.label(),
         Err(err) => {
@@ -166,14 +167,39 @@ pub fn backoff_delay(streak: u32, min: Duration, max: Duration) -> Duration {
     min.saturating_mul(1u32 << exponent).min(max)
 }
 
+/// The delay before the next tick of a scaler whose tick started `elapsed`
+/// ago: the rest of the polling interval, so that ticks start one interval
+/// apart. Requeueing a whole interval after the reconcile ended made the
+/// period the interval plus the reconcile's own time (30–90 ms in a debug
+/// build), and a burst could wait more than 1 s for its tick at 1 s polling.
+/// At least half an interval, so that a slow reconcile (a broker timing
+/// out) is not followed at once by the next. Whole milliseconds.
+pub fn next_tick(polling: Duration, elapsed: Duration) -> Duration {
+    let rest = polling.saturating_sub(elapsed).max(polling / 2);
+    Duration::from_millis(u64::try_from(rest.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// One reconcile: the scaler's memory loaded once, the steps, the memory
 /// committed once (also when a step failed: what was observed and decided
 /// stays remembered).
-async fn reconcile_once(scaler: &QueueScaler, ctx: &Context) -> Result<(Outcome, Action), Error> {
+async fn reconcile_once(
+    scaler: &QueueScaler,
+    ctx: &Context,
+    started: Instant,
+) -> Result<(Outcome, Action), Error> {
     let namespace = scaler.namespace().ok_or(Error::MissingNamespace)?;
     let key = (namespace, scaler.name_any());
     let mut memory = ctx.load(&key, scaler);
     let result = steps(scaler, ctx, &key, &mut memory, Utc::now()).await;
+    // The tick's own time comes off the wait for the next one.
+    let result = result.map(|(outcome, action)| {
+        if action == Action::requeue(scaler.spec.polling_interval()) {
+            let delay = next_tick(scaler.spec.polling_interval(), started.elapsed());
+            (outcome, Action::requeue(delay))
+        } else {
+            (outcome, action)
+        }
+    });
     ctx.commit(&key, memory);
     result
 }
@@ -378,6 +404,34 @@ impl EarlyStop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ticks_start_one_polling_interval_apart() {
+        let second = Duration::from_secs(1);
+        // A reconcile of 80 ms: the next one starts 920 ms after it ended.
+        assert_eq!(
+            next_tick(second, Duration::from_millis(80)),
+            Duration::from_millis(920)
+        );
+        assert_eq!(next_tick(second, Duration::ZERO), second);
+        assert_eq!(
+            next_tick(second, Duration::from_micros(80_400)),
+            Duration::from_millis(919)
+        );
+        // A slow one (a broker timing out) is not followed at once.
+        assert_eq!(
+            next_tick(second, Duration::from_millis(700)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            next_tick(second, Duration::from_secs(12)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            next_tick(Duration::from_secs(30), Duration::from_secs(1)),
+            Duration::from_secs(29)
+        );
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {
