@@ -50,6 +50,7 @@ struct Options {
     window_secs: u64,
     fleet_only: bool,
     scale_ins: usize,
+    drains: usize,
 }
 
 fn parse_options() -> anyhow::Result<Options> {
@@ -60,6 +61,7 @@ fn parse_options() -> anyhow::Result<Options> {
         window_secs: 10,
         fleet_only: false,
         scale_ins: 50,
+        drains: 1,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -76,6 +78,7 @@ fn parse_options() -> anyhow::Result<Options> {
             "--window" => options.window_secs = value("--window")?.parse()?,
             "--fleet-only" => options.fleet_only = true,
             "--scale-ins" => options.scale_ins = value("--scale-ins")?.parse()?,
+            "--drains" => options.drains = value("--drains")?.parse()?,
             "--quick" => {
                 options.trials = 5;
                 options.scaler_counts = vec![1, 100];
@@ -84,7 +87,7 @@ fn parse_options() -> anyhow::Result<Options> {
             }
             "-h" | "--help" => {
                 println!(
-                    "e2e-bench [--trials N] [--scalers 1,100,1000] [--stats-ms 5000] [--window 10] [--scale-ins 50] [--quick] [--fleet-only]\n\
+                    "e2e-bench [--trials N] [--scalers 1,100,1000] [--stats-ms 5000] [--window 10] [--scale-ins 50] [--drains 1] [--quick] [--fleet-only]\n\
                      Parts 1-3 run on the local cluster named by WARREN_E2E_CLUSTER (`make local-up`, then\n\
                      `make e2e-bench`, which sets it); --fleet-only (part 4, private control planes) needs none.\n\
                      Build the binaries first: cargo build --release --bins"
@@ -248,9 +251,12 @@ async fn scaling(options: &Options) -> anyhow::Result<()> {
         Ok(table) => println!("{table}"),
         Err(err) => println!("## Scale-ins under load\n\nfailed: {}\n", one_line(&err)),
     }
-    match drain(&h).await {
-        Ok(table) => println!("{table}"),
-        Err(err) => println!("## Drain and safety\n\nfailed: {}\n", one_line(&err)),
+    for i in 0..options.drains.max(1) {
+        match drain(&h).await {
+            Ok(table) => println!("{table}"),
+            Err(err) => println!("## Drain and safety\n\nfailed: {}\n", one_line(&err)),
+        }
+        eprintln!("drain {} of {}", i + 1, options.drains.max(1));
     }
     match h.controller_memory() {
         Some(rss) => println!(
