@@ -7,8 +7,10 @@ APIService), then runs the same workloads under a KEDA ScaledObject (rabbitmq tr
 protocol, QueueLength mode) and under a QueueScaler, with the same min/max/target per replica:
   - burst from zero (min 0) and burst from one (min 1), COMPARE_REPS times each: reaction
     (burst -> first write to the worker's scale subresource by the scaler, from the apiserver's
-    audit log), burst -> first job acked by a pod created after the burst (worker logs),
-    drain time (burst -> last job acked) against the ideal (the desired replicas from t=0);
+    audit log), burst -> its count shown by the management API (read every 0.2 s: the lag KEDA
+    waits for) and the reaction after that (the scaler's own part), burst -> first job acked by
+    a pod created after the burst (worker logs), drain time (burst -> last job acked) against the
+    ideal (the desired replicas from t=0);
   - a steady stream of long jobs, then quiet: scale-in while jobs run: worker pods stopped while
     holding a job (their SIGTERM log line), jobs redelivered or dead-lettered (the broker);
   - an idle minute per scaler (queue empty, min 1) and one with neither scaler: broker requests
@@ -394,6 +396,59 @@ class HpaSyncs:
         return None
 
 
+def first_visible(samples, base):
+    """When the management API first showed a burst: `samples` are (time, messages) reads of the
+    queue in order, the first taken before the burst; `base` the count then. The burst shows in the
+    first read with more than `base`; its time is the midpoint between that read and the one
+    before it. Returns (time, count), or None when no read showed it."""
+    prev = None
+    for t, n in samples:
+        if n is not None and n > base:
+            return ((t if prev is None else prev) + t) / 2, n
+        prev = t
+    return None
+
+
+class CountWatch:
+    """The queue's `messages` (ready + unacked, what KEDA's rabbitmq trigger reads in QueueLength
+    mode) in the management API, read every POLL seconds from just before a burst until the burst
+    shows: the management API's lag (RabbitMQ publishes queue counts every 5 s, after the queue's
+    own tick has written them), which KEDA waits for and warren's AMQP passive declare does not."""
+    POLL = 0.2
+
+    def __init__(self, broker, timeout=60):
+        self.broker, self.samples, self.errors = broker, [], 0
+        self.base = self._read()[1] or 0
+        self.deadline = time.time() + timeout
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        t = time.time()
+        try:
+            n = self.broker.queue().get("messages")
+        except (OSError, ValueError):
+            self.errors += 1
+            n = None
+        sample = ((t + time.time()) / 2, n)
+        self.samples.append(sample)
+        return sample
+
+    def _run(self):
+        while not self.stopped.is_set() and time.time() < self.deadline:
+            _, n = self._read()
+            if n is not None and n > self.base:
+                return
+            self.stopped.wait(self.POLL)
+
+    def shown(self):
+        """(time, count) when the burst showed, None if it did not before the timeout or stop()."""
+        self.stopped.set()
+        self.thread.join(timeout=15)
+        return first_visible(list(self.samples), self.base)
+
+
 def parse_ts(s):
     s = s.rstrip("Z")
     if "." in s:
@@ -477,10 +532,12 @@ def burst(scaler, start_replicas, rep, sender, broker, audit, watch, syncs=None)
     before = {p["metadata"]["name"] for p in worker_pods()}
     acks0 = broker.acks()
     run_id = f"cmp-{scaler}-{start_replicas}-{rep}-{int(time.time())}"
+    counts = CountWatch(broker)
     t0 = time.time()
     post_burst(sender.port, run_id, BURST_JOBS, BURST_DOTS)
     sent = time.time() - t0
     wait(f"{run_id}: {BURST_JOBS} jobs acked", lambda: broker.acks() - acks0 >= BURST_JOBS, timeout=600, every=1)
+    shown = counts.shown()
     pods = worker_pods()
     acks = job_acks(run_id, pods)
     if len(acks) < BURST_JOBS:
@@ -504,9 +561,15 @@ def burst(scaler, start_replicas, rep, sender, broker, audit, watch, syncs=None)
         "peak": max(len(pods), len(before)),
         "send_seconds": sent,
         "phase": offset, "aligned_to_sync": aligned is not None,
+        # burst -> its count shown by the management API (None: not within the watch's timeout)
+        "visible": (shown[0] - t0) if shown else None, "visible_count": shown[1] if shown else None,
+        "base_count": counts.base,
     }
     fna = f"{r['first_new_ack']:.1f}s" if r["first_new_ack"] is not None else "none"
-    log(f"{run_id}: first scale write {r['reaction']:.2f}s ({who}), "
+    vis = (f"count {shown[1]} in the management API at {r['visible']:.2f}s, scale write "
+           f"{r['reaction'] - r['visible']:+.2f}s after it" if shown else
+           f"count not seen in the management API ({counts.errors} failed reads)")
+    log(f"{run_id}: first scale write {r['reaction']:.2f}s ({who}), {vis}, "
         f"first ack by a new pod {fna}, drain {r['drain']:.1f}s (ideal {r['ideal']}s), {len(pods)} pods")
     return r
 
@@ -671,9 +734,12 @@ def rows(r):
     for start in ("from_zero", "from_one"):
         label = "zero" if start == "from_zero" else "one"
         for key, what in (("reaction", "burst -> first scale write"),
+                          ("visible", "burst -> count in management API"),
+                          ("after_visible", "count shown -> first scale write"),
                           ("first_new_ack", "burst -> first ack, new pod")):
             for q in (50, 95):
-                out.append((f"from {label}: {what} p{q} (s)", *each(start, lambda xs: pct([x[key] for x in xs], q))))
+                out.append((f"from {label}: {what} p{q} (s)",
+                            *each(start, lambda xs: pct([burst_figure(x, key) for x in xs], q))))
         out.append((f"from {label}: drain / ideal p50 (ideal {ideal}s)",
                     *each(start, lambda xs: pct([x["drain"] / x["ideal"] for x in xs], 50))))
     for key, what in (("stopped_busy", "scale-in: pods stopped holding a job"),
@@ -695,6 +761,15 @@ def rows(r):
                 *[(r[s]["idle"]["broker_http_per_min"] + r[s]["idle"]["broker_amqp_per_min"]) * polls[s] / 60
                   if "idle" in r.get(s, {}) else None for s in side]))
     return out
+
+
+def burst_figure(x, key):
+    """One figure of one burst; `after_visible` is the scale write's time after the management
+    API showed the burst's count (the scaler's own part; negative when it wrote before). None
+    when not measured (runs before the count watch have no `visible`)."""
+    if key == "after_visible":
+        return x["reaction"] - x["visible"] if x.get("visible") is not None else None
+    return x.get(key)
 
 
 def no_watch(idle):
@@ -728,7 +803,7 @@ def table():
         print(header(r))
         print(f"{'':52} {'KEDA':>10} {'warren':>10} {'KEDA/warren':>12}")
         for what, kv, wv in rows(r):
-            q = ratio(kv, wv)
+            q = ratio(kv, wv) if min(kv or 0, wv or 0) >= 0 else None  # a negative time: no ratio
             print(f"{what:52} {f1(kv):>10} {f1(wv):>10} {'-' if q is None else f'{q:.2f}':>12}")
         print(footer(r))
         print(SEP)
@@ -775,10 +850,12 @@ def compare(path_a, path_b):
     for name, r in (("A", a), ("B", b)):
         for scaler in ("keda", "warren"):
             for start in ("from_zero", "from_one"):
-                for key in ("reaction", "first_new_ack", "drain"):
+                for key in ("reaction", "visible", "after_visible", "first_new_ack", "drain"):
                     if start not in r.get(scaler, {}):
                         continue
-                    xs = [x[key] for x in r[scaler][start]]
+                    xs = [burst_figure(x, key) for x in r[scaler][start]]
+                    if all(x is None for x in xs):  # a run before the count watch
+                        continue
                     med = statistics.median([x for x in xs if x is not None] or [0])
                     cells = " ".join(f"{f1(x)}{'' if med and x is not None and abs(x / med - 1) <= TOLERANCE else '!'}"
                                      for x in xs)
