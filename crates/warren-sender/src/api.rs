@@ -22,6 +22,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt as _;
 use tokio::sync::SemaphorePermit;
 use uuid::Uuid;
 use warren_broker::{JobEvent, NewJob};
@@ -36,11 +37,7 @@ use crate::{AppInner, AppState};
 // The handlers take the request whole: extracting the `HeaderMap` and the
 // `Uri` would clone them.
 pub(crate) async fn send_default(State(state): State<AppState>, request: Request) -> Response {
-    let (parts, body) = request.into_parts();
-    let inner = &state.inner;
-    let queue = inner.queues[0].clone();
-    let result = send(&state, &parts.uri, &queue, &parts.headers, body).await;
-    state.respond(result)
+    state.send_default(request).await
 }
 
 pub(crate) async fn send_to_queue(
@@ -96,6 +93,15 @@ async fn send(
 }
 
 impl AppState {
+    /// `POST /send`: a job for the default queue. Also called straight from
+    /// [`Routes::serve`](crate::Routes::serve), without axum's router.
+    pub(crate) async fn send_default(&self, request: Request) -> Response {
+        let (parts, body) = request.into_parts();
+        let queue = self.inner.queues[0].clone();
+        let result = send(self, &parts.uri, &queue, &parts.headers, body).await;
+        self.respond(result)
+    }
+
     /// Counts the outcome and answers it.
     fn respond(&self, result: Result<Accepted, SendError>) -> Response {
         let metrics = &self.inner.metrics;
@@ -220,10 +226,16 @@ impl Accepted {
     }
 }
 
+/// The bytes of a 202 body around the queue name: `{"id":"` + 36 + `","queue":` + `"` `"` + `}`.
+const ACCEPTED_BODY_FIXED: usize = 7 + 36 + 10 + 2 + 1;
+
 impl IntoResponse for Accepted {
+    /// `content-length` is written by hyper from the body's exact size.
     fn into_response(self) -> Response {
         // The id is a UUID (nothing to escape); the queue name is escaped.
-        let mut body = Vec::with_capacity(64 + self.queue.len());
+        // Sized exactly for a name without escapes, so the body becomes
+        // `Bytes` without another allocation.
+        let mut body = Vec::with_capacity(ACCEPTED_BODY_FIXED + self.queue.len());
         body.extend_from_slice(b"{\"id\":\"");
         body.extend_from_slice(
             self.id
@@ -235,15 +247,13 @@ impl IntoResponse for Accepted {
         // Writing a string into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut body, &*self.queue);
         body.push(b'}');
-        (
-            StatusCode::ACCEPTED,
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            )],
-            Body::from(body),
-        )
-            .into_response()
+        let mut response = Response::new(Body::from(body));
+        *response.status_mut() = StatusCode::ACCEPTED;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
     }
 }
 
@@ -269,7 +279,7 @@ async fn read_body(
     if declared.is_some_and(|len| len > limit) {
         return Err(too_large());
     }
-    let Ok(read) = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await else {
+    let Ok(read) = tokio::time::timeout(timeout, collect_limited(body, limit)).await else {
         return Err(Rejection::new(
             StatusCode::REQUEST_TIMEOUT,
             "body_timeout",
@@ -277,9 +287,7 @@ async fn read_body(
         ));
     };
     read.map_err(|err| {
-        let is_limit = std::error::Error::source(&err)
-            .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
-        if is_limit {
+        if err.is::<http_body_util::LengthLimitError>() {
             too_large()
         } else {
             Rejection::new(
@@ -289,4 +297,30 @@ async fn read_body(
             )
         }
     })
+}
+
+/// The body's bytes, at most `limit` of them (more: the error is a
+/// `LengthLimitError`), trailers left out: what `axum::body::to_bytes`
+/// returns, without its list of chunks. A small body usually comes in one
+/// chunk, kept as it came; more chunks are joined.
+async fn collect_limited(body: Body, limit: usize) -> Result<Bytes, axum::BoxError> {
+    let mut body = http_body_util::Limited::new(body, limit);
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<Vec<u8>> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        if let Some(joined) = joined.as_mut() {
+            joined.extend_from_slice(&data);
+        } else if let Some(head) = first.take() {
+            let mut both = Vec::with_capacity(head.len() + data.len());
+            both.extend_from_slice(&head);
+            both.extend_from_slice(&data);
+            joined = Some(both);
+        } else {
+            first = Some(data);
+        }
+    }
+    Ok(joined.map(Bytes::from).or(first).unwrap_or_default())
 }

@@ -29,13 +29,13 @@
 //! request in hand and close (idle ones close at once), wait for them all.
 //! Stalled ones are still bounded by their deadlines.
 
+use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -50,7 +50,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt as _;
+
+use crate::Routes;
 
 /// How long each phase of a connection may last, and how many connections
 /// are served at once.
@@ -110,7 +111,7 @@ impl ConnectionMetrics {
 /// Accepts and serves connections until `shutdown` fires, then drains them.
 pub async fn serve(
     listener: TcpListener,
-    app: Router,
+    app: Routes,
     limits: ConnectionLimits,
     metrics: ConnectionMetrics,
     shutdown: CancellationToken,
@@ -374,7 +375,7 @@ fn http1_settings() -> http1::Builder {
 /// out, or shutdown completes.
 async fn serve_connection(
     stream: TcpStream,
-    app: Router,
+    app: Routes,
     limits: Arc<ConnectionLimits>,
     metrics: ConnectionMetrics,
     shutdown: CancellationToken,
@@ -390,9 +391,9 @@ async fn serve_connection(
         let guard = request_clock.request_started();
         let app = app.clone();
         async move {
-            let response = app.oneshot(request).await;
+            let response = app.serve(request).await;
             drop(guard);
-            response
+            Ok::<_, Infallible>(response)
         }
     });
     let connection = http1_settings().serve_connection(io, service);

@@ -236,6 +236,43 @@ async fn concurrent_requests_are_all_confirmed() {
     assert_eq!(ready_count(&url, &queue).await.unwrap(), 300);
 }
 
+/// `POST /send` skips axum's router (the hot path); what else reaches `/send`
+/// still goes through it, and the 202 still carries its length.
+#[tokio::test]
+async fn send_answers_alike_with_and_without_the_router() {
+    let url = shared_amqp_url();
+    let queue = unique_name("sender-routes");
+    let sender = start_sender(&url, &queue, &[]).await;
+    let base = format!("http://{}", sender.addr);
+    let response = client()
+        .post(format!("{base}/send?trace=1"))
+        .header("content-type", "application/json")
+        .body(job("routed."))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    let length = response.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body = response.bytes().await.unwrap();
+    assert_eq!(length, body.len().to_string());
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["queue"], queue.as_str());
+    // Other methods: 405 with the allowed one, from the router.
+    let response = client().get(format!("{base}/send")).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 405);
+    let allow = response.headers()["allow"].to_str().unwrap().to_string();
+    assert!(allow.contains("POST"), "{allow}");
+    // Near misses are not /send.
+    for path in ["/send/", "/Send", "/sendx"] {
+        let (status, _, _, _) = post(&sender, path, Some("application/json"), job("x")).await;
+        assert_eq!(status, 404, "{path}");
+    }
+    assert_eq!(ready_count(&url, &queue).await.unwrap(), 1);
+}
+
 #[tokio::test]
 async fn broker_outage_gives_fast_503_with_retry_after_then_recovers_by_itself() {
     let mut node = RabbitNode::start(RabbitOptions::default()).await.unwrap();
