@@ -119,10 +119,8 @@ func ipCmd(ctx context.Context, args ...string) error {
 
 // setup creates the bridge (idempotent) and removes namespaces a previous run left behind.
 func (n *network) setup(ctx context.Context) error {
-	if _, err := net.InterfaceByName(n.bridge); err != nil {
-		if err := ipCmd(ctx, "link", "add", n.bridge, "type", "bridge"); err != nil {
-			return err
-		}
+	if err := n.ensureBridge(ctx); err != nil {
+		return err
 	}
 	addr := fmt.Sprintf("%s/%d", n.gateway, n.prefix.Bits())
 	if !n.hasAddr(n.gateway) {
@@ -142,6 +140,26 @@ func (n *network) setup(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// ensureBridge creates the bridge (if missing) with an address of its own (bridgeMAC): a bridge
+// whose address was never set takes the lowest of its ports' addresses, so a new pod's veth could
+// change it while another pod had just resolved the gateway to the old one; that pod's next
+// packets went to an address nobody owned (a TCP connect then waited for its SYN to be resent,
+// 1 s later).
+func (n *network) ensureBridge(ctx context.Context) error {
+	if _, err := net.InterfaceByName(n.bridge); err != nil {
+		if err := ipCmd(ctx, "link", "add", n.bridge, "type", "bridge"); err != nil {
+			return err
+		}
+	}
+	return ipCmd(ctx, "link", "set", n.bridge, "address", bridgeMAC(n.gateway))
+}
+
+// bridgeMAC is a locally administered unicast address made of the gateway's IPv4 address.
+func bridgeMAC(gateway netip.Addr) string {
+	b := gateway.As4()
+	return fmt.Sprintf("02:1c:%02x:%02x:%02x:%02x", b[0], b[1], b[2], b[3])
 }
 
 func (n *network) hasAddr(a netip.Addr) bool {

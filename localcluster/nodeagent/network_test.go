@@ -3,6 +3,7 @@ package nodeagent
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -77,5 +78,42 @@ func TestSandboxNamespaceAddressAndRoutes(t *testing.T) {
 	n.release(ctx, uid)
 	if _, err := os.Stat(nsPath(uid)); err == nil {
 		t.Error("the namespace outlived release")
+	}
+}
+
+// TestBridgeKeepsItsAddress: the bridge's address is set, so a port with a lower address (a new
+// pod's veth) does not change it.
+func TestBridgeKeepsItsAddress(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("this test creates a bridge and needs root")
+	}
+	ctx := context.Background()
+	bridge := fmt.Sprintf("lcb%d", os.Getpid()%100000)
+	n, err := newNetwork(bridge, "10.251.9.0/24")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ipCmd(ctx, "link", "del", bridge) })
+	if err := n.ensureBridge(ctx); err != nil {
+		t.Fatal(err)
+	}
+	port := fmt.Sprintf("lcp%d", os.Getpid()%100000)
+	if err := ipCmd(ctx, "link", "add", port, "address", "00:00:00:00:00:01", "type", "veth", "peer", "name", port+"x"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ipCmd(ctx, "link", "del", port) })
+	if err := ipCmd(ctx, "link", "set", port, "master", bridge, "up"); err != nil {
+		t.Fatal(err)
+	}
+	iface, err := net.InterfaceByName(bridge)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := iface.HardwareAddr.String(), "02:1c:0a:fb:09:01"; got != want {
+		t.Errorf("bridge address %s after a port with a lower one joined, want %s", got, want)
+	}
+	// Idempotent on an existing bridge.
+	if err := n.ensureBridge(ctx); err != nil {
+		t.Fatal(err)
 	}
 }
