@@ -252,7 +252,7 @@ async fn scaling(options: &Options) -> anyhow::Result<()> {
         Err(err) => println!("## Scale-ins under load\n\nfailed: {}\n", one_line(&err)),
     }
     for i in 0..options.drains.max(1) {
-        match drain(&h).await {
+        match drain(&h, i).await {
             Ok(table) => println!("{table}"),
             Err(err) => println!("## Drain and safety\n\nfailed: {}\n", one_line(&err)),
         }
@@ -433,10 +433,16 @@ async fn from_one(h: &Harness, trials: usize) -> anyhow::Result<Vec<Duration>> {
 /// (scheduling, process start, readiness probe), which is the node's, not
 /// the scaler's; workers consume before their first readiness probe passes,
 /// so "from Ready" can leave out work already done.
-async fn drain(h: &Harness) -> anyhow::Result<String> {
+///
+/// The burst lands at a pseudo-random phase of the scaler's polling tick
+/// (`jitter`, as in the reaction trials): waiting a whole number of seconds
+/// after the scale to zero, which came at a tick, put every burst just after
+/// a tick, so each drain waited ~0.95 s for its scale patch (the worst case;
+/// the runs of 2026-11-30 15:03–15:31, before this jitter).
+async fn drain(h: &Harness, round: usize) -> anyhow::Result<String> {
     h.wait_replicas(0, Duration::from_secs(60)).await?;
     h.wait_pods_ready(0, Duration::from_secs(30)).await?;
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(10) + jitter(round)).await;
     let drain_jobs = 40usize;
     let dots = 50usize;
     let job_secs = dots as f64 * 0.01;
@@ -477,6 +483,13 @@ async fn drain(h: &Harness) -> anyhow::Result<String> {
         ),
         None => format!("| drain from {what} | not seen | — |"),
     };
+    let patched = h
+        .recorder
+        .history()
+        .iter()
+        .find(|c| c.at >= burst.first_confirm && c.from == Some(0) && c.to > 0)
+        .map(|c| ms(c.at.saturating_duration_since(burst.first_confirm)))
+        .unwrap_or_else(|| "not seen".into());
     let from_ready = row("the first new worker pod Ready", first_ready);
     let from_started = row("the first job started by a new pod", first_started);
     h.wait_replicas(0, Duration::from_secs(60)).await?;
@@ -499,6 +512,7 @@ async fn drain(h: &Harness) -> anyhow::Result<String> {
          {from_ready}\n\
          {from_started}\n\n\
          | measure | value |\n|---|---|\n\
+         | burst → scale patch (the wait for the scaler's tick, then its patch) | {patched} |\n\
          | jobs sent in all phases | {} |\n\
          | scale-ins in all phases | {scale_ins} |\n\
          | busy pods sent SIGTERM by a scale-in (all phases) | {} |\n\
