@@ -43,6 +43,9 @@ func TestSandboxNamespaceAddressAndRoutes(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = ipCmd(ctx, "link", "del", bridge) })
+	if err := ipCmd(ctx, "link", "set", bridge, "up"); err != nil {
+		t.Fatal(err)
+	}
 	n, err := newNetwork(bridge, "10.251.7.0/24")
 	if err != nil {
 		t.Fatal(err)
@@ -55,6 +58,11 @@ func TestSandboxNamespaceAddressAndRoutes(t *testing.T) {
 		ip, err := n.sandbox(ctx, uid)
 		if err != nil {
 			t.Fatalf("attempt %d: %v", attempt, err)
+		}
+		// Ready for the container's first packet (its ARP request for the gateway) when
+		// sandbox returns.
+		if !portForwarding("lv" + strings.TrimPrefix(nsName(uid), nsPrefix)) {
+			t.Errorf("attempt %d: the veth's host end is not a forwarding bridge port yet", attempt)
 		}
 		if ip != netip.MustParseAddr("10.251.7.2") {
 			t.Errorf("attempt %d: pod IP %s, want the first after the gateway", attempt, ip)
