@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel};
@@ -122,9 +122,17 @@ impl JobEvent {
             id: &'a Uuid,
             queue: &'a str,
         }
-        let at = self.at.to_rfc3339_opts(SecondsFormat::Millis, true);
+        let mut stamp = [0u8; 24];
+        let slow;
+        let at = match rfc3339_millis(&self.at, &mut stamp) {
+            Some(at) => at,
+            None => {
+                slow = self.at.to_rfc3339_opts(SecondsFormat::Millis, true);
+                slow.as_str()
+            }
+        };
         let json = Json {
-            at: &at,
+            at,
             event: self.routing_key,
             id: &self.id,
             queue: &self.queue,
@@ -132,6 +140,35 @@ impl JobEvent {
         // Writing into a Vec cannot fail, and these fields always serialize.
         let _ = serde_json::to_writer(out, &json);
     }
+}
+
+/// `at` as `to_rfc3339_opts(SecondsFormat::Millis, true)` writes it
+/// (`2026-11-30T15:04:05.123Z`), into `buf` instead of a new `String`; `None`
+/// for what that format writes otherwise (years outside 0 – 9999, a leap
+/// second).
+fn rfc3339_millis<'b>(at: &DateTime<Utc>, buf: &'b mut [u8; 24]) -> Option<&'b str> {
+    let year = u32::try_from(at.year()).ok().filter(|year| *year <= 9999)?;
+    let nanos = at.nanosecond();
+    if nanos >= 1_000_000_000 {
+        return None;
+    }
+    let fields = [
+        (year, 0, 4),
+        (at.month(), 5, 2),
+        (at.day(), 8, 2),
+        (at.hour(), 11, 2),
+        (at.minute(), 14, 2),
+        (at.second(), 17, 2),
+        (nanos / 1_000_000, 20, 3),
+    ];
+    *buf = *b"0000-00-00T00:00:00.000Z";
+    for (mut value, start, width) in fields {
+        for digit in buf[start..start + width].iter_mut().rev() {
+            *digit = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    }
+    std::str::from_utf8(buf).ok()
 }
 
 /// The sending side. Cheap to clone.
@@ -608,6 +645,56 @@ mod tests {
         );
         assert_eq!(body["count"], 2);
         assert_eq!(events_in(body), vec![expected.body.clone(), expected.body]);
+    }
+
+    #[test]
+    fn timestamps_are_written_as_chrono_writes_them() {
+        use chrono::TimeZone;
+        let chrono = |at: DateTime<Utc>| at.to_rfc3339_opts(SecondsFormat::Millis, true);
+        let mut buf = [0u8; 24];
+        // Every field's edges, then a walk of odd steps over years 0 – 9999.
+        for (y, mo, d, h, mi, s, ms) in [
+            (0, 1, 1, 0, 0, 0, 0),
+            (9, 2, 3, 4, 5, 6, 7),
+            (2026, 11, 30, 15, 4, 5, 123),
+            (2024, 2, 29, 23, 59, 59, 999),
+            (9999, 12, 31, 23, 59, 59, 999),
+        ] {
+            let at = Utc.with_ymd_and_hms(y, mo, d, h, mi, s).unwrap()
+                + chrono::Duration::milliseconds(ms)
+                + chrono::Duration::nanoseconds(999_999);
+            assert_eq!(rfc3339_millis(&at, &mut buf), Some(chrono(at).as_str()));
+        }
+        let mut at = Utc.with_ymd_and_hms(0, 1, 1, 0, 0, 0).unwrap();
+        let mut walked = 0;
+        while at.year() <= 9999 {
+            assert_eq!(rfc3339_millis(&at, &mut buf), Some(chrono(at).as_str()));
+            // About five years, in odd milliseconds.
+            at += chrono::Duration::milliseconds(157_784_630_123);
+            walked += 1;
+        }
+        assert!(walked > 1900, "{walked}");
+        // What the short path does not write goes through chrono.
+        let far = Utc.with_ymd_and_hms(10_000, 1, 1, 0, 0, 0).unwrap();
+        let before = Utc.with_ymd_and_hms(-1, 1, 1, 0, 0, 0).unwrap();
+        let leap = Utc
+            .with_ymd_and_hms(2016, 12, 31, 23, 59, 59)
+            .unwrap()
+            .with_nanosecond(1_500_000_000)
+            .unwrap();
+        for at in [far, before, leap] {
+            assert_eq!(rfc3339_millis(&at, &mut buf), None, "{}", chrono(at));
+            let event = JobEvent {
+                routing_key: "message.accepted",
+                id: Uuid::nil(),
+                at,
+                queue: Arc::from("q"),
+            };
+            let mut written = Vec::new();
+            event.write_json(&mut written);
+            let json: Value = serde_json::from_slice(&written).unwrap();
+            assert_eq!(json["at"], chrono(at));
+        }
     }
 
     #[tokio::test]
