@@ -358,6 +358,14 @@ pub async fn observed_load(options: LoadOptions) -> Result<ObservedRun, HarnessE
     send(&http, &run.sender, "   ", 3, 400).await?;
     let began = Instant::now();
     for second in 0..options.load_seconds {
+        // Each second's jobs go out at a phase that moves through the second
+        // (golden-ratio steps): the controller ticks exactly once a second,
+        // and sends at a fixed phase could always fall between two ticks'
+        // reads, leaving a scaler that never sees the backlog.
+        let phase = Duration::from_secs_f64((second as f64 * 0.618_034).fract());
+        if let Some(wait) = (Duration::from_secs(second) + phase).checked_sub(began.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
         let messages: Vec<String> = (0..options.jobs_per_second)
             .map(|i| job(1 + (i + second as usize) % 3))
             .collect();
@@ -367,10 +375,6 @@ pub async fn observed_load(options: LoadOptions) -> Result<ObservedRun, HarnessE
                 .map(|message| send(&http, &run.sender, message, 1, 202)),
         )
         .await?;
-        let next = Duration::from_secs(second + 1);
-        if let Some(wait) = next.checked_sub(began.elapsed()) {
-            tokio::time::sleep(wait).await;
-        }
     }
     tokio::time::sleep(Duration::from_secs(options.settle_seconds)).await;
     Ok(ObservedRun {
