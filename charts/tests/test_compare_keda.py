@@ -154,3 +154,44 @@ def test_the_table_gives_no_ratio_against_a_negative_time_and_old_runs_still_com
     assert p.returncode == 0, p.stderr
     assert row(p.stdout, "from zero: count shown -> first scale write p50 (s)")[:3] == ["-", "0.8", "-?"]
     assert row(p.stdout, "from zero: burst -> first scale write p50 (s)")[:3] == ["5.0", "5.0", "1.00"]
+
+
+def test_each_arming_gets_a_scaled_object_and_so_an_hpa_of_its_own(ck, monkeypatch):
+    # the HPA controller keeps recommendations per HPA name: a reused name inherited the last
+    # burst's 8 replicas (the defaults run of 2026-11-30 17:50 failed on it)
+    monkeypatch.setattr(ck, "broker_credentials", lambda: ("u", "p"))
+    names = [ck.keda_objects(1)[-1]["metadata"]["name"] for _ in range(3)]
+    assert len(set(names)) == 3 and all(n.startswith(ck.WORKER + "-") for n in names)
+    assert ck.scaled_object == names[-1], "arm() waits for the ScaledObject it applied last"
+    hpas = [{"metadata": {"name": f"keda-hpa-{names[0]}"}}, {"metadata": {"name": "worker-cpu"}}]
+    assert ck.keda_hpas(hpas) == [f"keda-hpa-{names[0]}"]
+
+
+def test_a_rep_whose_worker_scaled_before_its_burst_is_armed_again_not_counted(ck, monkeypatch):
+    replicas = {"now": 8}
+    monkeypatch.setattr(ck, "kjson", lambda *args: {"spec": {"replicas": replicas["now"]}})
+    assert ck.scaled_before_burst(1) == 8
+    replicas["now"] = 1
+    assert ck.scaled_before_burst(1) is None
+
+    outcomes = iter([None, None, {"reaction": 6.0}])
+    monkeypatch.setattr(ck, "burst_once", lambda *args: next(outcomes))
+    assert ck.burst("keda", 1, 0) == {"reaction": 6.0, "redone": 2}
+    monkeypatch.setattr(ck, "burst_once", lambda *args: None)
+    monkeypatch.setattr(ck, "fail", lambda msg: (_ for _ in ()).throw(AssertionError(msg)))
+    with pytest.raises(AssertionError, match="scaled before the burst in 3 attempts"):
+        ck.burst("keda", 1, 0)
+
+
+def test_settling_waits_for_the_management_api_to_show_the_queue_empty(ck, monkeypatch):
+    shown = iter([{"messages": 40}, ConnectionResetError("port-forward"), {"messages": 0}])
+
+    class LaggingBroker:
+        def queue(self):
+            v = next(shown)
+            if isinstance(v, Exception):
+                raise v
+            return v
+
+    b = LaggingBroker()
+    assert [ck.shows_empty(b) for _ in range(3)] == [False, False, True]
