@@ -28,6 +28,7 @@ polling periods); plus those of mk/local_e2e.py.
 import base64
 import concurrent.futures
 import glob
+import itertools
 import json
 import math
 import os
@@ -148,7 +149,7 @@ def keda_hpas(hpas):
     return [h["metadata"]["name"] for h in hpas if h["metadata"]["name"].startswith("keda-hpa-")]
 
 
-SCALED_OBJECTS = iter(range(1, 1_000_000))
+SCALED_OBJECTS = itertools.count(1)
 scaled_object = WORKER  # the ScaledObject armed last
 
 
@@ -233,7 +234,7 @@ def settle(replicas, broker):
 def shows_empty(broker):
     try:
         return broker.queue().get("messages", 1) == 0
-    except OSError:  # the port-forward can drop a connection: read again
+    except (OSError, ValueError):  # as CountWatch: a dropped port-forward or a cut-off reply, read again
         return False
 
 
